@@ -1,0 +1,135 @@
+// Multi-tensor EMA kernel. One launch covers up to kMaxTensors tensors: their pointers and
+// chunk offsets travel in the kernel's parameters (< 4 KiB), blocks walk the chunks grid-stride
+// and find a chunk's tensor by binary search, so tensors of any mix of sizes fill the card.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "ema_kernel.h"
+
+namespace vlfast {
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kBlocksPerSm = 2048 / kThreads;
+constexpr int64_t kChunk = 1 << 14;
+constexpr int kMaxTensors = 96;
+
+struct LaunchTable {
+  void* target[kMaxTensors];
+  const void* source[kMaxTensors];
+  int64_t numel[kMaxTensors];
+  int64_t first_chunk[kMaxTensors + 1];  // tensor i owns chunks [first_chunk[i], first_chunk[i+1])
+  int count;
+};
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+
+template <typename A> __device__ __forceinline__ A to_acc(float x) { return static_cast<A>(x); }
+template <typename A> __device__ __forceinline__ A to_acc(double x) { return static_cast<A>(x); }
+template <typename A> __device__ __forceinline__ A to_acc(__half x) { return static_cast<A>(__half2float(x)); }
+template <typename A> __device__ __forceinline__ A to_acc(__nv_bfloat16 x) { return static_cast<A>(__bfloat162float(x)); }
+
+__device__ __forceinline__ void store(float& dst, float x) { dst = x; }
+__device__ __forceinline__ void store(float& dst, double x) { dst = static_cast<float>(x); }
+__device__ __forceinline__ void store(double& dst, double x) { dst = x; }
+__device__ __forceinline__ void store(__half& dst, float x) { dst = __float2half_rn(x); }
+__device__ __forceinline__ void store(__half& dst, double x) { dst = __double2half(x); }
+__device__ __forceinline__ void store(__nv_bfloat16& dst, float x) { dst = __float2bfloat16_rn(x); }
+__device__ __forceinline__ void store(__nv_bfloat16& dst, double x) { dst = __double2bfloat16(x); }
+
+template <typename T, typename S>
+__global__ void __launch_bounds__(kThreads)
+    ema_kernel(const LaunchTable table, double decay_value, const double* decay_on_device) {
+  using A = std::conditional_t<std::is_same_v<T, double> || std::is_same_v<S, double>, double, float>;
+  const double decay = decay_on_device != nullptr ? *decay_on_device : decay_value;
+  const A d = static_cast<A>(decay);
+  const A w = static_cast<A>(1.0 - decay);
+  constexpr int V = 16 / (sizeof(T) > sizeof(S) ? sizeof(T) : sizeof(S));  // 16-byte loads of the wider type
+
+  const int64_t total_chunks = table.first_chunk[table.count];
+  for (int64_t chunk = blockIdx.x; chunk < total_chunks; chunk += gridDim.x) {
+    int lo = 0, hi = table.count - 1;  // last tensor whose first chunk <= chunk
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (table.first_chunk[mid] <= chunk) lo = mid; else hi = mid - 1;
+    }
+    const int64_t begin = (chunk - table.first_chunk[lo]) * kChunk;
+    const int64_t n = min(kChunk, table.numel[lo] - begin);
+    T* t = static_cast<T*>(table.target[lo]) + begin;
+    const S* s = static_cast<const S*>(table.source[lo]) + begin;
+
+    int64_t vector_end = 0;
+    if (reinterpret_cast<uintptr_t>(t) % sizeof(Vec<T, V>) == 0 &&
+        reinterpret_cast<uintptr_t>(s) % sizeof(Vec<S, V>) == 0) {
+      vector_end = n / V * V;
+      for (int64_t i = static_cast<int64_t>(threadIdx.x) * V; i < vector_end; i += kThreads * V) {
+        Vec<T, V> tv = *reinterpret_cast<const Vec<T, V>*>(t + i);
+        const Vec<S, V> sv = *reinterpret_cast<const Vec<S, V>*>(s + i);
+#pragma unroll
+        for (int k = 0; k < V; ++k) store(tv.v[k], d * to_acc<A>(tv.v[k]) + w * to_acc<A>(sv.v[k]));
+        *reinterpret_cast<Vec<T, V>*>(t + i) = tv;
+      }
+    }
+    for (int64_t i = vector_end + threadIdx.x; i < n; i += kThreads) {
+      store(t[i], d * to_acc<A>(t[i]) + w * to_acc<A>(s[i]));
+    }
+  }
+}
+
+template <typename T, typename S>
+cudaError_t launch(const EmaPair* pairs, int64_t count, double decay_value,
+                   const double* decay_on_device, int sm_count, cudaStream_t stream) {
+  for (int64_t first = 0; first < count; first += kMaxTensors) {
+    LaunchTable table;
+    table.count = static_cast<int>(std::min<int64_t>(kMaxTensors, count - first));
+    table.first_chunk[0] = 0;
+    for (int i = 0; i < table.count; ++i) {
+      const EmaPair& pair = pairs[first + i];
+      table.target[i] = pair.target;
+      table.source[i] = pair.source;
+      table.numel[i] = pair.numel;
+      table.first_chunk[i + 1] = table.first_chunk[i] + (pair.numel + kChunk - 1) / kChunk;
+    }
+    const int64_t total_chunks = table.first_chunk[table.count];
+    if (total_chunks == 0) continue;
+    const int blocks = static_cast<int>(std::min<int64_t>(total_chunks, int64_t(sm_count) * kBlocksPerSm));
+    ema_kernel<T, S><<<blocks, kThreads, 0, stream>>>(table, decay_value, decay_on_device);
+    const cudaError_t status = cudaGetLastError();
+    if (status != cudaSuccess) return status;
+  }
+  return cudaSuccess;
+}
+
+template <typename T>
+cudaError_t launch_for_source(FloatKind source_kind, const EmaPair* pairs, int64_t count, double decay_value,
+                              const double* decay_on_device, int sm_count, cudaStream_t stream) {
+  switch (source_kind) {
+    case FloatKind::f32: return launch<T, float>(pairs, count, decay_value, decay_on_device, sm_count, stream);
+    case FloatKind::f16: return launch<T, __half>(pairs, count, decay_value, decay_on_device, sm_count, stream);
+    case FloatKind::bf16: return launch<T, __nv_bfloat16>(pairs, count, decay_value, decay_on_device, sm_count, stream);
+    case FloatKind::f64: return launch<T, double>(pairs, count, decay_value, decay_on_device, sm_count, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+cudaError_t ema_cuda_launch(const EmaPair* pairs, int64_t count, FloatKind target_kind,
+                            FloatKind source_kind, double decay_value, const double* decay_on_device,
+                            int sm_count, cudaStream_t stream) {
+  switch (target_kind) {
+    case FloatKind::f32: return launch_for_source<float>(source_kind, pairs, count, decay_value, decay_on_device, sm_count, stream);
+    case FloatKind::f16: return launch_for_source<__half>(source_kind, pairs, count, decay_value, decay_on_device, sm_count, stream);
+    case FloatKind::bf16: return launch_for_source<__nv_bfloat16>(source_kind, pairs, count, decay_value, decay_on_device, sm_count, stream);
+    case FloatKind::f64: return launch_for_source<double>(source_kind, pairs, count, decay_value, decay_on_device, sm_count, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace vlfast

@@ -1,0 +1,56 @@
+"""Builds vlfast._C: the C++ CPU kernels always, the CUDA kernels when they can be built.
+
+    python setup.py build_ext --inplace
+
+VLFAST_BUILD_CUDA=auto (default) builds the CUDA sources when torch is a CUDA build and nvcc is
+found (CUDA_HOME or PATH), =1 requires them (fails loudly), =0 skips them (quick CPU-only
+iteration). TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0"; MAX_JOBS bounds the parallel compiles.
+"""
+import glob
+import os
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils import cpp_extension
+
+
+def build_cuda() -> bool:
+    switch = os.environ.get("VLFAST_BUILD_CUDA", "auto")
+    if switch not in ("auto", "0", "1"):
+        raise SystemExit(f"VLFAST_BUILD_CUDA must be auto, 0 or 1, got {switch!r}")
+    missing = []
+    if torch.version.cuda is None:
+        missing.append(f"torch {torch.__version__} is not a CUDA build")
+    if cpp_extension.CUDA_HOME is None:
+        missing.append("nvcc not found (set CUDA_HOME)")
+    if switch == "1" and missing:
+        raise SystemExit("VLFAST_BUILD_CUDA=1 but the CUDA kernels cannot be built: " + "; ".join(missing))
+    if switch == "auto" and missing:
+        print("vlfast: building without CUDA kernels: " + "; ".join(missing))
+    return switch == "1" or (switch == "auto" and not missing)
+
+
+def extension():
+    sources = ["csrc/vlfast.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    # at::parallel_for is an OpenMP pragma in ATen's headers: without -fopenmp it runs serially.
+    compile_args = {"cxx": ["-O3", "-fopenmp"]}
+    link_args = ["-fopenmp"]
+    if not build_cuda():
+        return cpp_extension.CppExtension("vlfast._C", sources, extra_compile_args=compile_args,
+                                          extra_link_args=link_args)
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    sources += sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
+    compile_args["nvcc"] = ["-O3"]
+    return cpp_extension.CUDAExtension("vlfast._C", sources, extra_compile_args=compile_args,
+                                       extra_link_args=link_args)
+
+
+setup(
+    name="vlfast",
+    version="0.1.0",
+    description="Fused GPU kernels for vision-language pretraining",
+    packages=find_packages(include=["vlfast", "vlfast.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    python_requires=">=3.10",
+)

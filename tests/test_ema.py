@@ -1,0 +1,317 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import DEVICES
+from vlfast import _extension
+from vlfast.ops import available, ema_decay, ema_update_, ema_update_reference
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+# Odd sizes, a 0-d tensor, and one spanning several chunks of both kernels (CPU 32768, CUDA 16384).
+SHAPES = [(), (1,), (7,), (33, 5), (1023,), (3, 197, 7), (70_001,)]
+needs_extension = pytest.mark.skipif(_extension.LOAD_ERROR is not None, reason="vlfast._C not built")
+
+
+def random_tensors(shapes, dtype, device, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=generator).to(device, dtype) for shape in shapes]
+
+
+def float64_ema(target, source, decay):
+    """The update computed in float64 and rounded once into the target's dtype."""
+    return [(decay * t.double() + (1 - decay) * s.double()).to(t.dtype) for t, s in zip(target, source)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("source_dtype", DTYPES)
+@pytest.mark.parametrize("target_dtype", DTYPES)
+def test_fused_matches_float64_math(device, target_dtype, source_dtype):
+    target = random_tensors(SHAPES, target_dtype, device, seed=0)
+    source = random_tensors(SHAPES, source_dtype, device, seed=1)
+    expected = float64_ema(target, source, 0.995)
+    ema_update_(target, source, 0.995)
+    for got, want in zip(target, expected):
+        assert got.dtype == target_dtype
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matches_albef_loop_and_foreach_lerp(device, dtype):
+    target = random_tensors(SHAPES, dtype, device, seed=2)
+    source = random_tensors(SHAPES, dtype, device, seed=3)
+    start = [t.clone() for t in target]
+    albef = [t.clone() for t in target]
+    lerp = [t.clone() for t in target]
+    ema_update_reference(albef, source, 0.9)
+    torch._foreach_lerp_(lerp, source, 1 - 0.9)
+    ema_update_(target, source, 0.9)
+    for t, s, got, want_albef, want_lerp in zip(start, source, target, albef, lerp):
+        if device == "cpu" and dtype in (torch.float32, torch.float64):
+            # Same operations in the same order as ALBEF's loop: bit-identical.
+            torch.testing.assert_close(got, want_albef, rtol=0, atol=0)
+        # In fp16/bf16 the loop and lerp round each intermediate in that dtype: a few units in
+        # the last place of the larger term, which is what they may differ from the fused op by.
+        atol = 4 * torch.finfo(dtype).eps * (t.abs() + s.abs()).max().item() if t.numel() else 0
+        torch.testing.assert_close(got, want_albef, atol=atol, rtol=0)
+        torch.testing.assert_close(got, want_lerp, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+def test_decay_as_float_or_tensor(device, backend, monkeypatch):
+    if backend == "fused" and not _extension.has_kernel("ema_update_", device):
+        pytest.skip(f"no {device} kernel built")
+    monkeypatch.setenv("VLFAST_BACKEND", backend)
+    source = random_tensors(SHAPES, torch.float32, device, seed=4)
+    start = random_tensors(SHAPES, torch.float32, device, seed=5)
+    expected = float64_ema(start, source, 0.75)
+    for decay in (0.75, torch.tensor(0.75), torch.tensor(0.75, dtype=torch.float64, device=device)):
+        target = [t.clone() for t in start]
+        ema_update_(target, source, decay)
+        for got, want in zip(target, expected):
+            torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decay_endpoints_are_exact(device):
+    source = random_tensors(SHAPES, torch.float32, device, seed=6)
+    target = random_tensors(SHAPES, torch.float32, device, seed=7)
+    before = [t.clone() for t in target]
+    ema_update_(target, source, 1.0)
+    for got, want in zip(target, before):
+        assert torch.equal(got, want)
+    ema_update_(target, source, 0.0)
+    for got, want in zip(target, source):
+        assert torch.equal(got, want)
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(11, 6)
+        self.linear = nn.Linear(6, 5)
+        self.norm = nn.BatchNorm1d(5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_modules_average_floats_and_copy_the_rest(device):
+    torch.manual_seed(8)
+    online, momentum = Tiny().to(device), Tiny().to(device)
+    online.norm(torch.randn(4, 5, device=device))  # moves running stats and num_batches_tracked
+    momentum.requires_grad_(False)
+    online_state = {k: v.clone() for k, v in online.state_dict().items()}
+    momentum_state = {k: v.clone() for k, v in momentum.state_dict().items()}
+
+    ema_update_(momentum, online, 0.995)
+
+    for name, got in momentum.state_dict().items():
+        if got.is_floating_point():
+            want = float64_ema([momentum_state[name]], [online_state[name]], 0.995)[0]
+            torch.testing.assert_close(got, want, msg=name)
+        else:
+            assert torch.equal(got, online_state[name]), name
+    assert momentum.norm.num_batches_tracked.item() == 1
+
+
+def test_modules_whose_params_require_grad():
+    online, momentum = Tiny(), Tiny()
+    want = float64_ema([momentum.linear.weight], [online.linear.weight], 0.5)[0]
+    ema_update_(momentum, online, 0.5)
+    torch.testing.assert_close(momentum.linear.weight.detach(), want)
+    assert momentum.linear.weight.requires_grad and momentum.linear.weight.grad_fn is None
+
+
+def test_mixed_precision_modules():
+    online = Tiny().to(torch.bfloat16)
+    momentum = Tiny()
+    want = float64_ema([momentum.linear.weight], [online.linear.weight], 0.9)[0]
+    ema_update_(momentum, online, 0.9)
+    assert momentum.linear.weight.dtype == torch.float32
+    torch.testing.assert_close(momentum.linear.weight.detach(), want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_inputs(device):
+    assert ema_update_([], [], 0.5) is None
+    empty = [torch.empty(0, device=device), torch.empty(3, 0, device=device)]
+    ema_update_(empty, [e.clone() for e in empty], 0.5)
+    ema_update_(nn.Module(), nn.Module(), 0.5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_misaligned_views_write_nothing_outside(device, dtype):
+    # Targets and sources start at odd element offsets of larger buffers, so the kernels take
+    # their unaligned paths; the sentinel around each target must stay untouched.
+    sizes = [1, 5, 17, 4099, 40_001]
+    sentinel = 1234.0
+    target_buffer = torch.full((sum(sizes) + 3 * len(sizes) + 3,), sentinel, device=device, dtype=dtype)
+    source_buffer = torch.randn(target_buffer.numel() + 1, device=device).to(dtype)
+    targets, sources, offset = [], [], 1
+    for size in sizes:
+        targets.append(target_buffer[offset:offset + size])
+        sources.append(source_buffer[offset + 1:offset + 1 + size])
+        targets[-1].normal_()
+        offset += size + 3
+    expected = float64_ema(targets, sources, 0.3)
+    untouched = target_buffer.clone()
+    ema_update_(targets, sources, 0.3)
+    for got, want in zip(targets, expected):
+        torch.testing.assert_close(got, want)
+    outside = torch.ones_like(target_buffer, dtype=torch.bool)
+    offset = 1
+    for size in sizes:
+        outside[offset:offset + size] = False
+        offset += size + 3
+    assert torch.equal(target_buffer[outside], untouched[outside])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_many_tensors_and_strided_sources(device):
+    # More tensors than one CUDA launch carries (96), and sources that are transposed views.
+    shapes = [(i % 13 + 1, i % 7 + 2) for i in range(250)]
+    target = random_tensors(shapes, torch.float32, device, seed=9)
+    source = [s.t().contiguous().t() for s in random_tensors(shapes, torch.float32, device, seed=10)]
+    assert not source[5].is_contiguous()
+    expected = float64_ema(target, source, 0.99)
+    ema_update_(target, source, 0.99)
+    for got, want in zip(target, expected):
+        torch.testing.assert_close(got, want)
+
+
+def bad_input_cases():
+    x, y = torch.zeros(3), torch.zeros(3)
+    return [
+        ([x], [y, y], 0.5, ValueError, "target has 1 tensors but source has 2"),
+        ([x], [torch.zeros(4)], 0.5, ValueError, r"target\[0\] has shape \(3,\) but source\[0\] has shape \(4,\)"),
+        ([x, x, x], [y, y, torch.zeros(3, 1)], 0.5, ValueError, r"target\[2\] has shape \(3,\) but source\[2\] has"),
+        ([x, x], [y, torch.zeros(3, dtype=torch.bool)], 0.5, TypeError, r"source\[1\] has dtype torch.bool"),
+        ([x], [y], 1.5, ValueError, r"decay must be in \[0, 1\], got 1.5"),
+        ([x], [y], -0.1, ValueError, r"decay must be in \[0, 1\]"),
+        ([x], [y], float("nan"), ValueError, r"decay must be in \[0, 1\], got nan"),
+        ([x], [y], torch.tensor(float("nan")), ValueError, r"decay must be in \[0, 1\], got nan"),
+        ([x], [y], torch.tensor([0.5]), ValueError, "decay must be a float or a 0-d tensor"),
+        ([x], [y], torch.tensor(1), TypeError, "decay must be a floating-point tensor"),
+        ([x], [y], "0.5", TypeError, "decay must be a float or a 0-d tensor, got str"),
+        ([x], [y], True, TypeError, "decay must be a float or a 0-d tensor, got bool"),
+        ([torch.zeros(3, dtype=torch.int64)], [y], 0.5, TypeError, r"target\[0\] has dtype torch.int64"),
+        ([x], [torch.zeros(3, dtype=torch.int32)], 0.5, TypeError, r"source\[0\] has dtype torch.int32"),
+        ([x, torch.zeros(2, 3).t()], [y, torch.zeros(3, 2)], 0.5, ValueError, r"target\[1\] is not contiguous"),
+        ([x, [1.0]], [y, y], 0.5, TypeError, r"target\[1\] must be a tensor, got list"),
+        ([x, x], [y, torch.zeros(3, device="meta")], 0.5, ValueError, r"source\[1\] is on meta but the first target is on cpu"),
+        ([x], [y], torch.tensor(0.5, device="meta"), ValueError, "decay is on meta"),
+        (Tiny(), [y], 0.5, TypeError, "source must be an nn.Module like the other argument, got list"),
+        (Tiny(), nn.Linear(6, 5), 0.5, ValueError, r"different parameters: only in target \['embed.weight'"),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+@pytest.mark.parametrize("target, source, decay, error, message", bad_input_cases())
+def test_bad_inputs_name_the_argument(target, source, decay, error, message, backend, monkeypatch):
+    if backend == "fused" and _extension.LOAD_ERROR is not None:
+        pytest.skip("vlfast._C not built")
+    monkeypatch.setenv("VLFAST_BACKEND", backend)
+    with pytest.raises(error, match=message):
+        ema_update_(target, source, decay)
+
+
+def test_module_shape_mismatch_names_the_parameter():
+    small, big = nn.Linear(3, 2), nn.Linear(3, 4)
+    with pytest.raises(ValueError, match=r"target parameter 'weight' has shape \(2, 3\) but the source of"):
+        ema_update_(small, big, 0.5)
+
+
+@needs_extension
+def test_kernel_checks_guard_direct_calls():
+    decay = torch.tensor(0.5)
+    for target, source, message in [
+        ([torch.zeros(3)], [torch.zeros(4)], r"target\[0\] has shape \[3\] but source\[0\] has shape \[4\]"),
+        ([torch.zeros(3)], [torch.zeros(3, dtype=torch.int8)], r"target\[0\] is Float and source\[0\] is Char"),
+        ([torch.zeros(3, 2).t()], [torch.zeros(2, 3)], r"target\[0\] is not contiguous"),
+        ([torch.zeros(3)], [], "target has 1 tensors but source has 0"),
+    ]:
+        with pytest.raises((ValueError, TypeError), match=message):
+            torch.ops.vlfast.ema_update_(target, source, decay)
+
+
+def test_ema_decay_schedule():
+    assert ema_decay(0) == 0.995 and ema_decay(10**6, 0.9) == 0.9
+    assert ema_decay(0, 0.999, warmup_power=0.75) == 0.0
+    assert ema_decay(4, 0.999, warmup_gamma=4.0, warmup_power=0.5) == pytest.approx(1 - 2**-0.5)
+    steps = [ema_decay(t, 0.999, warmup_power=2 / 3) for t in range(0, 100_000, 997)]
+    assert steps == sorted(steps) and steps[-1] == 0.999
+    for kwargs, message in [
+        (dict(step=-1), "step must be >= 0"),
+        (dict(step=0, decay=1.1), r"decay must be in \[0, 1\]"),
+        (dict(step=0, warmup_power=0.0), "warmup_gamma and warmup_power must be > 0"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            ema_decay(**kwargs)
+
+
+@needs_extension
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    for decay in (torch.tensor(0.9, dtype=torch.float64), torch.tensor(0.9, device=device)):
+        target = random_tensors(SHAPES, torch.float32, device, seed=11) + [torch.randn(4, device=device).half()]
+        source = random_tensors(SHAPES, torch.float32, device, seed=12) + [torch.randn(4, device=device)]
+        torch.library.opcheck(torch.ops.vlfast.ema_update_.default, (target, source, decay))
+
+
+@needs_extension
+def test_torch_compile_traces_the_op():
+    def step(target, source, decay):
+        torch.ops.vlfast.ema_update_(target, source, decay)
+        return target[0] * 2
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    target = random_tensors(SHAPES, torch.float32, "cpu", seed=13)
+    source = random_tensors(SHAPES, torch.float32, "cpu", seed=14)
+    expected = float64_ema(target, source, 0.9)
+    doubled = compiled(target, source, torch.tensor(0.9, dtype=torch.float64))
+    for got, want in zip(target, expected):
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(doubled, 2 * expected[0])
+
+
+@needs_extension
+def test_available_reports_the_built_kernels():
+    assert available()["ema_update_"]["cpu"] == "fused"
+    assert available()["ema_update_"]["cuda"] == ("fused" if _extension.has_kernel("ema_update_", "cuda") else "reference")
+
+
+def test_backend_switch(monkeypatch):
+    monkeypatch.setenv("VLFAST_BACKEND", "reference")
+    assert not _extension.use_fused("ema_update_", "cpu")
+    monkeypatch.setenv("VLFAST_BACKEND", "fused")
+    with pytest.raises(RuntimeError, match="no cpu kernel for no_such_op.*python setup.py build_ext --inplace"):
+        _extension.use_fused("no_such_op", "cpu")
+    monkeypatch.setenv("VLFAST_BACKEND", "fast")
+    with pytest.raises(ValueError, match="VLFAST_BACKEND must be auto, fused or reference, got 'fast'"):
+        ema_update_([torch.zeros(1)], [torch.ones(1)], 0.5)
+
+
+def test_import_without_extension_warns_once_and_uses_the_reference():
+    script = (
+        "import sys, warnings, torch\n"
+        "sys.modules['vlfast._C'] = None\n"  # makes `from vlfast import _C` fail as if never built
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import vlfast\n"
+        "from vlfast.ops import available, ema_update_\n"
+        "print(len(caught), caught[0].message)\n"
+        "t = [torch.zeros(3)]\n"
+        "ema_update_(t, [torch.ones(3)], 0.25)\n"
+        "print(t[0].tolist(), available())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "VLFAST_BACKEND"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("1 vlfast._C could not be loaded")
+    assert "python setup.py build_ext --inplace" in lines[0]
+    assert lines[1] == "[0.75, 0.75, 0.75] {'ema_update_': {'cpu': 'reference', 'cuda': 'reference'}}"

@@ -1,0 +1,49 @@
+"""Loads vlfast._C (the compiled kernels) and decides, per call, fused kernel or reference.
+
+VLFAST_BACKEND=auto (default) runs the fused kernel where one is built for the device,
+=fused requires it (an error names the build command), =reference forces the plain-torch path.
+"""
+import functools
+import os
+import warnings
+
+import torch
+
+BUILD_COMMAND = "python setup.py build_ext --inplace"
+
+try:
+    from vlfast import _C  # noqa: F401  (importing it registers torch.ops.vlfast.*)
+
+    LOAD_ERROR = None
+except (ImportError, OSError) as error:
+    LOAD_ERROR = error
+    warnings.warn(
+        f"vlfast._C could not be loaded ({error}); every op runs its plain-torch reference. "
+        f"Build the kernels with: {BUILD_COMMAND}",
+        stacklevel=2,
+    )
+
+
+@functools.cache  # kernels register once, at import; the dispatcher query costs microseconds per call
+def has_kernel(op: str, device_type: str) -> bool:
+    """Whether the built extension has a kernel of torch.ops.vlfast.<op> for this device type."""
+    if LOAD_ERROR is not None or not hasattr(torch.ops.vlfast, op):
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"vlfast::{op}", device_type.upper())
+
+
+def use_fused(op: str, device_type: str) -> bool:
+    backend = os.environ.get("VLFAST_BACKEND", "auto")
+    if backend == "reference":
+        return False
+    if backend == "auto":
+        return has_kernel(op, device_type)
+    if backend == "fused":
+        if not has_kernel(op, device_type):
+            raise RuntimeError(
+                f"VLFAST_BACKEND=fused but vlfast has no {device_type} kernel for {op}"
+                + (f" (vlfast._C not loaded: {LOAD_ERROR})" if LOAD_ERROR else "")
+                + f"; build it with: {BUILD_COMMAND}"
+            )
+        return True
+    raise ValueError(f"VLFAST_BACKEND must be auto, fused or reference, got {backend!r}")

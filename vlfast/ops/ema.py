@@ -1,0 +1,175 @@
+"""EMA update of a momentum (target) network in one multi-tensor pass.
+
+    target <- decay * target + (1 - decay) * source
+
+Replaces ALBEF's `_momentum_update` loop (three tensor ops and two temporaries per parameter)
+and timm's ModelEmaV3 `_foreach_lerp_` (same dtype only) with one kernel launch that reads each
+weight once and accepts mixed dtypes, e.g. an fp32 EMA of a bf16 model.
+"""
+import math
+from typing import Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from vlfast import _extension
+from vlfast._extension import use_fused
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+Tensors = Union[nn.Module, Sequence[Tensor]]
+
+
+def ema_update_(target: Tensors, source: Tensors, decay: Union[float, Tensor]) -> None:
+    """In place, without autograd: ``t <- decay * t + (1 - decay) * s`` for every pair.
+
+    Args:
+        target: the EMA (momentum) model or its tensors; updated in place.
+        source: the online model or its tensors, in the same order and shapes as ``target``.
+            Two ``nn.Module``s pair parameters and buffers by name: floating-point ones are
+            averaged, the others (e.g. BatchNorm's step counter) copied. Two sequences of tensors
+            pair by position and must all be floating point.
+        decay: in [0, 1]; a Python float or a 0-d floating tensor on the CPU or on the targets'
+            device. A tensor on the GPU is read by the kernel (no host sync), so its value is not
+            range-checked.
+
+    Dtypes: any pair of float32 / float16 / bfloat16 / float64; the update is computed in
+    float32 (float64 when either side is float64) and rounded once into the target.
+    Targets must be contiguous (they are written in one flat pass; parameters always are); a
+    non-contiguous source is read through a contiguous copy.
+    """
+    copies = []
+    if isinstance(target, nn.Module) or isinstance(source, nn.Module):
+        target, source, names, copies = _module_tensors(target, source)
+    else:
+        target, source, names = list(target), list(source), None
+    if len(target) != len(source):
+        raise ValueError(f"target has {len(target)} tensors but source has {len(source)}")
+    _check_tensors(target[:1], source[:1], names)
+    decay = _check_decay(decay, target[0].device) if target else decay
+    with torch.no_grad():
+        for t, s in copies:
+            t.copy_(s)
+        if not target:
+            return
+        if use_fused("ema_update_", target[0].device.type):
+            if not isinstance(decay, Tensor):
+                decay = torch.tensor(decay, dtype=torch.float64)
+            # The kernel checks every pair itself (in Python that costs more than the update of a
+            # small model); on its error the Python check finds the culprit and names it.
+            try:
+                torch.ops.vlfast.ema_update_(target, source, decay)
+            except (RuntimeError, TypeError, ValueError):
+                _check_tensors(target, source, names)
+                raise
+        else:
+            _check_tensors(target, source, names)
+            ema_update_reference(target, source, decay)
+
+
+def ema_update_reference(target: Sequence[Tensor], source: Sequence[Tensor], decay) -> None:
+    """ALBEF's momentum update, `param_m * m + param * (1. - m)`, written into the target."""
+    with torch.no_grad():
+        for t, s in zip(target, source):
+            t.copy_(t * decay + s * (1.0 - decay))
+
+
+def ema_decay(step: int, decay: float = 0.995, *, warmup_gamma: float = 1.0, warmup_power: float = None) -> float:
+    """The decay to use for EMA update number ``step`` (0 for the first update).
+
+    ``warmup_power=None``: the constant ``decay`` (ALBEF, BLIP, MAMO: 0.995).
+    Otherwise timm ModelEmaV3's warmup, ``min(decay, 1 - (1 + step / warmup_gamma) ** -warmup_power)``:
+    0 at step 0 (the target starts as a copy of the source), rising to ``decay``. timm suggests
+    power 2/3 for runs of about a million steps and 3/4 for shorter ones.
+    """
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"decay must be in [0, 1], got {decay}")
+    if warmup_power is None:
+        return decay
+    if not warmup_gamma > 0 or not warmup_power > 0:
+        raise ValueError(f"warmup_gamma and warmup_power must be > 0, got {warmup_gamma} and {warmup_power}")
+    return min(decay, 1.0 - (1.0 + step / warmup_gamma) ** -warmup_power)
+
+
+def _module_tensors(target, source):
+    """Parameters and buffers of two modules paired by name: (float targets, float sources, their
+    names, [(target, source)] of the non-float ones, which are copied rather than averaged)."""
+    for name, module in (("target", target), ("source", source)):
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"{name} must be an nn.Module like the other argument, got {type(module).__name__}")
+    pairs = []
+    for kind, target_named, source_named in (
+        ("parameter", target.named_parameters(), source.named_parameters()),
+        ("buffer", target.named_buffers(), source.named_buffers()),
+    ):
+        target_named, source_named = dict(target_named), dict(source_named)
+        if target_named.keys() != source_named.keys():
+            only_target = sorted(target_named.keys() - source_named.keys())
+            only_source = sorted(source_named.keys() - target_named.keys())
+            raise ValueError(
+                f"target and source modules have different {kind}s: only in target {only_target}, "
+                f"only in source {only_source}"
+            )
+        pairs += [(f"target {kind} {name!r}", t, source_named[name]) for name, t in target_named.items()]
+    averaged = [(name, t, s) for name, t, s in pairs if t.is_floating_point()]
+    copies = []
+    for name, t, s in pairs:
+        if not t.is_floating_point():
+            if t.shape != s.shape or t.device != s.device:
+                raise ValueError(f"{name} is {tuple(t.shape)} on {t.device} but its source is {tuple(s.shape)} on {s.device}")
+            copies.append((t, s))
+    names = [name for name, _, _ in averaged]
+    return [t for _, t, _ in averaged], [s for _, _, s in averaged], names, copies
+
+
+def _check_tensors(target: list, source: list, names) -> None:
+    device = None
+    for i, (t, s) in enumerate(zip(target, source)):
+        name = names[i] if names else f"target[{i}]"
+        source_name = f"the source of {name}" if names else f"source[{i}]"
+        for label, x in ((name, t), (source_name, s)):
+            if not isinstance(x, Tensor):
+                raise TypeError(f"{label} must be a tensor, got {type(x).__name__}")
+            device = device or x.device
+            if x.dtype not in FLOAT_DTYPES:
+                raise TypeError(f"{label} has dtype {x.dtype}; ema_update_ averages {', '.join(map(str, FLOAT_DTYPES))}")
+            if x.device != device:
+                raise ValueError(f"{label} is on {x.device} but the first target is on {device}")
+        if t.shape != s.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but {source_name} has shape {tuple(s.shape)}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} is not contiguous; ema_update_ writes targets in place in one flat pass")
+
+
+def _check_decay(decay, device: torch.device):
+    if isinstance(decay, Tensor):
+        if decay.ndim != 0:
+            raise ValueError(f"decay must be a float or a 0-d tensor, got a tensor of shape {tuple(decay.shape)}")
+        if not decay.is_floating_point():
+            raise TypeError(f"decay must be a floating-point tensor, got {decay.dtype}")
+        if decay.device.type == "cpu":
+            _check_decay_value(decay.item())
+        elif decay.device != device:
+            raise ValueError(f"decay is on {decay.device}; it must be on the CPU or on the targets' device {device}")
+        return decay
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)):
+        raise TypeError(f"decay must be a float or a 0-d tensor, got {type(decay).__name__}")
+    _check_decay_value(decay)
+    return float(decay)
+
+
+def _check_decay_value(value: float) -> None:
+    if math.isnan(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"decay must be in [0, 1], got {value}")
+
+
+if _extension.LOAD_ERROR is None:
+
+    @torch.library.register_fake("vlfast::ema_update_")
+    def _ema_update_fake(target, source, decay) -> None:
+        # Also the Meta kernel: a list mixing meta and real tensors dispatches here, so the
+        # kernels' device check is repeated.
+        devices = {x.device for x in (*target, *source)}
+        if len(devices) > 1:
+            raise ValueError(f"ema_update_: target and source tensors are on several devices: {devices}")
