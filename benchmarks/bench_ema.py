@@ -2,9 +2,11 @@
 
     pytest benchmarks/bench_ema.py --benchmark-enable --benchmark-json=ema.json
 
-Sizes: the parameter list of ViT-B/16 + BERT-base (349 fp32 tensors, 196M values) and of a
-small model (the tiny trainer config's scale). extra_info holds the effective bandwidth
-(12 bytes per fp32 element: read target, read source, write target) and, on CUDA, peak memory.
+Sizes: the parameter list of ViT-B/16 + BERT-base (349 fp32 tensors, 195M values) and of a
+small model (width 256, 4 layers: 125 tensors, 6.9M values). extra_info holds the effective
+bandwidth (12 bytes per fp32 element: read target, read source, write target) and, on CUDA,
+peak memory. bench_copy_ceiling measures the ceiling in the same run: one flat copy of as many
+fp32 values (8 bytes per element), so EMA GB/s over copy GB/s is the fraction of it reached.
 """
 import functools
 import itertools
@@ -83,3 +85,23 @@ def bench_ema(benchmark, implementation, size, device):
         benchmark.extra_info["GB/s"] = round(BYTES_PER_ELEMENT * numel / benchmark.stats.stats.median / 1e9, 1)
     if device == "cuda":
         benchmark.extra_info["peak_memory_MiB"] = round(torch.cuda.max_memory_allocated() / 2**20)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("size", SIZES)
+def bench_copy_ceiling(benchmark, size, device):
+    _, numel = parameter_sets(size, device)
+    copies = max(1, min(16, (256 << 20) // (8 * numel)))
+    buffers = itertools.cycle([(torch.empty(numel, device=device), torch.ones(numel, device=device))
+                               for _ in range(copies)])
+
+    def step():
+        destination, origin = next(buffers)
+        destination.copy_(origin)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    step()
+    benchmark(step)
+    if benchmark.stats:
+        benchmark.extra_info["GB/s"] = round(8 * numel / benchmark.stats.stats.median / 1e9, 1)

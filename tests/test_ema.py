@@ -77,6 +77,21 @@ def test_decay_as_float_or_tensor(device, backend, monkeypatch):
             torch.testing.assert_close(got, want)
 
 
+@pytest.mark.cuda
+def test_gpu_decay_costs_no_host_sync():
+    target = random_tensors(SHAPES, torch.bfloat16, "cuda", seed=15)
+    source = random_tensors(SHAPES, torch.float32, "cuda", seed=16)
+    decay = torch.tensor(0.9, device="cuda")
+    expected = float64_ema(target, source, 0.9)
+    torch.cuda.set_sync_debug_mode("error")  # any synchronizing CUDA call raises
+    try:
+        ema_update_(target, source, decay)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for got, want in zip(target, expected):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_decay_endpoints_are_exact(device):
     source = random_tensors(SHAPES, torch.float32, device, seed=6)
