@@ -4,10 +4,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <type_traits>
 #include <vector>
 
 #include "../ema_check.h"
+#include "accumulate.h"
 
 namespace vlfast {
 namespace {
@@ -16,13 +16,12 @@ constexpr int64_t kChunk = 1 << 15;  // 128 KiB of fp32: a chunk's target and so
 
 template <typename T, typename S>
 void ema_range(T* target, const S* source, int64_t n, double decay) {
-  // fp32 math unless an operand is fp64; (1 - decay) is formed in double, as torch does for
-  // ALBEF's `param * (1. - m)` with a Python float m.
-  using acc_t = std::conditional_t<std::is_same_v<T, double> || std::is_same_v<S, double>, double, float>;
-  const acc_t d = static_cast<acc_t>(decay);
-  const acc_t w = static_cast<acc_t>(1.0 - decay);
+  // (1 - decay) is formed in double, as torch does for ALBEF's `param * (1. - m)` with a Python float m.
+  using A = acc_t<T, S>;
+  const A d = static_cast<A>(decay);
+  const A w = static_cast<A>(1.0 - decay);
   for (int64_t i = 0; i < n; ++i) {
-    target[i] = static_cast<T>(d * static_cast<acc_t>(target[i]) + w * static_cast<acc_t>(source[i]));
+    target[i] = static_cast<T>(d * static_cast<A>(target[i]) + w * static_cast<A>(source[i]));
   }
 }
 

@@ -12,20 +12,11 @@
 #include <vector>
 
 #include "../ema_check.h"
+#include "binding.h"
 #include "ema_kernel.h"
 
 namespace vlfast {
 namespace {
-
-FloatKind float_kind(at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kFloat: return FloatKind::f32;
-    case at::kHalf: return FloatKind::f16;
-    case at::kBFloat16: return FloatKind::bf16;
-    case at::kDouble: return FloatKind::f64;
-    default: TORCH_CHECK_TYPE(false, "ema_update_: unsupported dtype ", dtype);
-  }
-}
 
 void ema_update_cuda(at::TensorList target, at::TensorList source, const at::Tensor& decay) {
   check_ema_args(target, source, decay);

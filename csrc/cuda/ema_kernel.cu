@@ -1,13 +1,10 @@
 // Multi-tensor EMA kernel. One launch covers up to kMaxTensors tensors: their pointers and
 // chunk offsets travel in the kernel's parameters (< 4 KiB), blocks walk the chunks grid-stride
 // and find a chunk's tensor by binary search, so tensors of any mix of sizes fill the card.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <algorithm>
-#include <type_traits>
 
 #include "ema_kernel.h"
+#include "float_math.cuh"
 
 namespace vlfast {
 namespace {
@@ -25,32 +22,14 @@ struct LaunchTable {
   int count;
 };
 
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Vec {
-  T v[N];
-};
-
-template <typename A> __device__ __forceinline__ A to_acc(float x) { return static_cast<A>(x); }
-template <typename A> __device__ __forceinline__ A to_acc(double x) { return static_cast<A>(x); }
-template <typename A> __device__ __forceinline__ A to_acc(__half x) { return static_cast<A>(__half2float(x)); }
-template <typename A> __device__ __forceinline__ A to_acc(__nv_bfloat16 x) { return static_cast<A>(__bfloat162float(x)); }
-
-__device__ __forceinline__ void store(float& dst, float x) { dst = x; }
-__device__ __forceinline__ void store(float& dst, double x) { dst = static_cast<float>(x); }
-__device__ __forceinline__ void store(double& dst, double x) { dst = x; }
-__device__ __forceinline__ void store(__half& dst, float x) { dst = __float2half_rn(x); }
-__device__ __forceinline__ void store(__half& dst, double x) { dst = __double2half(x); }
-__device__ __forceinline__ void store(__nv_bfloat16& dst, float x) { dst = __float2bfloat16_rn(x); }
-__device__ __forceinline__ void store(__nv_bfloat16& dst, double x) { dst = __double2bfloat16(x); }
-
 template <typename T, typename S>
 __global__ void __launch_bounds__(kThreads)
     ema_kernel(const LaunchTable table, double decay_value, const double* decay_on_device) {
-  using A = std::conditional_t<std::is_same_v<T, double> || std::is_same_v<S, double>, double, float>;
+  using A = acc_t<T, S>;
   const double decay = decay_on_device != nullptr ? *decay_on_device : decay_value;
   const A d = static_cast<A>(decay);
   const A w = static_cast<A>(1.0 - decay);
-  constexpr int V = 16 / (sizeof(T) > sizeof(S) ? sizeof(T) : sizeof(S));  // 16-byte loads of the wider type
+  constexpr int V = kVecElems<T, S>;
 
   const int64_t total_chunks = table.first_chunk[table.count];
   for (int64_t chunk = blockIdx.x; chunk < total_chunks; chunk += gridDim.x) {
@@ -106,30 +85,15 @@ cudaError_t launch(const EmaPair* pairs, int64_t count, double decay_value,
   return cudaSuccess;
 }
 
-template <typename T>
-cudaError_t launch_for_source(FloatKind source_kind, const EmaPair* pairs, int64_t count, double decay_value,
-                              const double* decay_on_device, int sm_count, cudaStream_t stream) {
-  switch (source_kind) {
-    case FloatKind::f32: return launch<T, float>(pairs, count, decay_value, decay_on_device, sm_count, stream);
-    case FloatKind::f16: return launch<T, __half>(pairs, count, decay_value, decay_on_device, sm_count, stream);
-    case FloatKind::bf16: return launch<T, __nv_bfloat16>(pairs, count, decay_value, decay_on_device, sm_count, stream);
-    case FloatKind::f64: return launch<T, double>(pairs, count, decay_value, decay_on_device, sm_count, stream);
-  }
-  return cudaErrorInvalidValue;
-}
-
 }  // namespace
 
 cudaError_t ema_cuda_launch(const EmaPair* pairs, int64_t count, FloatKind target_kind,
                             FloatKind source_kind, double decay_value, const double* decay_on_device,
                             int sm_count, cudaStream_t stream) {
-  switch (target_kind) {
-    case FloatKind::f32: return launch_for_source<float>(source_kind, pairs, count, decay_value, decay_on_device, sm_count, stream);
-    case FloatKind::f16: return launch_for_source<__half>(source_kind, pairs, count, decay_value, decay_on_device, sm_count, stream);
-    case FloatKind::bf16: return launch_for_source<__nv_bfloat16>(source_kind, pairs, count, decay_value, decay_on_device, sm_count, stream);
-    case FloatKind::f64: return launch_for_source<double>(source_kind, pairs, count, decay_value, decay_on_device, sm_count, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_float_pair(target_kind, source_kind, [&](auto target, auto source) {
+    return launch<typename decltype(target)::type, typename decltype(source)::type>(
+        pairs, count, decay_value, decay_on_device, sm_count, stream);
+  });
 }
 
 }  // namespace vlfast

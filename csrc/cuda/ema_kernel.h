@@ -5,9 +5,9 @@
 
 #include <cstdint>
 
-namespace vlfast {
+#include "float_kind.h"
 
-enum class FloatKind : int { f32, f16, bf16, f64 };
+namespace vlfast {
 
 struct EmaPair {
   void* target;
