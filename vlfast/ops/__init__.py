@@ -1,8 +1,10 @@
 """The public fused ops. Each module holds the op, its argument checks and its plain-torch reference."""
 from vlfast._extension import has_kernel
 from vlfast.ops.ema import ema_decay, ema_update_, ema_update_reference
+from vlfast.ops.patch_gather import Masking, random_masking, random_masking_reference, unmask, unmask_reference
 
-OPS = ("ema_update_",)
+# Public op -> the torch.ops.vlfast kernel behind it.
+KERNELS = {"ema_update_": "ema_update_", "random_masking": "gather_rows", "unmask": "unmask_rows"}
 DEVICE_TYPES = ("cpu", "cuda")
 
 
@@ -12,9 +14,10 @@ def available() -> dict:
     "fused" for cuda means the kernel is compiled in; it still needs a GPU to run.
     """
     return {
-        op: {device: "fused" if has_kernel(op, device) else "reference" for device in DEVICE_TYPES}
-        for op in OPS
+        op: {device: "fused" if has_kernel(kernel, device) else "reference" for device in DEVICE_TYPES}
+        for op, kernel in KERNELS.items()
     }
 
 
-__all__ = ["available", "ema_decay", "ema_update_", "ema_update_reference"]
+__all__ = ["Masking", "available", "ema_decay", "ema_update_", "ema_update_reference", "random_masking",
+           "random_masking_reference", "unmask", "unmask_reference"]
