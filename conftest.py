@@ -1,7 +1,14 @@
+import math
+import os
+
 import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
+if not CUDA:
+    # Triton kernels run on the CPU through the interpreter, which is chosen when they are
+    # defined: before any test imports vlfast.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_configure(config):
@@ -18,3 +25,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def chi_square_quantile(dof: int, z: float = 4.753) -> float:
+    """Upper quantile of chi-square(dof) at the normal z (4.753: 1 - 1e-6), Wilson-Hilferty."""
+    return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3

@@ -26,8 +26,8 @@ except (ImportError, OSError) as error:
 
 @functools.cache  # kernels register once, at import; the dispatcher query costs microseconds per call
 def has_kernel(op: str, device_type: str) -> bool:
-    """Whether the built extension has a kernel of torch.ops.vlfast.<op> for this device type."""
-    if LOAD_ERROR is not None or not hasattr(torch.ops.vlfast, op):
+    """Whether torch.ops.vlfast.<op> (from vlfast._C or a Triton custom op) has a kernel for this device type."""
+    if not hasattr(torch.ops.vlfast, op):
         return False
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"vlfast::{op}", device_type.upper())
 

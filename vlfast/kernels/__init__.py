@@ -1,0 +1,1 @@
+"""Triton kernels, one module per op; the public ops in vlfast.ops wrap them."""

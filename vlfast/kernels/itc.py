@@ -1,0 +1,159 @@
+"""Triton kernels of the contrastive loss with hard-negative sampling (vlfast.ops.contrastive).
+
+One direction at a time: B query rows against N keys, s = q·k / τ. The forward walks the key
+tiles once per block of rows, keeping for each row the running max and sum of exp (the
+log-sum-exp), the positives' score sum and count, and the running argmax of the Gumbel-perturbed
+scores over the negatives, so the B×N matrix is never stored. The backward recomputes the tiles
+from the saved log-sum-exp, once over keys (dq, dτ) and once over queries (dk).
+
+Sampling a negative with probability ∝ softmax(s)_j + ε, zero at positives: a mixture of
+softmax restricted to the negatives (weight 1 − positives' softmax mass) and the uniform over the
+negatives (weight ε·#negatives). The first is the Gumbel-max argmax of s_j + G_j over negatives,
+the second the argmax of iid uniforms over negatives, and one more uniform picks between them.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _scores(q, K, cols, col_ok, dims, D, inv_tau, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    k = tl.load(K + cols[:, None] * D + dims[None, :], mask=col_ok[:, None] & (dims[None, :] < D), other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * inv_tau
+    return s, k
+
+
+@triton.jit
+def _positives(rows, cols, col_ok, QIDS, KIDS, key_offset, HAS_IDS: tl.constexpr):
+    if HAS_IDS:
+        query_ids = tl.load(QIDS + rows, mask=rows >= 0, other=-1)
+        key_ids = tl.load(KIDS + cols, mask=col_ok, other=-2)
+        return (query_ids[:, None] == key_ids[None, :]) & col_ok[None, :]
+    else:
+        return (cols[None, :] == rows[:, None] + key_offset) & col_ok[None, :]
+
+
+@triton.jit
+def itc_rows_forward(Q, K, TAU, QIDS, KIDS, SEED, ROW_LOSS, NEG, LSE, NPOS,
+                     B, N, D, key_offset, smoothing,
+                     HAS_IDS: tl.constexpr, SAMPLE: tl.constexpr, SMOOTH: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     PRECISION: tl.constexpr, ACC: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < B
+    safe_rows = tl.where(row_ok, rows, 0)
+    dims = tl.arange(0, BLOCK_D)
+    q = tl.load(Q + safe_rows[:, None] * D + dims[None, :], mask=row_ok[:, None] & (dims[None, :] < D), other=0.0)
+    inv_tau = 1.0 / tl.load(TAU).to(ACC)
+    seed = tl.load(SEED).to(tl.int64) * 3  # three Philox streams: Gumbel, uniform keys, mixture pick
+
+    row_max = tl.full((BLOCK_M,), float("-inf"), ACC)
+    exp_sum = tl.zeros((BLOCK_M,), ACC)  # sum of exp(s - row_max)
+    positive_exp = tl.zeros((BLOCK_M,), ACC)  # the same over positives only
+    positive_score = tl.zeros((BLOCK_M,), ACC)
+    positive_count = tl.zeros((BLOCK_M,), tl.int32)
+    gumbel_best = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    gumbel_index = tl.zeros((BLOCK_M,), tl.int32)
+    uniform_best = tl.full((BLOCK_M,), -1.0, tl.float32)
+    uniform_index = tl.zeros((BLOCK_M,), tl.int32)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        s, k = _scores(q, K, cols, col_ok, dims, D, inv_tau, PRECISION, ACC)
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        positive = _positives(safe_rows, cols, col_ok, QIDS, KIDS, key_offset, HAS_IDS)
+
+        new_max = tl.maximum(row_max, tl.max(s, axis=1))
+        rescale = tl.exp(row_max - new_max)
+        p = tl.exp(s - new_max[:, None])
+        exp_sum = exp_sum * rescale + tl.sum(p, axis=1)
+        positive_exp = positive_exp * rescale + tl.sum(tl.where(positive, p, 0.0), axis=1)
+        row_max = new_max
+        positive_score += tl.sum(tl.where(positive, s, 0.0), axis=1)
+        positive_count += tl.sum(positive.to(tl.int32), axis=1)
+
+        if SAMPLE:
+            negative = col_ok[None, :] & ~positive
+            offsets = safe_rows[:, None] * N + cols[None, :]
+            u = tl.maximum(tl.rand(seed, offsets), 1e-30)
+            perturbed = tl.where(negative, s.to(tl.float32) - tl.log(-tl.log(u)), float("-inf"))
+            tile_best = tl.max(perturbed, axis=1)
+            better = tile_best > gumbel_best
+            gumbel_index = tl.where(better, start + tl.argmax(perturbed, axis=1), gumbel_index)
+            gumbel_best = tl.where(better, tile_best, gumbel_best)
+            if SMOOTH:
+                keys = tl.where(negative, tl.rand(seed + 1, offsets), -1.0)
+                tile_best = tl.max(keys, axis=1)
+                better = tile_best > uniform_best
+                uniform_index = tl.where(better, start + tl.argmax(keys, axis=1), uniform_index)
+                uniform_best = tl.where(better, tile_best, uniform_best)
+
+    lse = row_max + tl.log(exp_sum)
+    tl.store(LSE + rows, lse, mask=row_ok)
+    tl.store(NPOS + rows, positive_count, mask=row_ok)
+    tl.store(ROW_LOSS + rows, lse - positive_score / positive_count.to(ACC), mask=row_ok)
+    if SAMPLE:
+        negative_index = gumbel_index
+        if SMOOTH:
+            softmax_weight = 1.0 - positive_exp / exp_sum
+            uniform_weight = smoothing * (N - positive_count).to(ACC)
+            pick = tl.rand(seed + 2, safe_rows).to(ACC) * (softmax_weight + uniform_weight)
+            negative_index = tl.where(pick >= softmax_weight, uniform_index, gumbel_index)
+        negative_index = tl.where(positive_count < N, negative_index, -1)
+        tl.store(NEG + rows, negative_index.to(tl.int64), mask=row_ok)
+
+
+@triton.jit
+def itc_rows_backward_query(Q, K, TAU, QIDS, KIDS, LSE, NPOS, GRAD, DQ, DTAU_ROWS,
+                            B, N, D, key_offset,
+                            HAS_IDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < B
+    safe_rows = tl.where(row_ok, rows, 0)
+    dims = tl.arange(0, BLOCK_D)
+    q = tl.load(Q + safe_rows[:, None] * D + dims[None, :], mask=row_ok[:, None] & (dims[None, :] < D), other=0.0)
+    inv_tau = 1.0 / tl.load(TAU).to(ACC)
+    lse = tl.load(LSE + safe_rows)
+    inv_count = 1.0 / tl.load(NPOS + safe_rows).to(ACC)
+    grad = tl.load(GRAD + rows, mask=row_ok, other=0.0).to(ACC)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), ACC)
+    dtau = tl.zeros((BLOCK_M,), ACC)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        s, k = _scores(q, K, cols, col_ok, dims, D, inv_tau, PRECISION, ACC)
+        positive = _positives(safe_rows, cols, col_ok, QIDS, KIDS, key_offset, HAS_IDS)
+        p = tl.where(col_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
+        ds = grad[:, None] * (p - tl.where(positive, inv_count[:, None], 0.0))  # dloss/ds
+        dtau += tl.sum(ds * s, axis=1)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC)
+    tl.store(DQ + safe_rows[:, None] * D + dims[None, :], dq * inv_tau, mask=row_ok[:, None] & (dims[None, :] < D))
+    tl.store(DTAU_ROWS + rows, -dtau * inv_tau, mask=row_ok)
+
+
+@triton.jit
+def itc_rows_backward_key(Q, K, TAU, QIDS, KIDS, LSE, NPOS, GRAD, DK,
+                          B, N, D, key_offset,
+                          HAS_IDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    safe_cols = tl.where(col_ok, cols, 0)
+    dims = tl.arange(0, BLOCK_D)
+    k = tl.load(K + safe_cols[:, None] * D + dims[None, :], mask=col_ok[:, None] & (dims[None, :] < D), other=0.0)
+    inv_tau = 1.0 / tl.load(TAU).to(ACC)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), ACC)
+    for start in range(0, B, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_ok = rows < B
+        safe_rows = tl.where(row_ok, rows, 0)
+        q = tl.load(Q + safe_rows[:, None] * D + dims[None, :], mask=row_ok[:, None] & (dims[None, :] < D), other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * inv_tau  # (BLOCK_M, BLOCK_N)
+        positive = _positives(safe_rows, cols, col_ok, QIDS, KIDS, key_offset, HAS_IDS)
+        lse = tl.load(LSE + safe_rows)
+        inv_count = 1.0 / tl.load(NPOS + safe_rows).to(ACC)
+        grad = tl.load(GRAD + rows, mask=row_ok, other=0.0).to(ACC)
+        p = tl.where(col_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
+        ds = grad[:, None] * (p - tl.where(positive, inv_count[:, None], 0.0))
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION, out_dtype=ACC)
+    tl.store(DK + safe_cols[:, None] * D + dims[None, :], dk * inv_tau, mask=col_ok[:, None] & (dims[None, :] < D))
