@@ -32,18 +32,20 @@ def features(batch, dim, dtype, device, seed):
     return image.to(device, dtype).requires_grad_(), text.to(device, dtype).requires_grad_()
 
 
-TOLERANCE = {torch.float64: 1e-6, torch.float32: 2e-5, torch.float16: 2e-2}
+TOLERANCE = {torch.float64: 1e-6, torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 1e-1}
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("path", PATHS, indirect=True)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("batch, dim", [(1, 5), (3, 5), (7, 12), (33, 64), (70, 256)])
 @pytest.mark.parametrize("with_ids", [False, True])
 def test_loss_and_gradients_equal_the_reference(device, path, dtype, batch, dim, with_ids):
     run_on(path, device)
-    if path == "torch" and dtype == torch.float16:
-        pytest.skip("the CPU path computes fp16 inputs in fp32, as the reference does not")
+    if path == "torch" and dtype in (torch.float16, torch.bfloat16):
+        pytest.skip("the CPU path computes 16-bit inputs in fp32, as the reference does not")
+    if device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter mis-computes bf16 dots (ANCHORS.md): bf16 is checked on a GPU")
     image, text = features(batch, dim, dtype, device, seed=batch)
     image_ids = torch.arange(batch, device=device) % max(1, batch // 2) if with_ids else None
     tau = torch.tensor(0.07, dtype=torch.float64, device=device, requires_grad=True)
