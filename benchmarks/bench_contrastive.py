@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import CUDA, DEVICES
+from timing import timed
 from vlfast.ops import itc_loss, itc_loss_reference
 
 DIM = 256
@@ -21,22 +22,6 @@ IMPLEMENTATIONS = {
     "albef_loop": itc_loss_reference,
     "vectorised_multinomial": lambda *args, **kwargs: itc_loss_reference(*args, **kwargs, per_row_sampling=False),
 }
-
-
-def timed(benchmark, device, step):
-    step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-
-    def run():
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    benchmark(run)
-    if device == "cuda":
-        benchmark.extra_info["peak_memory_MiB"] = round(torch.cuda.max_memory_allocated() / 2**20)
 
 
 def features(batch, device):

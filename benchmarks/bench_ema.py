@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import DEVICES
+from timing import timed
 from vlfast.ops import ema_update_
 
 BYTES_PER_ELEMENT = 12
@@ -72,19 +73,9 @@ def bench_ema(benchmark, implementation, size, device):
     def step():
         target, source = next(rotation)
         update(target, source, 0.995)
-        if device == "cuda":
-            torch.cuda.synchronize()
 
-    for _ in range(len(sets)):
-        step()  # warm-up: allocator, first-call overheads
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    benchmark(step)
     benchmark.extra_info.update(tensors=len(SIZES[size]), elements=numel)
-    if benchmark.stats:
-        benchmark.extra_info["GB/s"] = round(BYTES_PER_ELEMENT * numel / benchmark.stats.stats.median / 1e9, 1)
-    if device == "cuda":
-        benchmark.extra_info["peak_memory_MiB"] = round(torch.cuda.max_memory_allocated() / 2**20)
+    timed(benchmark, device, step, bytes_moved=BYTES_PER_ELEMENT * numel, warmup=len(sets))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -98,10 +89,5 @@ def bench_copy_ceiling(benchmark, size, device):
     def step():
         destination, origin = next(buffers)
         destination.copy_(origin)
-        if device == "cuda":
-            torch.cuda.synchronize()
 
-    step()
-    benchmark(step)
-    if benchmark.stats:
-        benchmark.extra_info["GB/s"] = round(8 * numel / benchmark.stats.stats.median / 1e9, 1)
+    timed(benchmark, device, step, bytes_moved=8 * numel)

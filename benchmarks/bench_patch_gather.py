@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import DEVICES
+from timing import timed
 from vlfast.ops import random_masking, random_masking_reference, unmask, unmask_reference
 
 PATCHES, DIM, MASK_RATIO = 196, 768, 0.75
@@ -26,24 +27,6 @@ def inputs(batch, device):
     tokens = torch.randn(batch, PATCHES, DIM, device=device, dtype=dtype, requires_grad=True)
     pos_embed = torch.randn(1, PATCHES, DIM, device=device, dtype=dtype, requires_grad=True)
     return tokens, pos_embed
-
-
-def timed(benchmark, device, step, bytes_moved):
-    step()  # warm-up
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-
-    def run():
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    benchmark(run)
-    if benchmark.stats and bytes_moved:
-        benchmark.extra_info["GB/s"] = round(bytes_moved / benchmark.stats.stats.median / 1e9, 1)
-    if device == "cuda":
-        benchmark.extra_info["peak_memory_MiB"] = round(torch.cuda.max_memory_allocated() / 2**20)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -97,4 +80,4 @@ def bench_mask_selection(benchmark, inverse, device):
             positions = torch.arange(PATCHES, device=device).expand_as(ids_shuffle)
             torch.empty_like(ids_shuffle).scatter_(1, ids_shuffle, positions)
 
-    timed(benchmark, device, step, bytes_moved=0)
+    timed(benchmark, device, step)

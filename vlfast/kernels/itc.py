@@ -16,20 +16,42 @@ import triton.language as tl
 
 
 @triton.jit
-def _scores(q, K, cols, col_ok, dims, D, inv_tau, PRECISION: tl.constexpr, ACC: tl.constexpr):
-    k = tl.load(K + cols[:, None] * D + dims[None, :], mask=col_ok[:, None] & (dims[None, :] < D), other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * inv_tau
-    return s, k
+def _load_rows(X, start, count, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows start .. start+BLOCK of a contiguous (count, D) matrix, zeros past its end, with the
+    row indices, the same clamped into range (safe to load with) and the in-range mask."""
+    rows = start + tl.arange(0, BLOCK)
+    ok = rows < count
+    safe = tl.where(ok, rows, 0)
+    dims = tl.arange(0, BLOCK_D)
+    x = tl.load(X + safe[:, None] * D + dims[None, :], mask=ok[:, None] & (dims[None, :] < D), other=0.0)
+    return x, rows, safe, ok
+
+
+@triton.jit
+def _store_rows(X, value, safe, ok, D, BLOCK_D: tl.constexpr):
+    dims = tl.arange(0, BLOCK_D)
+    tl.store(X + safe[:, None] * D + dims[None, :], value, mask=ok[:, None] & (dims[None, :] < D))
 
 
 @triton.jit
 def _positives(rows, cols, col_ok, QIDS, KIDS, key_offset, HAS_IDS: tl.constexpr):
+    """(rows, cols) mask of positive pairs: same image id, or the key at the row's own index."""
     if HAS_IDS:
-        query_ids = tl.load(QIDS + rows, mask=rows >= 0, other=-1)
-        key_ids = tl.load(KIDS + cols, mask=col_ok, other=-2)
+        query_ids = tl.load(QIDS + rows)
+        key_ids = tl.load(KIDS + cols, mask=col_ok, other=-1)
         return (query_ids[:, None] == key_ids[None, :]) & col_ok[None, :]
     else:
         return (cols[None, :] == rows[:, None] + key_offset) & col_ok[None, :]
+
+
+@triton.jit
+def _score_grads(s, positive, col_ok, LSE, NPOS, GRAD, safe_rows, row_ok, ACC: tl.constexpr):
+    """d(loss)/ds for each row's loss lse − mean positive score, times the row's incoming gradient."""
+    lse = tl.load(LSE + safe_rows)
+    inv_count = 1.0 / tl.load(NPOS + safe_rows).to(ACC)
+    grad = tl.load(GRAD + safe_rows, mask=row_ok, other=0.0).to(ACC)
+    p = tl.where(col_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
+    return grad[:, None] * (p - tl.where(positive, inv_count[:, None], 0.0))
 
 
 @triton.jit
@@ -38,11 +60,7 @@ def itc_rows_forward(Q, K, TAU, QIDS, KIDS, SEED, ROW_LOSS, NEG, LSE, NPOS,
                      HAS_IDS: tl.constexpr, SAMPLE: tl.constexpr, SMOOTH: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      PRECISION: tl.constexpr, ACC: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < B
-    safe_rows = tl.where(row_ok, rows, 0)
-    dims = tl.arange(0, BLOCK_D)
-    q = tl.load(Q + safe_rows[:, None] * D + dims[None, :], mask=row_ok[:, None] & (dims[None, :] < D), other=0.0)
+    q, rows, safe_rows, row_ok = _load_rows(Q, tl.program_id(0) * BLOCK_M, B, D, BLOCK_M, BLOCK_D)
     inv_tau = 1.0 / tl.load(TAU).to(ACC)
     seed = tl.load(SEED).to(tl.int64) * 3  # three Philox streams: Gumbel, uniform keys, mixture pick
 
@@ -56,9 +74,8 @@ def itc_rows_forward(Q, K, TAU, QIDS, KIDS, SEED, ROW_LOSS, NEG, LSE, NPOS,
     uniform_best = tl.full((BLOCK_M,), -1.0, tl.float32)
     uniform_index = tl.zeros((BLOCK_M,), tl.int32)
     for start in range(0, N, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
-        s, k = _scores(q, K, cols, col_ok, dims, D, inv_tau, PRECISION, ACC)
+        k, cols, _, col_ok = _load_rows(K, start, N, D, BLOCK_N, BLOCK_D)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * inv_tau
         s = tl.where(col_ok[None, :], s, float("-inf"))
         positive = _positives(safe_rows, cols, col_ok, QIDS, KIDS, key_offset, HAS_IDS)
 
@@ -107,27 +124,18 @@ def itc_rows_backward_query(Q, K, TAU, QIDS, KIDS, LSE, NPOS, GRAD, DQ, DTAU_ROW
                             B, N, D, key_offset,
                             HAS_IDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < B
-    safe_rows = tl.where(row_ok, rows, 0)
-    dims = tl.arange(0, BLOCK_D)
-    q = tl.load(Q + safe_rows[:, None] * D + dims[None, :], mask=row_ok[:, None] & (dims[None, :] < D), other=0.0)
+    q, rows, safe_rows, row_ok = _load_rows(Q, tl.program_id(0) * BLOCK_M, B, D, BLOCK_M, BLOCK_D)
     inv_tau = 1.0 / tl.load(TAU).to(ACC)
-    lse = tl.load(LSE + safe_rows)
-    inv_count = 1.0 / tl.load(NPOS + safe_rows).to(ACC)
-    grad = tl.load(GRAD + rows, mask=row_ok, other=0.0).to(ACC)
     dq = tl.zeros((BLOCK_M, BLOCK_D), ACC)
     dtau = tl.zeros((BLOCK_M,), ACC)
     for start in range(0, N, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
-        s, k = _scores(q, K, cols, col_ok, dims, D, inv_tau, PRECISION, ACC)
+        k, cols, _, col_ok = _load_rows(K, start, N, D, BLOCK_N, BLOCK_D)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * inv_tau
         positive = _positives(safe_rows, cols, col_ok, QIDS, KIDS, key_offset, HAS_IDS)
-        p = tl.where(col_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
-        ds = grad[:, None] * (p - tl.where(positive, inv_count[:, None], 0.0))  # dloss/ds
+        ds = _score_grads(s, positive, col_ok, LSE, NPOS, GRAD, safe_rows, row_ok, ACC)
         dtau += tl.sum(ds * s, axis=1)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC)
-    tl.store(DQ + safe_rows[:, None] * D + dims[None, :], dq * inv_tau, mask=row_ok[:, None] & (dims[None, :] < D))
+    _store_rows(DQ, dq * inv_tau, safe_rows, row_ok, D, BLOCK_D)
     tl.store(DTAU_ROWS + rows, -dtau * inv_tau, mask=row_ok)
 
 
@@ -136,24 +144,13 @@ def itc_rows_backward_key(Q, K, TAU, QIDS, KIDS, LSE, NPOS, GRAD, DK,
                           B, N, D, key_offset,
                           HAS_IDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    safe_cols = tl.where(col_ok, cols, 0)
-    dims = tl.arange(0, BLOCK_D)
-    k = tl.load(K + safe_cols[:, None] * D + dims[None, :], mask=col_ok[:, None] & (dims[None, :] < D), other=0.0)
+    k, cols, safe_cols, col_ok = _load_rows(K, tl.program_id(0) * BLOCK_N, N, D, BLOCK_N, BLOCK_D)
     inv_tau = 1.0 / tl.load(TAU).to(ACC)
     dk = tl.zeros((BLOCK_N, BLOCK_D), ACC)
     for start in range(0, B, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
-        row_ok = rows < B
-        safe_rows = tl.where(row_ok, rows, 0)
-        q = tl.load(Q + safe_rows[:, None] * D + dims[None, :], mask=row_ok[:, None] & (dims[None, :] < D), other=0.0)
+        q, rows, safe_rows, row_ok = _load_rows(Q, start, B, D, BLOCK_M, BLOCK_D)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * inv_tau  # (BLOCK_M, BLOCK_N)
         positive = _positives(safe_rows, cols, col_ok, QIDS, KIDS, key_offset, HAS_IDS)
-        lse = tl.load(LSE + safe_rows)
-        inv_count = 1.0 / tl.load(NPOS + safe_rows).to(ACC)
-        grad = tl.load(GRAD + rows, mask=row_ok, other=0.0).to(ACC)
-        p = tl.where(col_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
-        ds = grad[:, None] * (p - tl.where(positive, inv_count[:, None], 0.0))
+        ds = _score_grads(s, positive, col_ok, LSE, NPOS, GRAD, safe_rows, row_ok, ACC)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION, out_dtype=ACC)
-    tl.store(DK + safe_cols[:, None] * D + dims[None, :], dk * inv_tau, mask=col_ok[:, None] & (dims[None, :] < D))
+    _store_rows(DK, dk * inv_tau, safe_cols, col_ok, D, BLOCK_D)
