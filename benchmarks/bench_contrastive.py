@@ -3,9 +3,11 @@ same with one vectorised torch.multinomial, forward + backward.
 
     pytest benchmarks/bench_contrastive.py --benchmark-enable --benchmark-json=contrastive.json
 
-D = 256 (ALBEF's embed dim), N = B keys (in-batch); fp32 on the CPU (B = 64, 256), bf16 on CUDA
-(B = 64, 256, 1024). bench_matmul_ceiling times one image @ text.T of the same shape: the
-fused op does 2 such products forward and 8 backward (recomputed tiles), the reference 2 and 4.
+D = 256 (ALBEF's embed dim); fp32 on the CPU (B = 64, 256), bf16 on CUDA (B = 64, 256, 1024).
+Keys: the local batch (N = B), or gathered as if from 8 ranks (N = 8·B): the loss after the
+all_gather, which is what a rank computes (the communication itself is not timed).
+bench_matmul_ceiling times one (B, D) @ (D, N) product of the same shape: the fused op does 2
+such products forward and 8 backward (tiles recomputed), the reference 2 and 4.
 """
 import pytest
 import torch
@@ -13,44 +15,55 @@ import torch.nn.functional as F
 
 from conftest import CUDA, DEVICES
 from timing import timed
-from vlfast.ops import itc_loss, itc_loss_reference
+from vlfast.ops import contrastive
 
 DIM = 256
 BATCHES = [64, 256] + ([1024] if CUDA else [])
+KEYS = {"in_batch": 1, "gathered_8x": 8}
 IMPLEMENTATIONS = {
-    "vlfast": itc_loss,
-    "albef_loop": itc_loss_reference,
-    "vectorised_multinomial": lambda *args, **kwargs: itc_loss_reference(*args, **kwargs, per_row_sampling=False),
+    "vlfast": lambda image, text, tau, keys, generator: contrastive._fused_loss(
+        image, text, tau, None, keys, contrastive._path(image.device.type), True, 1e-4, generator),
+    "albef_loop": lambda image, text, tau, keys, generator: contrastive._reference_loss(
+        image, text, tau, None, keys, True, 1e-4, generator, per_row_sampling=True),
+    "vectorised_multinomial": lambda image, text, tau, keys, generator: contrastive._reference_loss(
+        image, text, tau, None, keys, True, 1e-4, generator, per_row_sampling=False),
 }
 
 
-def features(batch, device):
+def features(rows, device, requires_grad=True):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    image = F.normalize(torch.randn(batch, DIM, device=device), dim=1).to(dtype).requires_grad_()
-    text = F.normalize(torch.randn(batch, DIM, device=device), dim=1).to(dtype).requires_grad_()
-    return image, text
+    return [F.normalize(torch.randn(rows, DIM, device=device), dim=1).to(dtype).requires_grad_(requires_grad)
+            for _ in range(2)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("keys", KEYS)
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-def bench_itc_loss(benchmark, implementation, batch, device):
+def bench_itc_loss(benchmark, implementation, batch, keys, device):
     image, text = features(batch, device)
+    others = features((KEYS[keys] - 1) * batch, device, requires_grad=False)  # the other ranks' rows
     temperature = torch.tensor(0.07, device=device, requires_grad=True)
     loss_fn = IMPLEMENTATIONS[implementation]
     generator = torch.Generator(device).manual_seed(0)
 
     def step():
-        out = loss_fn(image, text, temperature, smoothing=1e-4, generator=generator)
+        if keys == "in_batch":
+            gathered = contrastive.Keys(image, text, None, 0)
+        else:
+            gathered = contrastive.Keys(torch.cat([image, others[0]]), torch.cat([text, others[1]]), None, 0)
+        out = loss_fn(image, text, temperature, gathered, generator)
         torch.autograd.grad(out.loss, (image, text, temperature))
 
     timed(benchmark, device, step)
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("keys", KEYS)
 @pytest.mark.parametrize("batch", BATCHES)
-def bench_matmul_ceiling(benchmark, batch, device):
-    image, text = (x.detach() for x in features(batch, device))
+def bench_matmul_ceiling(benchmark, batch, keys, device):
+    image, _ = (x.detach() for x in features(batch, device))
+    text = features(KEYS[keys] * batch, device, requires_grad=False)[1]
     timed(benchmark, device, lambda: image @ text.t())
     if benchmark.stats:
-        benchmark.extra_info["TFLOP/s"] = round(2 * batch * batch * DIM / benchmark.stats.stats.median / 1e12, 2)
+        benchmark.extra_info["TFLOP/s"] = round(2 * batch * KEYS[keys] * batch * DIM / benchmark.stats.stats.median / 1e12, 2)

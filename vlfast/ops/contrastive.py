@@ -61,7 +61,22 @@ def itc_loss(image_feat: Tensor, text_feat: Tensor, temperature: Union[Tensor, f
         return itc_loss_reference(image_feat, text_feat, temperature, image_ids=image_ids,
                                   sample_negatives=sample_negatives, smoothing=smoothing,
                                   all_gather=all_gather, generator=generator)
-    image_all, text_all, ids_all, offset = _gather_batch(image_feat, text_feat, image_ids, all_gather)
+    keys = _gather_batch(image_feat, text_feat, image_ids, all_gather)
+    return _fused_loss(image_feat, text_feat, temperature, image_ids, keys, path, sample_negatives, smoothing, generator)
+
+
+class Keys(NamedTuple):
+    """The keys both directions score against: this rank's batch, or every rank's (gathered)."""
+    image: Tensor  # (N, D)
+    text: Tensor  # (N, D)
+    ids: Optional[Tensor]  # (N,) image ids, when given
+    offset: int  # where this rank's rows start among the N
+
+
+def _fused_loss(image_feat, text_feat, temperature, image_ids, keys: Keys, path: str, sample_negatives: bool,
+                smoothing: float, generator) -> ContrastiveOutput:
+    """itc_loss once the keys are gathered (benchmarks call it with keys made as if by 8 ranks)."""
+    image_all, text_all, ids_all, offset = keys
     if sample_negatives:
         _check_every_row_has_a_negative(ids_all, text_all.shape[0])
     if path == "triton":
@@ -78,8 +93,9 @@ def itc_loss(image_feat: Tensor, text_feat: Tensor, temperature: Union[Tensor, f
         positives = _positives(image_ids, ids_all, offset, image_feat.shape[0], text_all.shape[0], image_feat.device)
         dtype = torch.promote_types(image_feat.dtype, torch.float32)
         sim_i2t = image_feat.to(dtype) @ text_all.to(dtype).t() / temperature
+        in_batch = image_all is image_feat and text_all is text_feat
         # In-batch keys: the t2i matrix is the transpose, one product instead of two.
-        sim_t2i = sim_i2t.t() if not all_gather else text_feat.to(dtype) @ image_all.to(dtype).t() / temperature
+        sim_t2i = sim_i2t.t() if in_batch else text_feat.to(dtype) @ image_all.to(dtype).t() / temperature
         rows_i2t, neg_text = _rows_torch(sim_i2t, positives, smoothing, sample_negatives, generator)
         rows_t2i, neg_image = _rows_torch(sim_t2i, positives, smoothing, sample_negatives, generator)
     loss_i2t, loss_t2i = rows_i2t.mean(), rows_t2i.mean()
@@ -96,7 +112,14 @@ def itc_loss_reference(image_feat: Tensor, text_feat: Tensor, temperature: Union
     ``per_row_sampling=False`` draws all rows with one ``torch.multinomial`` call instead of
     ALBEF's loop (the "vectorised torch" baseline of the benchmarks).
     """
-    image_all, text_all, ids_all, offset = _gather_batch(image_feat, text_feat, image_ids, all_gather)
+    keys = _gather_batch(image_feat, text_feat, image_ids, all_gather)
+    return _reference_loss(image_feat, text_feat, temperature, image_ids, keys, sample_negatives, smoothing,
+                           generator, per_row_sampling)
+
+
+def _reference_loss(image_feat, text_feat, temperature, image_ids, keys: Keys, sample_negatives: bool,
+                    smoothing: float, generator, per_row_sampling: bool) -> ContrastiveOutput:
+    image_all, text_all, ids_all, offset = keys
     sim_i2t = image_feat @ text_all.t() / temperature
     sim_t2i = text_feat @ image_all.t() / temperature
     pos_idx = _positives(image_ids, ids_all, offset, image_feat.shape[0], text_all.shape[0], image_feat.device)
@@ -123,15 +146,15 @@ def itc_loss_reference(image_feat: Tensor, text_feat: Tensor, temperature: Union
 def _rows_torch(sim: Tensor, positives: Tensor, smoothing: float, sample: bool, generator) -> Tuple[Tensor, Optional[Tensor]]:
     """Per-row losses and negatives from the stored (B, N) similarities: the kernels' loss, vectorised."""
     log_p = F.log_softmax(sim, dim=1)
-    rows = -(log_p * positives).sum(1) / positives.sum(1)
+    rows = -torch.where(positives, log_p, 0.0).sum(1) / positives.sum(1)
     negatives = None
     if sample:
         with torch.no_grad():
             # Inverse-CDF draw, one uniform per row, on the weights divided by the row's largest
-            # (in float64): no underflow where ALBEF's multinomial fails because the positive took
-            # all the mass, and one random number per row instead of one per entry.
-            log_w = (torch.log(log_p.exp() + smoothing) if smoothing else log_p).double().masked_fill(positives, float("-inf"))
-            cdf = (log_w - log_w.amax(1, keepdim=True)).exp_().cumsum_(1)
+            # (cumulated in float64): no underflow where ALBEF's multinomial fails because the
+            # positive took all the mass, and one random number per row instead of one per entry.
+            log_w = (torch.log(log_p.exp() + smoothing) if smoothing else log_p).masked_fill(positives, float("-inf"))
+            cdf = (log_w - log_w.amax(1, keepdim=True)).exp_().cumsum(1, dtype=torch.float64)
             total = cdf[:, -1:]
             below_total = torch.nextafter(total, torch.zeros_like(total))  # so the pick lands on a weight > 0
             u = torch.minimum(torch.rand(total.shape, device=sim.device, generator=generator, dtype=torch.float64) * total, below_total)
@@ -171,10 +194,9 @@ class _AllGather(torch.autograd.Function):
         return grad[dist.get_rank() * rows:(dist.get_rank() + 1) * rows]
 
 
-def _gather_batch(image_feat, text_feat, image_ids, all_gather: bool):
-    """(images of all ranks, texts of all ranks, their ids, this rank's row offset among them)."""
+def _gather_batch(image_feat, text_feat, image_ids, all_gather: bool) -> Keys:
     if not all_gather:
-        return image_feat, text_feat, image_ids, 0
+        return Keys(image_feat, text_feat, image_ids, 0)
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("all_gather=True needs torch.distributed initialised (torchrun / init_process_group)")
     ids_all = None
@@ -183,7 +205,7 @@ def _gather_batch(image_feat, text_feat, image_ids, all_gather: bool):
         dist.all_gather(ids_all, image_ids.contiguous())
         ids_all = torch.cat(ids_all)
     offset = dist.get_rank() * image_feat.shape[0]
-    return _AllGather.apply(image_feat), _AllGather.apply(text_feat), ids_all, offset
+    return Keys(_AllGather.apply(image_feat), _AllGather.apply(text_feat), ids_all, offset)
 
 
 def _path(device_type: str) -> str:
