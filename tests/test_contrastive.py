@@ -1,11 +1,14 @@
 import os
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICES, chi_square_quantile
+from conftest import CUDA, DEVICES, chi_square_quantile
 from vlfast.ops import contrastive, itc_loss, itc_loss_reference
 
 has_triton = contrastive.triton is not None
@@ -249,3 +252,16 @@ def test_all_gather_over_two_ranks_equals_one_process(backend, monkeypatch):
         torch.testing.assert_close(result["loss"], out.loss.detach(), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(result["projection"], projection.grad, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(result["tau"], tau.grad, rtol=1e-10, atol=1e-12)
+
+
+@needs_triton
+@pytest.mark.skipif(CUDA, reason="with a GPU the kernels compile and run in the other tests")
+def test_triton_kernels_compile_for_sm80_and_sm90():
+    # The interpreter never compiles; Triton's own ptxas builds real cubins without a GPU.
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(root)
+    result = subprocess.run([sys.executable, "tests/compile_kernels_for_gpu.py"], cwd=root, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.splitlines() == ["sm_80: ok", "sm_90: ok"]
