@@ -1,4 +1,4 @@
-"""Compiles vlfast's Triton kernels for real GPUs (sm_80, sm_90) without one: Triton's ptxas
+"""Compiles vlfast's Triton kernels (contrastive, attention) for real GPUs (sm_80, sm_90) without one: Triton's ptxas
 builds the cubins here, so a kernel that only the interpreter has run cannot fail to compile on
 a lent card. Run by tests/test_contrastive.py in a process without TRITON_INTERPRET.
 
@@ -11,21 +11,34 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from vlfast.kernels import itc
-from vlfast.ops.contrastive import _launch_config
+from vlfast.kernels import attention, itc
+from vlfast.ops.attention import _launch_config as attention_config
+from vlfast.ops.contrastive import _launch_config as itc_config
 
 POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.float64: "*fp64"}
-SCALARS = {"B": "i32", "N": "i32", "D": "i32", "key_offset": "i32", "smoothing": "fp32"}
+SCALARS = {"B": "i32", "N": "i32", "D": "i32", "key_offset": "i32", "smoothing": "fp32", "H": "i32", "LQ": "i32",
+           "LK": "i32", "DH": "i32", "scale": "fp32"}
 
 
-def compile_for(fn, dtype, arch, **flags):
-    config, accumulate = _launch_config(torch.empty(1, 256, dtype=dtype))
-    constexprs = {**config, **flags}
+def itc_kernel(fn, dtype, arch, **flags):
+    config, accumulate = itc_config(torch.empty(1, 256, dtype=dtype))
     feature, acc = POINTER[dtype], POINTER[accumulate]
     pointers = {"Q": feature, "K": feature, "TAU": "*fp32", "QIDS": "*i64", "KIDS": "*i64", "SEED": "*i64",
                 "ROW_LOSS": acc, "NEG": "*i64", "LSE": acc, "NPOS": "*i32", "GRAD": acc, "DQ": acc, "DK": acc,
                 "DTAU_ROWS": acc}
-    signature = {name: "constexpr" if name in constexprs else pointers.get(name) or SCALARS[name]
+    compile_for(fn, arch, pointers, {**config, **flags})
+
+
+def attention_kernel(fn, dtype, dim, arch, **flags):
+    q = torch.empty(1, 1, 1, dim, dtype=dtype)
+    feature = POINTER[dtype]
+    pointers = {"Q": feature, "K": feature, "V": feature, "MASK": "*i1", "OUT": feature, "LSE": "*fp32", "DO": feature,
+                "DELTA": "*fp32", "DQ": feature, "DK": feature, "DV": feature}
+    compile_for(fn, arch, pointers, {**attention_config(q, q), **flags})
+
+
+def compile_for(fn, arch, pointers, constexprs):
+    signature = {name: "constexpr" if name in constexprs else pointers.get(name) or SCALARS.get(name, "i32")
                  for name in fn.arg_names}
     source = ASTSource(fn=fn, signature=signature,
                        constexprs={(fn.arg_names.index(name),): value for name, value in constexprs.items()})
@@ -35,10 +48,16 @@ def compile_for(fn, dtype, arch, **flags):
 def main():
     for arch in (80, 90):
         for dtype in POINTER:
-            compile_for(itc.itc_rows_forward, dtype, arch, HAS_IDS=True, SAMPLE=True, SMOOTH=True)
-            compile_for(itc.itc_rows_backward_query, dtype, arch, HAS_IDS=True)
-            compile_for(itc.itc_rows_backward_key, dtype, arch, HAS_IDS=True)
-        compile_for(itc.itc_rows_forward, torch.bfloat16, arch, HAS_IDS=False, SAMPLE=False, SMOOTH=False)
+            itc_kernel(itc.itc_rows_forward, dtype, arch, HAS_IDS=True, SAMPLE=True, SMOOTH=True)
+            itc_kernel(itc.itc_rows_backward_query, dtype, arch, HAS_IDS=True)
+            itc_kernel(itc.itc_rows_backward_key, dtype, arch, HAS_IDS=True)
+            for fn in (attention.attention_forward, attention.attention_backward_kv, attention.attention_backward_q):
+                if dtype != torch.float64:  # fp64 attention runs SDPA
+                    attention_kernel(fn, dtype, 64, arch, HAS_MASK=True)
+        itc_kernel(itc.itc_rows_forward, torch.bfloat16, arch, HAS_IDS=False, SAMPLE=False, SMOOTH=False)
+        for dim in (16, 40, 128):
+            attention_kernel(attention.attention_forward, torch.bfloat16, dim, arch, HAS_MASK=False)
+            attention_kernel(attention.attention_backward_kv, torch.bfloat16, dim, arch, HAS_MASK=False)
         print(f"sm_{arch}: ok")
 
 

@@ -1,21 +1,22 @@
 """The public fused ops. Each module holds the op, its argument checks and its plain-torch reference."""
 from vlfast._extension import has_kernel
+from vlfast.ops.attention import attention, attention_reference
 from vlfast.ops.contrastive import ContrastiveOutput, itc_loss, itc_loss_reference
 from vlfast.ops.ema import ema_decay, ema_update_, ema_update_reference
 from vlfast.ops.patch_gather import Masking, random_masking, random_masking_reference, unmask, unmask_reference
 
 # Public op -> the torch.ops.vlfast kernel behind it.
 KERNELS = {"ema_update_": "ema_update_", "random_masking": "gather_rows", "unmask": "unmask_rows",
-           "itc_loss": "itc_rows"}
+           "itc_loss": "itc_rows", "attention": "attention_forward"}
 DEVICE_TYPES = ("cpu", "cuda")
 
 
 def available() -> dict:
     """{op: {device type: "fused" | "reference"}}: what VLFAST_BACKEND=auto runs on this build.
 
-    "fused" for cuda means the kernel is compiled in; it still needs a GPU to run. itc_loss's
-    fused CPU path is vectorised torch; its Triton kernels run on the CPU only under
-    TRITON_INTERPRET=1 with VLFAST_BACKEND=fused.
+    "fused" for cuda means the kernel is compiled in; it still needs a GPU to run. The fused CPU
+    paths of itc_loss and attention are vectorised torch and SDPA; their Triton kernels run on
+    the CPU only under TRITON_INTERPRET=1 with VLFAST_BACKEND=fused.
     """
     return {
         op: {device: "fused" if has_kernel(kernel, device) else "reference" for device in DEVICE_TYPES}
@@ -23,5 +24,5 @@ def available() -> dict:
     }
 
 
-__all__ = ["ContrastiveOutput", "Masking", "available", "itc_loss", "itc_loss_reference", "ema_decay", "ema_update_", "ema_update_reference", "random_masking",
+__all__ = ["ContrastiveOutput", "Masking", "attention", "attention_reference", "available", "itc_loss", "itc_loss_reference", "ema_decay", "ema_update_", "ema_update_reference", "random_masking",
            "random_masking_reference", "unmask", "unmask_reference"]

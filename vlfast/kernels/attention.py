@@ -1,0 +1,140 @@
+"""Triton kernels of flash-attention-style attention with a key-padding mask (vlfast.ops.attention).
+
+Forward: one program per (query block, batch·head) walks the key blocks with an online softmax
+and keeps the row log-sum-exp. Backward: the tiles are recomputed from it, once per key block
+(dk, dv) and once per query block (dq), so nothing of size Lq×Lk is stored and no atomics are
+needed. A key the mask drops scores −inf; a query row with no key at all gets output 0 and
+log-sum-exp +inf, which makes every probability, and so every gradient, of that row 0.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _load_tile(X, offset, stride_row, rows, row_ok, dims, DH):
+    return tl.load(X + offset + rows[:, None] * stride_row + dims[None, :],
+                   mask=row_ok[:, None] & (dims[None, :] < DH), other=0.0)
+
+
+@triton.jit
+def _key_mask(MASK, batch, cols, LK, HAS_MASK: tl.constexpr):
+    ok = cols < LK
+    if HAS_MASK:
+        ok = ok & (tl.load(MASK + batch * LK + cols, mask=ok, other=0) != 0)
+    return ok
+
+
+@triton.jit
+def attention_forward(Q, K, V, MASK, OUT, LSE,
+                      stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
+                      stride_vb, stride_vh, stride_vl,
+                      H, LQ, LK, DH, scale,
+                      HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    batch_head = tl.program_id(1)
+    batch, head = batch_head // H, batch_head % H
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < LQ
+    dims = tl.arange(0, BLOCK_D)
+    q = _load_tile(Q, batch * stride_qb + head * stride_qh, stride_ql, rows, row_ok, dims, DH)
+    k_offset = batch * stride_kb + head * stride_kh
+    v_offset = batch * stride_vb + head * stride_vh
+
+    row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    exp_sum = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for start in range(0, LK, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        key_ok = _key_mask(MASK, batch, cols, LK, HAS_MASK)
+        k = _load_tile(K, k_offset, stride_kl, cols, cols < LK, dims, DH)
+        v = _load_tile(V, v_offset, stride_vl, cols, cols < LK, dims, DH)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(s, axis=1))
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # a row with no key yet: keep 0s, not NaNs
+        p = tl.exp(s - shift[:, None])
+        rescale = tl.exp(row_max - shift)
+        exp_sum = exp_sum * rescale + tl.sum(p, axis=1)
+        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        row_max = new_max
+
+    has_key = exp_sum > 0
+    out = tl.where(has_key[:, None], acc / tl.where(has_key, exp_sum, 1.0)[:, None], 0.0)
+    lse = tl.where(has_key, row_max + tl.log(tl.where(has_key, exp_sum, 1.0)), float("inf"))
+    out_offset = batch_head * LQ * DH
+    tl.store(OUT + out_offset + rows[:, None] * DH + dims[None, :], out.to(OUT.dtype.element_ty),
+             mask=row_ok[:, None] & (dims[None, :] < DH))
+    tl.store(LSE + batch_head * LQ + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _probabilities_and_score_grads(q, k, v, do, lse, delta, key_ok, scale, PRECISION: tl.constexpr):
+    """p = softmax rows recomputed from the log-sum-exp, and d(loss)/d(scores) = p·(dp − delta)."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    p = tl.where(key_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    return p, p * (dp - delta[:, None])
+
+
+@triton.jit
+def attention_backward_kv(Q, K, V, MASK, DO, LSE, DELTA, DK, DV,
+                          stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
+                          stride_vb, stride_vh, stride_vl,
+                          H, LQ, LK, DH, scale,
+                          HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    batch_head = tl.program_id(1)
+    batch, head = batch_head // H, batch_head % H
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < LK
+    key_ok = _key_mask(MASK, batch, cols, LK, HAS_MASK)
+    dims = tl.arange(0, BLOCK_D)
+    k = _load_tile(K, batch * stride_kb + head * stride_kh, stride_kl, cols, col_ok, dims, DH)
+    v = _load_tile(V, batch * stride_vb + head * stride_vh, stride_vl, cols, col_ok, dims, DH)
+    q_offset = batch * stride_qb + head * stride_qh
+    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    for start in range(0, LQ, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_ok = rows < LQ
+        q = _load_tile(Q, q_offset, stride_ql, rows, row_ok, dims, DH)
+        do = _load_tile(DO, batch_head * LQ * DH, DH, rows, row_ok, dims, DH)
+        lse = tl.load(LSE + batch_head * LQ + rows, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA + batch_head * LQ + rows, mask=row_ok, other=0.0)
+        p, ds = _probabilities_and_score_grads(q, k, v, do, lse, delta, key_ok, scale, PRECISION)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    grad_offset = batch_head * LK * DH
+    grad_mask = col_ok[:, None] & (dims[None, :] < DH)
+    tl.store(DK + grad_offset + cols[:, None] * DH + dims[None, :], (dk * scale).to(DK.dtype.element_ty), mask=grad_mask)
+    tl.store(DV + grad_offset + cols[:, None] * DH + dims[None, :], dv.to(DV.dtype.element_ty), mask=grad_mask)
+
+
+@triton.jit
+def attention_backward_q(Q, K, V, MASK, DO, LSE, DELTA, DQ,
+                         stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
+                         stride_vb, stride_vh, stride_vl,
+                         H, LQ, LK, DH, scale,
+                         HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    batch_head = tl.program_id(1)
+    batch, head = batch_head // H, batch_head % H
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < LQ
+    dims = tl.arange(0, BLOCK_D)
+    q = _load_tile(Q, batch * stride_qb + head * stride_qh, stride_ql, rows, row_ok, dims, DH)
+    do = _load_tile(DO, batch_head * LQ * DH, DH, rows, row_ok, dims, DH)
+    lse = tl.load(LSE + batch_head * LQ + rows, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + batch_head * LQ + rows, mask=row_ok, other=0.0)
+    k_offset = batch * stride_kb + head * stride_kh
+    v_offset = batch * stride_vb + head * stride_vh
+    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for start in range(0, LK, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        key_ok = _key_mask(MASK, batch, cols, LK, HAS_MASK)
+        k = _load_tile(K, k_offset, stride_kl, cols, cols < LK, dims, DH)
+        v = _load_tile(V, v_offset, stride_vl, cols, cols < LK, dims, DH)
+        _, ds = _probabilities_and_score_grads(q, k, v, do, lse, delta, key_ok, scale, PRECISION)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    tl.store(DQ + batch_head * LQ * DH + rows[:, None] * DH + dims[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & (dims[None, :] < DH))

@@ -1,0 +1,210 @@
+"""Fused attention with a key-padding mask, for self-attention and cross-attention (Lq ≠ Lk).
+
+A BERT key-padding mask pushes `scaled_dot_product_attention` off its flash kernel, and eager
+attention (ALBEF's xbert) materialises B·H·Lq·Lk scores several times. On CUDA a masked call runs
+flash-attention-style Triton kernels (vlfast.kernels.attention); an unmasked one runs SDPA, whose
+flash path needs no mask. On the CPU it is SDPA.
+"""
+import os
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:
+    import triton
+
+    from vlfast.kernels import attention as attention_kernels
+except ImportError:  # a torch build without Triton: SDPA everywhere
+    triton = None
+
+HEAD_DIMS = range(16, 129, 8)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Optional[Tensor] = None,
+              scale: Optional[float] = None) -> Tensor:
+    """softmax(q·kᵀ·scale, masked) · v, as ``F.scaled_dot_product_attention(q, k, v,
+    attn_mask=key_padding_mask[:, None, None, :])``.
+
+    Args:
+        q: (B, H, Lq, Dh); k, v: (B, H, Lk, Dh); one float dtype (bf16/fp16 on the GPU's tensor
+            cores, fp32; fp64 runs SDPA). Dh in 16..128, a multiple of 8. Any strides.
+        key_padding_mask: (B, Lk), bool or 0/1; True/1 marks a real token that may be attended
+            (the Hugging Face attention_mask convention). None attends to every key.
+        scale: defaults to Dh ** -0.5.
+
+    A batch whose mask is all False (no key to attend to), where SDPA gives NaN, gets output 0
+    and zero gradients. Returns (B, H, Lq, Dh) in q's dtype.
+    """
+    mask = _check(q, k, v, key_padding_mask)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    path = _path(q.device.type, q.dtype, mask is not None)
+    if path == "reference":
+        return attention_reference(q, k, v, key_padding_mask=mask, scale=scale)
+    if path == "triton":
+        return torch.ops.vlfast.attention_forward(q, k, v, mask, scale)[0]
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    attend_all, has_key = _without_empty_rows(mask)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend_all[:, None, None, :], scale=scale)
+    return torch.where(has_key[:, None, None, None], out, 0.0)
+
+
+def attention_reference(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Optional[Tensor] = None,
+                        scale: Optional[float] = None) -> Tensor:
+    """Eager attention as ALBEF's xbert computes it (scores, masked softmax, product), with the
+    masked keys at −inf instead of −10000 so that it equals SDPA."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = q @ k.transpose(-1, -2) * scale  # (B, H, Lq, Lk)
+    if key_padding_mask is None:
+        return scores.softmax(dim=-1) @ v
+    attend_all, has_key = _without_empty_rows(key_padding_mask.bool())
+    probs = scores.masked_fill(~attend_all[:, None, None, :], float("-inf")).softmax(dim=-1)
+    return torch.where(has_key[:, None, None, None], probs @ v, 0.0)
+
+
+def _without_empty_rows(mask: Tensor) -> Tuple[Tensor, Tensor]:
+    """(the mask with all-False rows set to all-True, which rows had a key): a softmax over no key
+    is NaN; over all keys, then zeroed, it gives the defined 0 output and 0 gradients."""
+    has_key = mask.any(dim=1)
+    return mask | ~has_key[:, None], has_key
+
+
+def _path(device_type: str, dtype: torch.dtype, masked: bool) -> str:
+    """reference (VLFAST_BACKEND=reference); triton for masked CUDA calls (all CUDA calls with
+    VLFAST_BACKEND=fused, CPU ones too under TRITON_INTERPRET=1), except fp64, which Triton's
+    tensor-core dot does not compile for at these tile sizes; else sdpa."""
+    backend = os.environ.get("VLFAST_BACKEND", "auto")
+    if backend not in ("auto", "fused", "reference"):
+        raise ValueError(f"VLFAST_BACKEND must be auto, fused or reference, got {backend!r}")
+    if backend == "reference":
+        return "reference"
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if triton is not None and dtype != torch.float64 and (
+            (device_type == "cuda" and (masked or backend == "fused"))
+            or (device_type == "cpu" and interpreted and backend == "fused")):
+        return "triton"
+    if backend == "fused" and device_type == "cuda":
+        raise RuntimeError("VLFAST_BACKEND=fused but Triton is not installed: attention has no CUDA kernel")
+    return "sdpa"
+
+
+def _check(q, k, v, key_padding_mask) -> Optional[Tensor]:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
+        if x.ndim != 4:
+            raise ValueError(f"{name} must be (B, H, L, Dh), got shape {tuple(x.shape)}")
+        if not x.is_floating_point() or x.dtype != q.dtype:
+            raise TypeError(f"{name} must be a float tensor of q's dtype {q.dtype}, got {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{name} is on {x.device} but q on {q.device}")
+    batch, heads, queries, dim = q.shape
+    if k.shape[:2] != (batch, heads) or k.shape[3] != dim:
+        raise ValueError(f"k must be (B={batch}, H={heads}, Lk, Dh={dim}), got {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    if dim not in HEAD_DIMS:
+        raise ValueError(f"head dim {dim} is not supported: 16..128, a multiple of 8")
+    if queries == 0 or k.shape[2] == 0:
+        raise ValueError(f"Lq and Lk must be >= 1, got {queries} and {k.shape[2]}")
+    if key_padding_mask is None:
+        return None
+    if not isinstance(key_padding_mask, Tensor) or key_padding_mask.shape != (batch, k.shape[2]):
+        raise ValueError(f"key_padding_mask must be (B={batch}, Lk={k.shape[2]}), got "
+                         f"{tuple(getattr(key_padding_mask, 'shape', ())) or type(key_padding_mask).__name__}")
+    if key_padding_mask.device != q.device:
+        raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q on {q.device}")
+    if key_padding_mask.is_floating_point() or key_padding_mask.is_complex():
+        raise TypeError(f"key_padding_mask must be bool or 0/1 integers, got {key_padding_mask.dtype}")
+    return key_padding_mask.bool().contiguous()
+
+
+# The Triton path as torch.library custom ops, as for itc_loss (ANCHORS.md: triton_op failed
+# opcheck on the CPU under the interpreter).
+
+def _launch_config(q: Tensor, k: Tensor):
+    dim = q.shape[-1]
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    block_m = 16 if interpreted else 64
+    block_n = 16 if interpreted else (64 if dim <= 64 else 32)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(dim)),
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def _strides(*tensors):
+    return [stride for x in tensors for stride in x.stride()[:3]]
+
+
+def _unit_last_stride(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+if triton is not None:
+
+    @torch.library.custom_op("vlfast::attention_forward", mutates_args=(), device_types=("cpu", "cuda"))
+    def _attention_forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
+                           scale: float) -> Tuple[Tensor, Tensor]:
+        """(output (B, H, Lq, Dh), row log-sum-exp (B, H, Lq) fp32, +inf for rows with no key)."""
+        q, k, v = (_unit_last_stride(x) for x in (q, k, v))
+        batch, heads, queries, dim = q.shape
+        keys = k.shape[2]
+        out = torch.empty(batch, heads, queries, dim, dtype=q.dtype, device=q.device)
+        lse = torch.empty(batch, heads, queries, dtype=torch.float32, device=q.device)
+        config = _launch_config(q, k)
+        grid = (triton.cdiv(queries, config["BLOCK_M"]), batch * heads)
+        attention_kernels.attention_forward[grid](
+            q, k, v, key_padding_mask, out, lse, *_strides(q, k, v), heads, queries, keys, dim, scale,
+            HAS_MASK=key_padding_mask is not None, **config)
+        return out, lse
+
+    @_attention_forward.register_fake
+    def _(q, k, v, key_padding_mask, scale):
+        return (torch.empty_like(q, memory_format=torch.contiguous_format),
+                q.new_empty(q.shape[:3], dtype=torch.float32))
+
+    @torch.library.custom_op("vlfast::attention_backward", mutates_args=(), device_types=("cpu", "cuda"))
+    def _attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
+                            out: Tensor, lse: Tensor, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+        q, k, v = (_unit_last_stride(x) for x in (q, k, v))
+        grad_out = grad_out.contiguous()
+        batch, heads, queries, dim = q.shape
+        keys = k.shape[2]
+        delta = (grad_out.float() * out.float()).sum(-1).contiguous()  # rowsum(dO ∘ O), (B, H, Lq)
+        dq = torch.empty(batch, heads, queries, dim, dtype=q.dtype, device=q.device)
+        dk = torch.empty(batch, heads, keys, dim, dtype=k.dtype, device=q.device)
+        dv = torch.empty_like(dk)
+        config = _launch_config(q, k)
+        common = (*_strides(q, k, v), heads, queries, keys, dim, scale)
+        attention_kernels.attention_backward_kv[(triton.cdiv(keys, config["BLOCK_N"]), batch * heads)](
+            q, k, v, key_padding_mask, grad_out, lse, delta, dk, dv, *common,
+            HAS_MASK=key_padding_mask is not None, **config)
+        attention_kernels.attention_backward_q[(triton.cdiv(queries, config["BLOCK_M"]), batch * heads)](
+            q, k, v, key_padding_mask, grad_out, lse, delta, dq, *common,
+            HAS_MASK=key_padding_mask is not None, **config)
+        return dq, dk, dv
+
+    @_attention_backward.register_fake
+    def _(grad_out, q, k, v, key_padding_mask, out, lse, scale):
+        return (torch.empty_like(q, memory_format=torch.contiguous_format),
+                torch.empty_like(k, memory_format=torch.contiguous_format),
+                torch.empty_like(v, memory_format=torch.contiguous_format))
+
+    def _attention_setup(ctx, inputs, output):
+        q, k, v, key_padding_mask, scale = inputs
+        out, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(q, k, v, key_padding_mask, out, lse)
+        ctx.scale = scale
+
+    def _attention_grad(ctx, grad_out, _grad_lse):
+        q, k, v, key_padding_mask, out, lse = ctx.saved_tensors
+        dq, dk, dv = torch.ops.vlfast.attention_backward(grad_out, q, k, v, key_padding_mask, out, lse, ctx.scale)
+        return dq, dk, dv, None, None
+
+    def _no_double_backward(ctx, *grads):
+        raise NotImplementedError("vlfast.ops.attention has no second derivative (double backward)")
+
+    _attention_forward.register_autograd(_attention_grad, setup_context=_attention_setup)
+    _attention_backward.register_autograd(_no_double_backward)
