@@ -1,0 +1,57 @@
+"""vlfast.ops.attention against SDPA (same mask) and eager attention (ALBEF's xbert), forward +
+backward, at the shapes of a ViT-B/16 + BERT-base VLP model.
+
+    pytest benchmarks/bench_attention.py --benchmark-enable --benchmark-json=attention.json
+
+CUDA: bf16, B = 64, H = 12, Dh = 64; "triton" forces the Triton kernels where vlfast would pick
+SDPA (no mask), the measurement behind that dispatch. CPU: fp32, B = 4 (vlfast runs SDPA there).
+extra_info["TFLOP/s"] counts 3.5 × the forward's 4·B·H·Lq·Lk·Dh (backward = 2.5 × forward).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import CUDA, DEVICES
+from timing import timed
+from vlfast.ops import attention, attention_reference
+
+SHAPES = {  # name: (Lq, Lk, padded)
+    "vit_self_197": (197, 197, False),
+    "text_self_40_padded": (40, 40, True),
+    "cross_40x197": (40, 197, False),
+    "cross_40x577": (40, 577, False),
+}
+IMPLEMENTATIONS = {
+    "vlfast": lambda q, k, v, mask: attention(q, k, v, key_padding_mask=mask),
+    "sdpa": lambda q, k, v, mask: F.scaled_dot_product_attention(
+        q, k, v, attn_mask=None if mask is None else mask[:, None, None, :]),
+    "eager": lambda q, k, v, mask: attention_reference(q, k, v, key_padding_mask=mask),
+}
+if CUDA:
+    IMPLEMENTATIONS["triton"] = lambda q, k, v, mask: torch.ops.vlfast.attention_forward(q, k, v, mask, q.shape[-1] ** -0.5)[0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def bench_attention(benchmark, implementation, shape, device):
+    queries, keys, padded = SHAPES[shape]
+    batch, heads, dim = (64, 12, 64) if device == "cuda" else (4, 12, 64)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, length, dim, generator=generator).to(device, dtype).requires_grad_()
+               for length in (queries, keys, keys))
+    mask = None
+    if padded:  # caption lengths 8..Lk, as a padded text batch
+        lengths = torch.randint(8, keys + 1, (batch,), generator=generator)
+        mask = (torch.arange(keys)[None, :] < lengths[:, None]).to(device)
+    grad = torch.randn(batch, heads, queries, dim, generator=generator).to(device, dtype)
+    run = IMPLEMENTATIONS[implementation]
+
+    def step():
+        torch.autograd.grad(run(q, k, v, mask), (q, k, v), grad)
+
+    timed(benchmark, device, step)
+    if benchmark.stats:
+        flops = 3.5 * 4 * batch * heads * queries * keys * dim
+        benchmark.extra_info["TFLOP/s"] = round(flops / benchmark.stats.stats.median / 1e12, 2)
