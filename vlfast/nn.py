@@ -1,0 +1,74 @@
+"""nn.Module conveniences for swapping vlfast into an existing VLP model (docs/porting.md).
+
+MomentumModel owns a momentum (EMA, target) copy of a module; Attention is the core of a
+BERT / xbert attention layer that accepts the attention_mask in the forms those codebases pass.
+"""
+import copy
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from vlfast.ops import attention, ema_decay, ema_update_
+
+
+class MomentumModel(nn.Module):
+    """The EMA copy of ``online``: a frozen deep copy at creation (ALBEF's ``copy_params``),
+    ``update(online)`` after each optimizer step (ALBEF's ``_momentum_update``, in one
+    multi-tensor pass), calls run the copy. Its state_dict holds the copy and the update count.
+
+    ``decay`` constant (ALBEF, BLIP: 0.995), or with ``warmup_power`` timm ModelEmaV3's warmup
+    (see vlfast.ops.ema_decay).
+    """
+
+    def __init__(self, online: nn.Module, decay: float = 0.995, *, warmup_power: Optional[float] = None,
+                 warmup_gamma: float = 1.0):
+        super().__init__()
+        ema_decay(0, decay, warmup_gamma=warmup_gamma, warmup_power=warmup_power)  # validates the schedule
+        self.model = copy.deepcopy(online).requires_grad_(False)
+        self.decay, self.warmup_power, self.warmup_gamma = decay, warmup_power, warmup_gamma
+        self.step = 0  # a Python int, not a buffer: reading a GPU counter would sync every update
+
+    @torch.no_grad()
+    def update(self, online: nn.Module) -> None:
+        decay = ema_decay(self.step, self.decay, warmup_gamma=self.warmup_gamma, warmup_power=self.warmup_power)
+        ema_update_(self.model, online, decay)
+        self.step += 1
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def get_extra_state(self):
+        return {"step": self.step}
+
+    def set_extra_state(self, state) -> None:
+        self.step = int(state["step"])
+
+
+def key_padding_mask(attention_mask: Optional[Tensor]) -> Optional[Tensor]:
+    """The (B, Lk) bool mask vlfast.ops.attention takes (True = may be attended), from
+    - None;
+    - the Hugging Face ``attention_mask``: (B, Lk) bool or 0/1, 1 = real token;
+    - the extended additive form of BERT's ``get_extended_attention_mask`` and ALBEF's xbert:
+      (B, 1, 1, Lk), 0 where attended and a large negative (−10000, finfo.min or −inf) elsewhere.
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.ndim == 2:
+        return attention_mask != 0
+    if attention_mask.ndim == 4 and attention_mask.shape[1:3] == (1, 1):
+        return attention_mask[:, 0, 0, :] == 0
+    raise ValueError(f"attention_mask must be (B, Lk) or the extended (B, 1, 1, Lk); got {tuple(attention_mask.shape)} "
+                     "(per-query masks such as causal ones are not supported)")
+
+
+class Attention(nn.Module):
+    """softmax(q·kᵀ/√Dh + mask)·v for (B, H, L, Dh) q, k, v: the lines between the projections
+    and the output dense of HF's BertSelfAttention / xbert, for self- and cross-attention.
+
+    No dropout on the attention probabilities (a fused kernel never forms them): models that
+    train with ``attention_probs_dropout_prob > 0`` change there, docs/porting.md says how.
+    """
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+        return attention(q, k, v, key_padding_mask=key_padding_mask(attention_mask))
