@@ -61,6 +61,9 @@ $python -m pytest -q -p no:cacheprovider benchmarks --benchmark-enable "${timing
     --benchmark-json="$results/$name.json" --benchmark-columns=median,rounds
 $python benchmarks/report.py "$results/$name.json" > "$results/$name.md"
 cat "$results/$name.md"
+if [[ $dry_run == 0 ]]; then  # the table README links to, over every committed run
+    $python benchmarks/report.py benchmarks/results/*.json > benchmarks/results/README.md
+fi
 if [[ -n "${OUT:-}" ]]; then
     cp "$results/$name.json" "$results/$name.md" "$OUT/"
 fi

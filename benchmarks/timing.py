@@ -1,5 +1,5 @@
 """The timing loop every benchmark shares: warm up, synchronise inside the timed call on CUDA,
-and record peak memory (CUDA) and effective bandwidth (when the bytes moved are given)."""
+and record the card and peak memory (CUDA) and effective bandwidth (when the bytes moved are given)."""
 import torch
 
 
@@ -20,3 +20,4 @@ def timed(benchmark, device: str, step, bytes_moved: int = 0, warmup: int = 1) -
         benchmark.extra_info["GB/s"] = round(bytes_moved / benchmark.stats.stats.median / 1e9, 1)
     if device == "cuda":
         benchmark.extra_info["peak_memory_MiB"] = round(torch.cuda.max_memory_allocated() / 2**20)
+        benchmark.extra_info["card"] = torch.cuda.get_device_name()
