@@ -1,0 +1,5 @@
+"""Models built on the vlfast ops: a timm-compatible ViT, HF-compatible BERT text/fusion encoders."""
+from vlfast.models.bert import BertForMaskedLM, BertModel, TextConfig
+from vlfast.models.vit import VisionConfig, VisionTransformer, resample_pos_embed
+
+__all__ = ["BertForMaskedLM", "BertModel", "TextConfig", "VisionConfig", "VisionTransformer", "resample_pos_embed"]
