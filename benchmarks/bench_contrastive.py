@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from conftest import CUDA, DEVICES
 from timing import timed
+from vlfast._extension import triton_path
 from vlfast.ops import contrastive
 
 DIM = 256
@@ -22,7 +23,7 @@ BATCHES = [64, 256] + ([1024] if CUDA else [])
 KEYS = {"in_batch": 1, "gathered_8x": 8}
 IMPLEMENTATIONS = {
     "vlfast": lambda image, text, tau, keys, generator: contrastive._fused_loss(
-        image, text, tau, None, keys, contrastive._path(image.device.type), True, 1e-4, generator),
+        image, text, tau, None, keys, triton_path("itc_loss", image.device.type, contrastive.triton is not None), True, 1e-4, generator),
     "albef_loop": lambda image, text, tau, keys, generator: contrastive._reference_loss(
         image, text, tau, None, keys, True, 1e-4, generator, per_row_sampling=True),
     "vectorised_multinomial": lambda image, text, tau, keys, generator: contrastive._reference_loss(

@@ -32,18 +32,42 @@ def has_kernel(op: str, device_type: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"vlfast::{op}", device_type.upper())
 
 
+def backend() -> str:
+    value = os.environ.get("VLFAST_BACKEND", "auto")
+    if value not in ("auto", "fused", "reference"):
+        raise ValueError(f"VLFAST_BACKEND must be auto, fused or reference, got {value!r}")
+    return value
+
+
 def use_fused(op: str, device_type: str) -> bool:
-    backend = os.environ.get("VLFAST_BACKEND", "auto")
-    if backend == "reference":
+    """For ops with C++/CUDA kernels in vlfast._C."""
+    backend_name = backend()
+    if backend_name == "reference":
         return False
-    if backend == "auto":
+    if backend_name == "auto":
         return has_kernel(op, device_type)
-    if backend == "fused":
-        if not has_kernel(op, device_type):
-            raise RuntimeError(
-                f"VLFAST_BACKEND=fused but vlfast has no {device_type} kernel for {op}"
-                + (f" (vlfast._C not loaded: {LOAD_ERROR})" if LOAD_ERROR else "")
-                + f"; build it with: {BUILD_COMMAND}"
-            )
-        return True
-    raise ValueError(f"VLFAST_BACKEND must be auto, fused or reference, got {backend!r}")
+    if not has_kernel(op, device_type):
+        raise RuntimeError(
+            f"VLFAST_BACKEND=fused but vlfast has no {device_type} kernel for {op}"
+            + (f" (vlfast._C not loaded: {LOAD_ERROR})" if LOAD_ERROR else "")
+            + f"; build it with: {BUILD_COMMAND}"
+        )
+    return True
+
+
+def triton_path(op: str, device_type: str, has_triton_kernel: bool, triton_on_cuda: bool = True) -> str:
+    """For ops whose fused kernels are Triton: "reference" (VLFAST_BACKEND=reference); "triton"
+    on CUDA when ``triton_on_cuda`` or VLFAST_BACKEND=fused, and on the CPU only under
+    TRITON_INTERPRET=1 with VLFAST_BACKEND=fused; else "torch", the op's own torch path.
+    ``has_triton_kernel``: Triton is installed and the kernels take this call."""
+    backend_name = backend()
+    if backend_name == "reference":
+        return "reference"
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if has_triton_kernel and ((device_type == "cuda" and (triton_on_cuda or backend_name == "fused"))
+                              or (device_type == "cpu" and interpreted and backend_name == "fused")):
+        return "triton"
+    if backend_name == "fused" and device_type == "cuda":
+        raise RuntimeError(f"VLFAST_BACKEND=fused but {op} has no Triton kernel for this call "
+                           "(Triton not installed, or a dtype the kernels do not take)")
+    return "torch"

@@ -17,11 +17,24 @@ def _load_tile(X, offset, stride_row, rows, row_ok, dims, DH):
 
 
 @triton.jit
-def _key_mask(MASK, batch, cols, LK, HAS_MASK: tl.constexpr):
-    ok = cols < LK
+def _query_tile(Q, batch, head, stride_qb, stride_qh, stride_ql, start, LQ, dims, DH, BLOCK_M: tl.constexpr):
+    rows = start + tl.arange(0, BLOCK_M)
+    row_ok = rows < LQ
+    return rows, row_ok, _load_tile(Q, batch * stride_qb + head * stride_qh, stride_ql, rows, row_ok, dims, DH)
+
+
+@triton.jit
+def _key_tiles(K, V, MASK, batch, head, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
+               start, LK, dims, DH, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr):
+    """Key and value rows start .. start+BLOCK_N of one (batch, head), and which keys may be attended."""
+    cols = start + tl.arange(0, BLOCK_N)
+    col_ok = cols < LK
+    key_ok = col_ok
     if HAS_MASK:
-        ok = ok & (tl.load(MASK + batch * LK + cols, mask=ok, other=0) != 0)
-    return ok
+        key_ok = key_ok & (tl.load(MASK + batch * LK + cols, mask=col_ok, other=0) != 0)
+    k = _load_tile(K, batch * stride_kb + head * stride_kh, stride_kl, cols, col_ok, dims, DH)
+    v = _load_tile(V, batch * stride_vb + head * stride_vh, stride_vl, cols, col_ok, dims, DH)
+    return cols, col_ok, key_ok, k, v
 
 
 @triton.jit
@@ -33,21 +46,16 @@ def attention_forward(Q, K, V, MASK, OUT, LSE,
                       BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     batch_head = tl.program_id(1)
     batch, head = batch_head // H, batch_head % H
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < LQ
     dims = tl.arange(0, BLOCK_D)
-    q = _load_tile(Q, batch * stride_qb + head * stride_qh, stride_ql, rows, row_ok, dims, DH)
-    k_offset = batch * stride_kb + head * stride_kh
-    v_offset = batch * stride_vb + head * stride_vh
+    rows, row_ok, q = _query_tile(Q, batch, head, stride_qb, stride_qh, stride_ql, tl.program_id(0) * BLOCK_M, LQ,
+                                  dims, DH, BLOCK_M)
 
     row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     exp_sum = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for start in range(0, LK, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        key_ok = _key_mask(MASK, batch, cols, LK, HAS_MASK)
-        k = _load_tile(K, k_offset, stride_kl, cols, cols < LK, dims, DH)
-        v = _load_tile(V, v_offset, stride_vl, cols, cols < LK, dims, DH)
+        _, _, key_ok, k, v = _key_tiles(K, V, MASK, batch, head, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh,
+                                        stride_vl, start, LK, dims, DH, BLOCK_N, HAS_MASK)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         s = tl.where(key_ok[None, :], s, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(s, axis=1))
@@ -85,19 +93,14 @@ def attention_backward_kv(Q, K, V, MASK, DO, LSE, DELTA, DK, DV,
                           BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     batch_head = tl.program_id(1)
     batch, head = batch_head // H, batch_head % H
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < LK
-    key_ok = _key_mask(MASK, batch, cols, LK, HAS_MASK)
     dims = tl.arange(0, BLOCK_D)
-    k = _load_tile(K, batch * stride_kb + head * stride_kh, stride_kl, cols, col_ok, dims, DH)
-    v = _load_tile(V, batch * stride_vb + head * stride_vh, stride_vl, cols, col_ok, dims, DH)
-    q_offset = batch * stride_qb + head * stride_qh
+    cols, col_ok, key_ok, k, v = _key_tiles(K, V, MASK, batch, head, stride_kb, stride_kh, stride_kl, stride_vb,
+                                            stride_vh, stride_vl, tl.program_id(0) * BLOCK_N, LK, dims, DH, BLOCK_N,
+                                            HAS_MASK)
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     for start in range(0, LQ, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
-        row_ok = rows < LQ
-        q = _load_tile(Q, q_offset, stride_ql, rows, row_ok, dims, DH)
+        rows, row_ok, q = _query_tile(Q, batch, head, stride_qb, stride_qh, stride_ql, start, LQ, dims, DH, BLOCK_M)
         do = _load_tile(DO, batch_head * LQ * DH, DH, rows, row_ok, dims, DH)
         lse = tl.load(LSE + batch_head * LQ + rows, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA + batch_head * LQ + rows, mask=row_ok, other=0.0)
@@ -119,21 +122,16 @@ def attention_backward_q(Q, K, V, MASK, DO, LSE, DELTA, DQ,
                          BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     batch_head = tl.program_id(1)
     batch, head = batch_head // H, batch_head % H
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < LQ
     dims = tl.arange(0, BLOCK_D)
-    q = _load_tile(Q, batch * stride_qb + head * stride_qh, stride_ql, rows, row_ok, dims, DH)
+    rows, row_ok, q = _query_tile(Q, batch, head, stride_qb, stride_qh, stride_ql, tl.program_id(0) * BLOCK_M, LQ,
+                                  dims, DH, BLOCK_M)
     do = _load_tile(DO, batch_head * LQ * DH, DH, rows, row_ok, dims, DH)
     lse = tl.load(LSE + batch_head * LQ + rows, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + batch_head * LQ + rows, mask=row_ok, other=0.0)
-    k_offset = batch * stride_kb + head * stride_kh
-    v_offset = batch * stride_vb + head * stride_vh
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for start in range(0, LK, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        key_ok = _key_mask(MASK, batch, cols, LK, HAS_MASK)
-        k = _load_tile(K, k_offset, stride_kl, cols, cols < LK, dims, DH)
-        v = _load_tile(V, v_offset, stride_vl, cols, cols < LK, dims, DH)
+        _, _, key_ok, k, v = _key_tiles(K, V, MASK, batch, head, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh,
+                                        stride_vl, start, LK, dims, DH, BLOCK_N, HAS_MASK)
         _, ds = _probabilities_and_score_grads(q, k, v, do, lse, delta, key_ok, scale, PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     tl.store(DQ + batch_head * LQ * DH + rows[:, None] * DH + dims[None, :], (dq * scale).to(DQ.dtype.element_ty),

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vlfast._extension import triton_path
+
 try:
     import triton
 
@@ -39,7 +41,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Optional[Ten
     """
     mask = _check(q, k, v, key_padding_mask)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    path = _path(q.device.type, q.dtype, mask is not None)
+    # Triton for masked CUDA calls; SDPA's flash kernel already serves unmasked ones. No fp64:
+    # Triton's fp64 dot does not compile at these tile sizes (tests/compile_kernels_for_gpu.py).
+    path = triton_path("attention", q.device.type, triton is not None and q.dtype != torch.float64,
+                       triton_on_cuda=mask is not None)
     if path == "reference":
         return attention_reference(q, k, v, key_padding_mask=mask, scale=scale)
     if path == "triton":
@@ -69,25 +74,6 @@ def _without_empty_rows(mask: Tensor) -> Tuple[Tensor, Tensor]:
     is NaN; over all keys, then zeroed, it gives the defined 0 output and 0 gradients."""
     has_key = mask.any(dim=1)
     return mask | ~has_key[:, None], has_key
-
-
-def _path(device_type: str, dtype: torch.dtype, masked: bool) -> str:
-    """reference (VLFAST_BACKEND=reference); triton for masked CUDA calls (all CUDA calls with
-    VLFAST_BACKEND=fused, CPU ones too under TRITON_INTERPRET=1), except fp64, which Triton's
-    tensor-core dot does not compile for at these tile sizes; else sdpa."""
-    backend = os.environ.get("VLFAST_BACKEND", "auto")
-    if backend not in ("auto", "fused", "reference"):
-        raise ValueError(f"VLFAST_BACKEND must be auto, fused or reference, got {backend!r}")
-    if backend == "reference":
-        return "reference"
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    if triton is not None and dtype != torch.float64 and (
-            (device_type == "cuda" and (masked or backend == "fused"))
-            or (device_type == "cpu" and interpreted and backend == "fused")):
-        return "triton"
-    if backend == "fused" and device_type == "cuda":
-        raise RuntimeError("VLFAST_BACKEND=fused but Triton is not installed: attention has no CUDA kernel")
-    return "sdpa"
 
 
 def _check(q, k, v, key_padding_mask) -> Optional[Tensor]:

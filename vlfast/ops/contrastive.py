@@ -15,6 +15,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from vlfast._extension import triton_path
+
 try:
     import triton
 
@@ -56,7 +58,7 @@ def itc_loss(image_feat: Tensor, text_feat: Tensor, temperature: Union[Tensor, f
     row has a negative costs one host sync.
     """
     temperature = _check_inputs(image_feat, text_feat, temperature, image_ids, smoothing, generator)
-    path = _path(image_feat.device.type)
+    path = triton_path("itc_loss", image_feat.device.type, triton is not None)
     if path == "reference":
         return itc_loss_reference(image_feat, text_feat, temperature, image_ids=image_ids,
                                   sample_negatives=sample_negatives, smoothing=smoothing,
@@ -206,22 +208,6 @@ def _gather_batch(image_feat, text_feat, image_ids, all_gather: bool) -> Keys:
         ids_all = torch.cat(ids_all)
     offset = dist.get_rank() * image_feat.shape[0]
     return Keys(_AllGather.apply(image_feat), _AllGather.apply(text_feat), ids_all, offset)
-
-
-def _path(device_type: str) -> str:
-    """reference (VLFAST_BACKEND=reference), triton (CUDA; or the CPU under TRITON_INTERPRET=1
-    with VLFAST_BACKEND=fused) or torch (the vectorised CPU path)."""
-    backend = os.environ.get("VLFAST_BACKEND", "auto")
-    if backend not in ("auto", "fused", "reference"):
-        raise ValueError(f"VLFAST_BACKEND must be auto, fused or reference, got {backend!r}")
-    if backend == "reference":
-        return "reference"
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    if triton is not None and (device_type == "cuda" or (interpreted and backend == "fused")):
-        return "triton"
-    if backend == "fused" and device_type == "cuda":
-        raise RuntimeError("VLFAST_BACKEND=fused but Triton is not installed: itc_loss has no CUDA kernel")
-    return "torch"
 
 
 def _check_inputs(image_feat, text_feat, temperature, image_ids, smoothing, generator):
