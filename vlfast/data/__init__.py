@@ -1,4 +1,6 @@
-"""Data: the built-in synthetic image-text set (more loaders land with the trainer)."""
+"""Data: the built-in synthetic set, Karpathy-split Flickr30k/COCO, BERT-style caption masking."""
+from vlfast.data.karpathy import KarpathyDataset, load_annotations
 from vlfast.data.synthetic import SyntheticImageText, write_vocab
+from vlfast.data.text import mask_tokens
 
-__all__ = ["SyntheticImageText", "write_vocab"]
+__all__ = ["KarpathyDataset", "SyntheticImageText", "load_annotations", "mask_tokens", "write_vocab"]

@@ -1,0 +1,76 @@
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from vlfast.data.karpathy import KarpathyDataset, load_annotations
+
+
+@pytest.fixture
+def image_root(tmp_path):
+    root = tmp_path / "images"
+    root.mkdir()
+    for name, colour in (("a.jpg", "red"), ("b.jpg", "blue"), ("c.png", "green")):
+        Image.new("RGB", (40, 30), colour).save(root / name)
+    (root / "broken.jpg").write_bytes(b"not an image")
+    return root
+
+
+def write(tmp_path, name, entries):
+    path = tmp_path / name
+    path.write_text(json.dumps(entries))
+    return path
+
+
+def test_train_and_test_entries(tmp_path, image_root):
+    train = write(tmp_path, "train.json", [
+        {"image": "a.jpg", "caption": "a red picture", "image_id": "flickr_7"},
+        {"image": "a.jpg", "caption": "red again", "image_id": "flickr_7"},
+        {"image": "c.png", "caption": "green", "image_id": "flickr_9"},
+    ])
+    data = KarpathyDataset(train, image_root, "train", image_size=32)
+    items = [data[i] for i in range(len(data))]
+    assert [item["image_id"] for item in items] == [0, 0, 1]
+    assert items[0]["image"].shape == (3, 32, 32) and items[0]["image"].dtype == torch.float32
+    assert items[1]["caption"] == "red again"
+
+    test = write(tmp_path, "test.json", [{"image": "b.jpg", "caption": ["blue", "a blue one"]}])
+    item = KarpathyDataset(test, image_root, "test", image_size=16)[0]
+    assert item["caption"] == ["blue", "a blue one"] and item["image_id"] == 0
+    # Test images are resized, not cropped: the whole blue image stays blue.
+    assert torch.allclose(item["image"][:, 8, 8], KarpathyDataset(test, image_root, "test", image_size=16)[0]["image"][:, 0, 0])
+
+
+def test_unreadable_images_are_skipped_and_counted(tmp_path, image_root):
+    path = write(tmp_path, "train.json", [
+        {"image": "missing.jpg", "caption": "gone", "image_id": 1},
+        {"image": "broken.jpg", "caption": "broken", "image_id": 2},
+        {"image": "b.jpg", "caption": "blue", "image_id": 3},
+    ])
+    data = KarpathyDataset(path, image_root, "train", image_size=16)
+    assert data[0]["caption"] == "blue"  # the next readable entry is served
+    assert data.skipped == [str(image_root / "missing.jpg"), str(image_root / "broken.jpg")]
+    only_bad = write(tmp_path, "bad.json", [{"image": "missing.jpg", "caption": "gone", "image_id": 1}])
+    with pytest.raises(RuntimeError, match="no readable image"):
+        KarpathyDataset(only_bad, image_root, "train")[0]
+
+
+@pytest.mark.parametrize("split, entries, message", [
+    ("train", [{"image": "a.jpg", "caption": "", "image_id": 1}], "entry 0 .* non-empty 'caption' string"),
+    ("train", [{"image": "a.jpg", "caption": "x", "image_id": 1}, {"caption": "y", "image_id": 2}],
+     "entry 1 .* needs an 'image' path"),
+    ("train", [{"image": "a.jpg", "caption": "x"}], "needs an 'image_id'"),
+    ("test", [{"image": "a.jpg", "caption": "one string"}], "list of non-empty strings"),
+    ("test", [], "non-empty JSON list"),
+])
+def test_malformed_annotations_stop_with_the_entry(tmp_path, split, entries, message):
+    with pytest.raises(ValueError, match=message):
+        load_annotations(write(tmp_path, "ann.json", entries), train=split == "train")
+
+
+def test_invalid_json_names_the_file(tmp_path):
+    path = tmp_path / "ann.json"
+    path.write_text('[{"image": "a.jpg",')
+    with pytest.raises(ValueError, match="ann.json: not valid JSON"):
+        load_annotations(path, train=True)

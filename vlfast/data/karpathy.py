@@ -1,0 +1,94 @@
+"""Flickr30k / COCO in the Karpathy split, as the JSON files ALBEF and BLIP ship.
+
+train entries: {"image": relative path, "caption": str, "image_id": ...}, one per caption;
+val/test entries: {"image": relative path, "caption": [str, ...]}, one per image. Images are read
+from a separate root. A malformed annotation stops before training with the entry that is wrong;
+an image that is missing or unreadable is skipped (the next entry is served instead), counted,
+and its path kept, so one bad file never stops an epoch.
+"""
+import json
+from pathlib import Path
+from typing import Callable, List, Optional
+
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import transforms
+
+# ALBEF/BLIP's normalisation (CLIP's mean and std).
+MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def train_transform(image_size: int) -> Callable:
+    return transforms.Compose([
+        transforms.RandomResizedCrop(image_size, scale=(0.5, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(MEAN, STD),
+    ])
+
+
+def test_transform(image_size: int) -> Callable:
+    return transforms.Compose([
+        transforms.Resize((image_size, image_size), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.ToTensor(),
+        transforms.Normalize(MEAN, STD),
+    ])
+
+
+def load_annotations(path, train: bool) -> List[dict]:
+    """The entries of a Karpathy JSON file, checked; a ValueError names the file and entry."""
+    path = Path(path)
+    try:
+        entries = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{path}: expected a non-empty JSON list of entries")
+    for index, entry in enumerate(entries):
+        where = f"{path}: entry {index} ({json.dumps(entry)[:200]})"
+        if not isinstance(entry, dict) or not isinstance(entry.get("image"), str) or not entry["image"]:
+            raise ValueError(f"{where}: needs an 'image' path")
+        captions = entry.get("caption")
+        if train:
+            if not isinstance(captions, str) or not captions.strip():
+                raise ValueError(f"{where}: a train entry needs a non-empty 'caption' string")
+            if "image_id" not in entry:
+                raise ValueError(f"{where}: a train entry needs an 'image_id'")
+        elif not (isinstance(captions, list) and captions and all(isinstance(c, str) and c.strip() for c in captions)):
+            raise ValueError(f"{where}: a val/test entry needs 'caption' as a list of non-empty strings")
+    return entries
+
+
+class KarpathyDataset(Dataset):
+    """``split`` "train": items {"image", "caption", "image_id" (an int index of the distinct ids)};
+    "val"/"test": items {"image", "caption": [captions], "image_id": the entry index}."""
+
+    def __init__(self, annotation_file, image_root, split: str = "train", image_size: int = 384,
+                 transform: Optional[Callable] = None):
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be train, val or test, got {split!r}")
+        self.train = split == "train"
+        self.entries = load_annotations(annotation_file, self.train)
+        self.image_root = Path(image_root)
+        self.transform = transform or (train_transform if self.train else test_transform)(image_size)
+        ids = {}
+        self.image_ids = [ids.setdefault(entry["image_id"], len(ids)) if self.train else index
+                          for index, entry in enumerate(self.entries)]
+        self.skipped: List[str] = []  # images that could not be read, in the order met
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> dict:
+        for offset in range(len(self.entries)):
+            entry = self.entries[(index + offset) % len(self.entries)]
+            path = self.image_root / entry["image"]
+            try:
+                with Image.open(path) as image:
+                    pixels = self.transform(image.convert("RGB"))
+            except OSError:  # missing, unreadable or not an image (PIL raises OSError subclasses)
+                self.skipped.append(str(path))
+                continue
+            return {"image": pixels, "caption": entry["caption"],
+                    "image_id": self.image_ids[(index + offset) % len(self.entries)]}
+        raise RuntimeError(f"no readable image under {self.image_root} (skipped {len(self.skipped)})")
