@@ -1,0 +1,98 @@
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+import pytest
+import torch
+
+from vlfast.training import (MetricsLog, check_finite, learning_rate, load_checkpoint, load_config, plot_losses,
+                             save_checkpoint)
+
+
+@dataclass
+class Optim:
+    lr: float = 1e-4
+    warmup_steps: int = 10
+
+
+@dataclass
+class Config:
+    name: str = "synthetic"
+    batch_size: int = 32
+    objectives: Tuple[str, ...] = ("itc", "itm")
+    resume: Optional[str] = None
+    optim: Optim = field(default_factory=Optim)
+
+
+def test_config_from_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("batch_size: 8\noptim:\n  lr: 3\nobjectives: [itc]\n")
+    config = load_config(Config, path, ["optim.warmup_steps=5", "resume=runs/x.pt", "name=coco"])
+    assert config == Config(name="coco", batch_size=8, objectives=("itc",), resume="runs/x.pt",
+                            optim=Optim(lr=3.0, warmup_steps=5))
+    assert load_config(Config) == Config()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["batch_sise=8"], "unknown config key batch_sise"),
+    (["optim.momentum=0.9"], "unknown config key optim.momentum"),
+    (["batch_size=eight"], "config key batch_size must be int, got 'eight'"),
+    (["batch_size=true"], "config key batch_size must be int, got True"),
+    (["optim=3"], "config key optim is a section"),
+    (["objectives=itc"], "config key objectives must be a list"),
+    (["batch_size"], "override 'batch_size' is not key=value"),
+])
+def test_bad_config_values_name_the_key(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(Config, None, overrides)
+
+
+def test_learning_rate_schedule():
+    kwargs = dict(base_lr=1.0, warmup_steps=10, total_steps=110, min_lr=0.1)
+    assert learning_rate(0, **kwargs) == pytest.approx(0.1)
+    assert learning_rate(9, **kwargs) == pytest.approx(1.0)
+    assert learning_rate(60, **kwargs) == pytest.approx(0.55)
+    assert learning_rate(110, **kwargs) == pytest.approx(0.1) == learning_rate(500, **kwargs)
+    lrs = [learning_rate(s, **kwargs) for s in range(10, 111)]
+    assert lrs == sorted(lrs, reverse=True)
+
+
+def test_checkpoints_are_atomic_and_load_without_code(tmp_path, monkeypatch):
+    path = tmp_path / "run" / "last.pt"
+    save_checkpoint(path, {"step": 1, "weights": torch.ones(3)})
+
+    def crash(obj, file):
+        file.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"step": 2})
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1  # the previous checkpoint is whole
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("code ran",))
+
+    torch.save({"evil": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(Exception, match="Weights only load failed"):
+        load_checkpoint(tmp_path / "evil.pt")
+
+
+def test_metrics_log_survives_a_cut_line_and_plots(tmp_path):
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    for step in range(5):
+        log.write({"step": step, "loss": 1 / (step + 1), "loss_itc": 0.5})
+    with open(log.path, "a") as file:
+        file.write('{"step": 5, "lo')  # a crash mid-line
+    records = log.read()
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
+    png = plot_losses(records, tmp_path / "loss.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_non_finite_loss_stops_with_the_step_and_checkpoint(tmp_path):
+    check_finite(3, {"loss": 1.0, "loss_itc": torch.tensor(0.5)}, None)
+    with pytest.raises(FloatingPointError, match=r"step 7: non-finite loss \['loss_mim'\] .*loss_mim=nan.*last good checkpoint: .*last.pt"):
+        check_finite(7, {"loss": 1.0, "loss_mim": math.nan}, tmp_path / "last.pt")

@@ -1,0 +1,157 @@
+"""What a training loop needs besides the model: a config from YAML with command-line overrides,
+the warmup + cosine learning rate, checkpoints written atomically and loaded without running
+code, metrics as JSON lines, the loss-curve PNG, and a clear stop on a non-finite loss.
+"""
+import dataclasses
+import json
+import math
+import os
+import typing
+from pathlib import Path
+from typing import Iterable, List, Optional
+
+import torch
+import yaml
+
+
+def load_config(config_class, path: Optional[str] = None, overrides: Iterable[str] = ()):
+    """A (nested) dataclass from a YAML file plus ``key.sub=value`` overrides (values parsed as
+    YAML). Unknown keys and values of the wrong type raise ValueError naming the key."""
+    values = {}
+    if path is not None:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a mapping of config keys at the top level")
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {override!r} is not key=value")
+        *parents, leaf = key.split(".")
+        node = values
+        for parent in parents:
+            node = node.setdefault(parent, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {override!r}: {parent} is not a section")
+        node[leaf] = yaml.safe_load(raw)
+    return _build(config_class, values, prefix="")
+
+
+def _build(config_class, values: dict, prefix: str):
+    field_types = typing.get_type_hints(config_class)
+    known = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown config key {prefix}{unknown[0]} (known under {prefix or 'the top level'}: {sorted(known)})")
+    kwargs = {}
+    for name, value in values.items():
+        kind = field_types[name]
+        if dataclasses.is_dataclass(kind):
+            if not isinstance(value, dict):
+                raise ValueError(f"config key {prefix}{name} is a section, got {value!r}")
+            kwargs[name] = _build(kind, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(kind, value, f"{prefix}{name}")
+    return config_class(**kwargs)
+
+
+def _coerce(kind, value, key: str):
+    origin = typing.get_origin(kind)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
+        origin = typing.get_origin(kind)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"config key {key} must be a list, got {value!r}")
+        item = typing.get_args(kind)[0]
+        return origin(_coerce(item, v, key) for v in value)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"config key {key} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def learning_rate(step: int, *, base_lr: float, warmup_steps: int, total_steps: int, min_lr: float = 0.0) -> float:
+    """Linear warmup from 0 to base_lr over warmup_steps, then cosine down to min_lr at total_steps."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr + (base_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def save_checkpoint(path, state: dict) -> Path:
+    """torch.save to a temporary file beside ``path``, flushed, then renamed over it: a crash
+    leaves the previous checkpoint whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "wb") as file:
+        torch.save(state, file)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+    return path
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """weights_only: a checkpoint from a download link cannot run code when loaded."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+class MetricsLog:
+    """One JSON object per line. Lines are appended and flushed (rewriting the whole file per
+    step would cost O(steps²)); a reader skips a last line cut short by a crash."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as file:
+            file.write(json.dumps(record) + "\n")
+
+    def read(self) -> List[dict]:
+        if not self.path.exists():
+            return []
+        records = []
+        for line in self.path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line cut short by a crash: everything before it is whole
+        return records
+
+
+def check_finite(step: int, losses: dict, last_checkpoint: Optional[Path]) -> None:
+    """Stop with the step, every loss term and the last good checkpoint when a loss is NaN/inf."""
+    bad = {name: float(value) for name, value in losses.items() if not math.isfinite(float(value))}
+    if bad:
+        terms = ", ".join(f"{name}={float(value):.6g}" for name, value in losses.items())
+        raise FloatingPointError(f"step {step}: non-finite loss {sorted(bad)} ({terms}); "
+                                 f"last good checkpoint: {last_checkpoint or 'none yet'}")
+
+
+def plot_losses(records: List[dict], path, keys: Optional[List[str]] = None) -> Path:
+    """A PNG of each loss against the step, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = keys or sorted({k for r in records for k in r if k.startswith("loss")})
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for key in keys:
+        points = [(r["step"], r[key]) for r in records if key in r]
+        axis.plot([p[0] for p in points], [p[1] for p in points], label=key)
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss")
+    axis.legend()
+    figure.tight_layout()
+    path = Path(path)
+    temporary = path.with_name(path.name + ".tmp.png")
+    figure.savefig(temporary, dpi=100)
+    plt.close(figure)
+    os.replace(temporary, path)
+    return path
