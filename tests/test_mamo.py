@@ -1,0 +1,86 @@
+import pytest
+import torch
+
+from vlfast.data import SyntheticImageText
+from vlfast.data.synthetic import SPECIAL_TOKENS, WORDS
+from vlfast.models import Mamo, MamoConfig, TextConfig, VisionConfig
+
+WIDTH = 64
+VOCAB = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *WORDS])}
+
+
+def tiny(objectives=("mrm", "mim", "mlm", "itc", "itm")):
+    config = MamoConfig(
+        vision=VisionConfig(image_size=32, patch_size=8, width=WIDTH, depth=2, heads=4),
+        text=TextConfig(vocab_size=len(VOCAB), width=WIDTH, depth=3, heads=4, intermediate=128, max_positions=24,
+                        fusion_layer=1, encoder_width=WIDTH, dropout=0.0),
+        embed_dim=32, objectives=tuple(objectives))
+    torch.manual_seed(0)
+    return Mamo(config, mask_token_id=VOCAB["[MASK]"], special_ids=[VOCAB[t] for t in ("[PAD]", "[CLS]", "[SEP]")])
+
+
+def batch(size=6):
+    data = SyntheticImageText("train", images=size, image_size=32, captions_per_image=1)
+    items = [data[i] for i in range(size)]
+    words = [[VOCAB["[CLS]"], *(VOCAB[w] for w in item["caption"].split()), VOCAB["[SEP]"]] for item in items]
+    length = max(map(len, words))
+    input_ids = torch.tensor([w + [VOCAB["[PAD]"]] * (length - len(w)) for w in words])
+    return torch.stack([item["image"] for item in items]), input_ids, (input_ids != VOCAB["[PAD]"]).long()
+
+
+def test_all_objectives_finite_and_decreasing_on_a_fixed_batch():
+    model = tiny()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    images, input_ids, mask = batch()
+    history = []
+    for step in range(20):
+        losses = model(images, input_ids, mask, generator=torch.Generator().manual_seed(step))
+        assert set(losses) == {"mrm", "mim", "mlm", "itc", "itm", "loss"}
+        assert all(torch.isfinite(v) for v in losses.values()), losses
+        optimizer.zero_grad()
+        losses["loss"].backward()
+        optimizer.step()
+        model.update_target()
+        history.append(losses["loss"].item())
+    assert sum(history[-5:]) < 0.8 * sum(history[:5]), history
+
+
+def test_gradients_reach_every_trainable_parameter_and_never_the_target():
+    model = tiny()
+    images, input_ids, mask = batch()
+    model(images, input_ids, mask, generator=torch.Generator().manual_seed(0))["loss"].backward()
+    target = {id(p) for p in model.target.parameters()}
+    for name, p in model.named_parameters():
+        if id(p) in target:
+            assert not p.requires_grad and p.grad is None, name
+        else:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_the_target_changes_only_through_the_ema():
+    model = tiny(("itc", "itm"))
+    online = dict(model._encoders().named_parameters())
+    before = {name: p.clone() for name, p in model.target.model.named_parameters()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    images, input_ids, mask = batch()
+    model(images, input_ids, mask)["loss"].backward()
+    optimizer.step()
+    for name, p in model.target.model.named_parameters():
+        assert torch.equal(p, before[name]), name  # the optimizer step left it alone
+    model.update_target()
+    for name, p in model.target.model.named_parameters():
+        want = 0.995 * before[name] + 0.005 * online[name].detach()
+        torch.testing.assert_close(p, want, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_objectives_are_switchable_and_checked():
+    model = tiny(("itc", "itm"))
+    losses = model(*batch())
+    assert set(losses) == {"itc", "itm", "loss"}
+    torch.testing.assert_close(losses["loss"], losses["itc"] + losses["itm"])
+    with pytest.raises(ValueError, match="objectives must be a non-empty subset"):
+        tiny(("itc", "contrastive"))
+    config = tiny().config
+    config.text.width = 32
+    with pytest.raises(ValueError, match="text width .* must equal the image width"):
+        Mamo(config, mask_token_id=4, special_ids=[0])

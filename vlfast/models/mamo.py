@@ -1,0 +1,149 @@
+"""MAMO-style masked multimodal model: ViT image encoder, BERT text encoder and fusion layers,
+an EMA target network, and the five objectives of DESIGN.md (MRM, MIM, MLM, ITC, ITM).
+
+Fusion gives outputs at text and at image positions: the text stream is ALBEF's (text tokens
+attend to each other and cross-attend to the image tokens); the image stream runs the same
+fusion layers with the roles swapped (image tokens attend to each other and cross-attend to the
+text), so masked image positions have fused representations for MRM and MIM without a second
+stack of weights. That needs equal image and text widths (ViT-B and BERT-base: 768).
+"""
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlfast.data.text import mask_tokens
+from vlfast.models.bert import BertForMaskedLM, BertModel, TextConfig
+from vlfast.models.vit import VisionConfig, VisionTransformer
+from vlfast.nn import MomentumModel
+from vlfast.ops import itc_loss, unmask
+
+OBJECTIVES = ("mrm", "mim", "mlm", "itc", "itm")
+
+
+@dataclass
+class MamoConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    embed_dim: int = 256  # ITC projection
+    temperature: float = 0.07  # learnable, clamped to [0.001, 0.5] as in ALBEF
+    image_mask_ratio: float = 0.75
+    text_mask_ratio: float = 0.25
+    ema_decay: float = 0.995
+    objectives: Tuple[str, ...] = OBJECTIVES
+    smoothing: float = 0.0  # ITM negatives ∝ softmax + smoothing (ALBEF 0)
+
+
+def _mlp(width_in: int, width_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(width_in, width_in), nn.GELU(), nn.Linear(width_in, width_out))
+
+
+class Mamo(nn.Module):
+    def __init__(self, config: MamoConfig, *, mask_token_id: int, special_ids: Sequence[int]):
+        super().__init__()
+        unknown = set(config.objectives) - set(OBJECTIVES)
+        if unknown or not config.objectives:
+            raise ValueError(f"objectives must be a non-empty subset of {OBJECTIVES}, got {config.objectives}")
+        width = config.vision.width
+        if config.text.width != width or config.text.encoder_width != width:
+            raise ValueError(f"the fusion layers serve both streams: text width ({config.text.width}) and "
+                             f"encoder_width ({config.text.encoder_width}) must equal the image width ({width})")
+        self.config, self.mask_token_id, self.special_ids = config, mask_token_id, tuple(special_ids)
+        self.visual_encoder = VisionTransformer(config.vision)
+        self.text_encoder = BertForMaskedLM(config.text)
+        self.vision_proj = nn.Linear(width, config.embed_dim)
+        self.text_proj = nn.Linear(width, config.embed_dim)
+        self.temp = nn.Parameter(torch.tensor(config.temperature))
+        self.itm_head = nn.Linear(width, 2)
+        self.image_mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.mrm_projector = _mlp(width, width)  # g: online fused features -> target fused features
+        self.mim_predictor = _mlp(width, width)  # online fused image features -> target image-encoder features
+        nn.init.normal_(self.image_mask_token, std=0.02)
+        self.target = MomentumModel(self._encoders(), config.ema_decay)
+
+    def _encoders(self) -> nn.ModuleDict:
+        """The online encoders the target network averages (projections and heads are not part of it)."""
+        return nn.ModuleDict({"visual_encoder": self.visual_encoder, "bert": self.text_encoder.bert})
+
+    @torch.no_grad()
+    def update_target(self) -> None:
+        """After each optimizer step: target <- EMA of the online encoders (vlfast.ops.ema_update_)."""
+        self.target.update(self._encoders())
+
+    @staticmethod
+    def fuse(bert: BertModel, text: Tensor, text_mask: Tensor, image: Tensor) -> Tuple[Tensor, Tensor]:
+        """(fused text (B, Lt, W), fused image (B, 1 + N, W)): the text stream cross-attends to the
+        image tokens, the image stream, through the same layers, to the text."""
+        fused_text = bert(attention_mask=text_mask, mode="fusion", text_states=text, image=image)
+        fused_image = bert(mode="fusion", text_states=image, image=text, image_mask=text_mask)
+        return fused_text, fused_image
+
+    def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor,
+                generator: Optional[torch.Generator] = None) -> Dict[str, Tensor]:
+        """The loss of each configured objective and their equal-weight sum, "loss"."""
+        objectives = set(self.config.objectives)
+        bert = self.text_encoder.bert
+        losses = {}
+        image = self.visual_encoder.forward_features(images)  # (B, 1 + N, W)
+        text = bert(input_ids, attention_mask, mode="text")  # (B, Lt, W)
+
+        if objectives & {"mrm", "mim"}:  # the targets: the EMA network on the unmasked pair
+            with torch.no_grad():
+                target = self.target.model
+                target_image = target["visual_encoder"].forward_features(images)
+                target_text = target["bert"](input_ids, attention_mask, mode="text")
+                target_fused_text, target_fused_image = self.fuse(target["bert"], target_text, attention_mask, target_image)
+
+        if objectives & {"itc", "itm"}:
+            image_feat = F.normalize(self.vision_proj(image[:, 0]), dim=-1)
+            text_feat = F.normalize(self.text_proj(text[:, 0]), dim=-1)
+            with torch.no_grad():
+                self.temp.clamp_(0.001, 0.5)
+            contrastive = itc_loss(image_feat, text_feat, self.temp, sample_negatives="itm" in objectives,
+                                   smoothing=self.config.smoothing, generator=generator)
+            if "itc" in objectives:
+                losses["itc"] = contrastive.loss
+            if "itm" in objectives:
+                losses["itm"] = self._itm(bert, image, text, attention_mask, contrastive)
+
+        if objectives & {"mrm", "mim"}:  # f(I', T): the image encoder sees only the visible patches
+            visible, masking = self.visual_encoder.forward_masked(images, self.config.image_mask_ratio, generator)
+            restored = unmask(visible[:, 1:], masking.ids_restore, self.image_mask_token)
+            _, fused_image = self.fuse(bert, text, attention_mask, torch.cat([visible[:, :1], restored], dim=1))
+            masked = masking.mask.bool()  # (B, N)
+            predicted = fused_image[:, 1:][masked]
+            if "mim" in objectives:
+                losses["mim"] = F.l1_loss(self.mim_predictor(predicted), target_image[:, 1:][masked])
+            if "mrm" in objectives:
+                losses["mrm_image"] = F.mse_loss(self.mrm_projector(predicted), target_fused_image[:, 1:][masked])
+
+        if objectives & {"mlm", "mrm"}:  # f(I, T'): BERT's 80/10/10 masking of the caption
+            masked_ids, labels = mask_tokens(input_ids, vocab_size=self.config.text.vocab_size,
+                                             mask_token_id=self.mask_token_id, special_ids=self.special_ids,
+                                             probability=self.config.text_mask_ratio, generator=generator)
+            fused_text, _ = self.fuse(bert, bert(masked_ids, attention_mask, mode="text"), attention_mask, image)
+            chosen = labels != -100
+            if "mlm" in objectives:
+                logits = self.text_encoder.cls.predictions(fused_text)
+                losses["mlm"] = F.cross_entropy(logits[chosen], labels[chosen])
+            if "mrm" in objectives:
+                losses["mrm_text"] = F.mse_loss(self.mrm_projector(fused_text[chosen]), target_fused_text[chosen])
+
+        if "mrm" in objectives:
+            losses["mrm"] = (losses.pop("mrm_image") + losses.pop("mrm_text")) / 2
+        losses["loss"] = sum(losses.values())
+        return losses
+
+    def _itm(self, bert, image, text, attention_mask, contrastive) -> Tensor:
+        """2-way matching on the fused text [CLS] of B positives, B (negative image, text) and
+        B (image, negative text) pairs, the negatives from itc_loss's draw."""
+        neg_image, neg_text = contrastive.neg_image_idx, contrastive.neg_text_idx
+        images = torch.cat([image, image[neg_image], image])
+        texts = torch.cat([text, text, text[neg_text]])
+        masks = torch.cat([attention_mask, attention_mask, attention_mask[neg_text]])
+        fused_cls = bert(attention_mask=masks, mode="fusion", text_states=texts, image=images)[:, 0]
+        batch = image.shape[0]
+        labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(image.device)
+        return F.cross_entropy(self.itm_head(fused_cls), labels)
