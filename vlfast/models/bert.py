@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vlfast.models.init import init_weights
 from vlfast.ops import attention
 
 
@@ -146,6 +147,7 @@ class BertModel(nn.Module):
         self.config = config
         self.embeddings = BertEmbeddings(config)
         self.encoder = BertEncoder(config)
+        self.apply(init_weights)
 
     def forward(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None, *,
                 mode: str = "text", text_states: Optional[Tensor] = None, image: Optional[Tensor] = None,

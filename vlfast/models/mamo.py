@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from vlfast.data.text import mask_tokens
 from vlfast.models.bert import BertForMaskedLM, BertModel, TextConfig
+from vlfast.models.init import init_weights
 from vlfast.models.vit import VisionConfig, VisionTransformer
 from vlfast.nn import MomentumModel
 from vlfast.ops import itc_loss, unmask
@@ -60,6 +61,8 @@ class Mamo(nn.Module):
         self.image_mask_token = nn.Parameter(torch.zeros(1, 1, width))
         self.mrm_projector = _mlp(width, width)  # g: online fused features -> target fused features
         self.mim_predictor = _mlp(width, width)  # online fused image features -> target image-encoder features
+        for head in (self.vision_proj, self.text_proj, self.itm_head, self.mrm_projector, self.mim_predictor):
+            head.apply(init_weights)
         nn.init.normal_(self.image_mask_token, std=0.02)
         self.target = MomentumModel(self._encoders(), config.ema_decay)
 

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlfast.ops import Masking, attention, random_masking
+from vlfast.models.init import init_weights
+from vlfast.ops import attention, random_masking
 
 
 @dataclass
@@ -89,6 +90,7 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
         self.norm = nn.LayerNorm(config.width, eps=1e-6)
         self.head = nn.Linear(config.width, config.num_classes) if config.num_classes else nn.Identity()
+        self.apply(init_weights)
         nn.init.normal_(self.cls_token, std=1e-6)
         self._register_load_state_dict_pre_hook(self._resample_pos_embed)
 
