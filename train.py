@@ -6,7 +6,8 @@
     python train.py --ops reference                   # the plain-torch references everywhere (A/B)
 
 Writes to --out: metrics.jsonl (one line per logged step), last.pt (atomic checkpoint), the
-vocabulary the tokenizer used, loss.png. One process; several GPUs/nodes with torchrun land later.
+vocabulary the tokenizer used, loss.png. Several GPUs or CPU processes, one or more nodes:
+    torchrun --nproc_per_node=8 train.py ...     (optim.batch_size is per process)
 """
 import argparse
 import os
@@ -15,12 +16,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 from transformers import BertTokenizerFast
 
 from vlfast.data import SyntheticImageText, write_vocab
 from vlfast.models import Mamo, MamoConfig, TextConfig, VisionConfig
+from vlfast.models.mamo import OBJECTIVES
 from vlfast.training import (MetricsLog, check_finite, learning_rate, load_checkpoint, load_config, plot_losses,
                              save_checkpoint)
 
@@ -80,31 +83,44 @@ def build(config: TrainConfig, out: Path):
     return dataset, collate, model
 
 
-def batches(dataset, collate, config: TrainConfig, start_step: int):
-    """Shuffled batches, epoch after epoch, from a seed and the step: a resumed run sees the same."""
-    per_epoch = len(dataset) // config.optim.batch_size
+def batches(dataset, collate, config: TrainConfig, start_step: int, rank: int = 0, world: int = 1):
+    """Shuffled batches, epoch after epoch, from the seed and the step alone, so a resumed run sees
+    the same ones. With several processes each takes its slice of one global batch of
+    batch_size × world: the same global batches as one process with that batch size."""
+    size = config.optim.batch_size
+    per_epoch = len(dataset) // (size * world)
+    if per_epoch == 0:
+        raise ValueError(f"data.images gives {len(dataset)} entries, fewer than one global batch of {size * world}")
     step = start_step
     while True:
         epoch, offset = divmod(step, per_epoch)
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
-        # A generator of its own: a DataLoader otherwise draws its seed from the global RNG that
-        # dropout uses, and a resumed run would start one draw off.
-        loader = DataLoader(torch.utils.data.Subset(dataset, order[offset * config.optim.batch_size:].tolist()),
-                            batch_size=config.optim.batch_size, drop_last=True, collate_fn=collate,
-                            generator=torch.Generator())
-        for batch in loader:
-            yield step, batch
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch)).tolist()
+        for index in range(offset, per_epoch):
+            first = (index * world + rank) * size
+            yield step, collate([dataset[i] for i in order[first:first + size]])
             step += 1
+
+
+def setup_distributed():
+    """(rank, world size, device): under torchrun one process per GPU (NCCL) or CPU process (gloo)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world, torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
 
 
 def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int = None,
           time_limit: float = None) -> Path:
     """Train to config.optim.max_steps, or stop early (checkpoint written) after ``stop_after``
-    steps or ``time_limit`` seconds of this invocation; --resume continues exactly."""
+    steps or ``time_limit`` seconds of this invocation; --resume continues exactly (one process)."""
+    rank, world, device = setup_distributed()
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     dataset, collate, model = build(config, out)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -112,7 +128,7 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
             (no_decay if p.ndim < 2 or "token" in name or "pos_embed" in name else decay).append(p)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.optim.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=config.optim.lr)
-    generator = torch.Generator(device).manual_seed(config.seed)  # masking and negative draws
+    generator = torch.Generator(device).manual_seed(config.seed + rank)  # masking and negative draws
     start, checkpoint = 0, out / "last.pt"
     if resume is not None:
         state = load_checkpoint(resume)
@@ -122,20 +138,25 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
         torch.set_rng_state(state["torch_rng"])  # dropout
         start = state["step"]
         print(f"resumed from {resume} at step {start}")
+    # Objectives left out leave parameters without gradients, which DDP must be told about.
+    runner = model if world == 1 else DDP(model, find_unused_parameters=set(config.model.objectives) != set(OBJECTIVES))
     log = MetricsLog(out / "metrics.jsonl")
     total = config.optim.max_steps
 
     def save(step):
-        save_checkpoint(checkpoint, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                                     "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-                                     "config": asdict(config)})
+        if rank == 0:
+            save_checkpoint(checkpoint, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                         "step": step, "generator": generator.get_state(),
+                                         "torch_rng": torch.get_rng_state(), "config": asdict(config)})
 
-    progress = tqdm(total=total, initial=start, desc="train")
+    progress = tqdm(total=total, initial=start, desc="train", disable=rank != 0)
     saved_at = start if resume is not None else None
     started = time.time()
-    for step, (images, input_ids, attention_mask) in batches(dataset, collate, config, start):
-        stopping = (stop_after is not None and step >= start + stop_after
-                    or time_limit is not None and time.time() - started > time_limit)
+    for step, (images, input_ids, attention_mask) in batches(dataset, collate, config, start, rank, world):
+        stopping = torch.tensor(float(stop_after is not None and step >= start + stop_after
+                                      or time_limit is not None and time.time() - started > time_limit))
+        if world > 1:
+            dist.all_reduce(stopping)  # every rank stops at the same step
         if step >= total or stopping:
             if stopping and saved_at != step:
                 save(step)
@@ -146,15 +167,19 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
             group["lr"] = lr
         images, input_ids, attention_mask = images.to(device), input_ids.to(device), attention_mask.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            losses = model(images, input_ids, attention_mask, generator=generator)
+            losses = runner(images, input_ids, attention_mask, generator=generator)
         check_finite(step, losses, checkpoint if saved_at is not None else None)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
         optimizer.step()
         model.update_target()
-        values = {f"loss_{k}" if k != "loss" else k: round(v.item(), 5) for k, v in losses.items()}
-        if step % config.optim.log_every == 0 or step == total - 1:
+        values = torch.stack([v.detach().float() for v in losses.values()])
+        if world > 1:
+            dist.all_reduce(values)
+            values /= world
+        values = {f"loss_{k}" if k != "loss" else k: round(v, 5) for k, v in zip(losses, values.tolist())}
+        if rank == 0 and (step % config.optim.log_every == 0 or step == total - 1):
             log.write({"step": step, "lr": lr, **values})
         progress.set_postfix(values, refresh=False)
         progress.update()
@@ -162,7 +187,10 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
             save(step + 1)
             saved_at = step + 1
     progress.close()
-    plot_losses(log.read(), out / "loss.png")
+    if rank == 0:
+        plot_losses(log.read(), out / "loss.png")
+    if world > 1:
+        dist.destroy_process_group()
     return checkpoint
 
 
@@ -185,6 +213,8 @@ def main():
     started = time.time()
     checkpoint = train(config, Path(args.out), Path(args.resume) if args.resume else None, args.stop_after,
                        args.time_limit * 60 if args.time_limit else None)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     step = load_checkpoint(checkpoint)["step"]
     print(f"{step}/{config.optim.max_steps} steps, {time.time() - started:.0f} s in this run; checkpoint: {checkpoint}; "
           f"metrics: {Path(args.out) / 'metrics.jsonl'}; loss curve: {Path(args.out) / 'loss.png'}")

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -104,11 +105,18 @@ class Mamo(nn.Module):
             text_feat = F.normalize(self.text_proj(text[:, 0]), dim=-1)
             with torch.no_grad():
                 self.temp.clamp_(0.001, 0.5)
-            contrastive = itc_loss(image_feat, text_feat, self.temp, sample_negatives="itm" in objectives,
+            # Under torch.distributed the keys come from every rank (gradients flow back to each);
+            # the ITM negatives stay local, as in ALBEF, from a draw over this rank's batch.
+            distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+            contrastive = itc_loss(image_feat, text_feat, self.temp, all_gather=distributed,
+                                   sample_negatives="itm" in objectives and not distributed,
                                    smoothing=self.config.smoothing, generator=generator)
             if "itc" in objectives:
                 losses["itc"] = contrastive.loss
             if "itm" in objectives:
+                if distributed:
+                    contrastive = itc_loss(image_feat.detach(), text_feat.detach(), self.temp.detach(),
+                                           smoothing=self.config.smoothing, generator=generator)
                 losses["itm"] = self._itm(bert, image, text, attention_mask, contrastive)
 
         if objectives & {"mrm", "mim"}:  # f(I', T): the image encoder sees only the visible patches
