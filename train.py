@@ -14,6 +14,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -21,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 from transformers import BertTokenizerFast
 
-from vlfast.data import SyntheticImageText, write_vocab
+from vlfast.data import KarpathyDataset, SyntheticImageText, write_vocab
 from vlfast.models import Mamo, MamoConfig, TextConfig, VisionConfig
 from vlfast.models.mamo import OBJECTIVES
 from vlfast.training import (MetricsLog, check_finite, learning_rate, load_checkpoint, load_config, plot_losses,
@@ -30,11 +31,19 @@ from vlfast.training import (MetricsLog, check_finite, learning_rate, load_check
 
 @dataclass
 class DataConfig:
-    images: int = 2000  # synthetic training images
-    image_size: int = 64
-    captions_per_image: int = 2
-    max_text_length: int = 24
+    dataset: str = "synthetic"  # or "karpathy": Flickr30k / COCO train JSON (vlfast.data.karpathy)
+    images: int = 2000  # synthetic: training images
+    captions_per_image: int = 2  # synthetic
+    train_file: Optional[str] = None  # karpathy: the train JSON
+    image_root: Optional[str] = None  # karpathy: the folder its image paths are relative to
+    max_text_length: int = 30
     seed: int = 0
+
+
+@dataclass
+class InitConfig:
+    vision: Optional[str] = None  # a timm ViT state dict file (torch.save), e.g. DeiT/ViT-B/16 weights
+    text: Optional[str] = None  # a Hugging Face BERT directory: config.json, weights, vocab.txt
 
 
 @dataclass
@@ -63,15 +72,29 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     model: MamoConfig = field(default_factory=default_model)
+    init: InitConfig = field(default_factory=InitConfig)
     seed: int = 0
 
 
 def build(config: TrainConfig, out: Path):
-    """The tokenizer (its vocabulary written into the run folder), data, collate function and model."""
-    tokenizer = BertTokenizerFast.from_pretrained(write_vocab(out / "vocab"))
+    """The tokenizer, data, collate function and model (with pretrained weights when given)."""
+    if config.init.text:  # its vocabulary and architecture; fusion layers stay ours
+        tokenizer = BertTokenizerFast.from_pretrained(config.init.text)
+        config.model.text = TextConfig.from_hf(config.init.text, fusion_layer=config.model.text.fusion_layer,
+                                               encoder_width=config.model.vision.width)
+    else:  # the synthetic set's own vocabulary, written into the run folder
+        tokenizer = BertTokenizerFast.from_pretrained(write_vocab(out / "vocab"))
     config.model.text.vocab_size = len(tokenizer)
-    dataset = SyntheticImageText("train", images=config.data.images, image_size=config.data.image_size,
-                                 captions_per_image=config.data.captions_per_image, seed=config.data.seed)
+    if config.data.dataset == "synthetic":
+        dataset = SyntheticImageText("train", images=config.data.images, image_size=config.model.vision.image_size,
+                                     captions_per_image=config.data.captions_per_image, seed=config.data.seed)
+    elif config.data.dataset == "karpathy":
+        if not (config.data.train_file and config.data.image_root):
+            raise ValueError("data.dataset=karpathy needs data.train_file and data.image_root")
+        dataset = KarpathyDataset(config.data.train_file, config.data.image_root, "train",
+                                  image_size=config.model.vision.image_size)
+    else:
+        raise ValueError(f"data.dataset must be synthetic or karpathy, got {config.data.dataset!r}")
 
     def collate(items):
         text = tokenizer([item["caption"] for item in items], padding="longest", truncation=True,
@@ -80,7 +103,41 @@ def build(config: TrainConfig, out: Path):
 
     model = Mamo(config.model, mask_token_id=tokenizer.mask_token_id,
                  special_ids=[tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id])
+    if config.init.vision:
+        report("vision", config.init.vision, model.visual_encoder.load_state_dict(
+            without_classifier(load_checkpoint(config.init.vision), model.visual_encoder), strict=False))
+    if config.init.text:
+        report("text", config.init.text, model.text_encoder.load_state_dict(hf_weights(config.init.text), strict=False))
+    if config.init.vision or config.init.text:
+        model.reset_target()
     return dataset, collate, model
+
+
+def without_classifier(state: dict, vision) -> dict:
+    """A timm checkpoint's state dict (also under "model"), less a classifier the model has not."""
+    state = state.get("model", state)
+    return {k: v for k, v in state.items() if not (k.startswith("head.") and isinstance(vision.head, torch.nn.Identity))}
+
+
+def hf_weights(directory) -> dict:
+    """The weights of a Hugging Face BERT directory, named as BertForMaskedLM's (`bert.` prefix)."""
+    directory = Path(directory)
+    if (directory / "model.safetensors").exists():
+        from safetensors.torch import load_file
+
+        state = load_file(directory / "model.safetensors")
+    else:
+        state = torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    return {k if k.startswith(("bert.", "cls.")) else f"bert.{k}": v for k, v in state.items()}
+
+
+def report(part: str, source, result) -> None:
+    """Name what a pretrained state dict did not fill and what it held beyond the model."""
+    print(f"{part} weights from {source}: {len(result.missing_keys)} missing"
+          + (f" ({', '.join(result.missing_keys[:6])}{', ...' if len(result.missing_keys) > 6 else ''})"
+             if result.missing_keys else "")
+          + f", {len(result.unexpected_keys)} unused" + (f" ({', '.join(result.unexpected_keys[:6])})"
+                                                          if result.unexpected_keys else ""))
 
 
 def batches(dataset, collate, config: TrainConfig, start_step: int, rank: int = 0, world: int = 1):

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["data.images=24", "data.image_size=32", "data.captions_per_image=1", "optim.batch_size=4",
+TINY = ["data.images=24", "data.captions_per_image=1", "optim.batch_size=4",
         "optim.max_steps=6", "optim.warmup_steps=2", "optim.log_every=1", "optim.checkpoint_every=100",
         "model.vision.image_size=32", "model.vision.width=32", "model.vision.heads=2", "model.vision.depth=1",
         "model.text.width=32", "model.text.heads=2", "model.text.depth=2", "model.text.fusion_layer=1",
@@ -60,7 +60,64 @@ def test_two_processes_equal_one_on_the_same_global_batch(tmp_path):
     weights_one = torch.load(tmp_path / "one" / "last.pt", weights_only=True)["model"]
     weights_two = torch.load(tmp_path / "two" / "last.pt", weights_only=True)["model"]
     for name, value in weights_one.items():
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
-            # atol 1e-5: the attention key bias has no gradient in exact arithmetic (softmax is
-            # shift-invariant), and Adam scales the rounding noise it gets up to ~5e-6 steps.
-            torch.testing.assert_close(weights_two[name], value, rtol=1e-4, atol=1e-5, msg=name)
+        if not (isinstance(value, torch.Tensor) and value.is_floating_point()):
+            continue
+        other = weights_two[name]
+        # An attention key bias has no gradient in exact arithmetic (softmax is shift-invariant),
+        # so AdamW turns whatever rounding noise it gets into full-size steps: left out.
+        if name.endswith("key.bias"):
+            continue
+        if name.endswith("qkv.bias"):
+            width = value.shape[0] // 3
+            value, other = torch.cat([value[:width], value[2 * width:]]), torch.cat([other[:width], other[2 * width:]])
+        torch.testing.assert_close(other, value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_karpathy_data_and_pretrained_timm_and_hf_weights(tmp_path):
+    import torch
+    from PIL import Image
+
+    timm = pytest.importorskip("timm")
+    transformers = pytest.importorskip("transformers")
+    from vlfast.data import write_vocab
+
+    (tmp_path / "images").mkdir()
+    entries = []
+    for i, colour in enumerate(["red", "green", "blue", "yellow", "purple", "white", "red", "blue"]):
+        Image.new("RGB", (40, 30), colour).save(tmp_path / "images" / f"{i}.jpg")
+        entries.append({"image": f"{i}.jpg", "caption": f"a small {colour} square", "image_id": i // 2})
+    (tmp_path / "train.json").write_text(json.dumps(entries))
+    torch.manual_seed(0)
+    vit = timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1,
+                                                           num_heads=2, num_classes=5)
+    torch.save(vit.state_dict(), tmp_path / "vit.pt")
+    bert_dir = write_vocab(tmp_path / "bert")
+    bert = transformers.BertForMaskedLM(transformers.BertConfig(
+        vocab_size=len((bert_dir / "vocab.txt").read_text().split()), hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=64, max_position_embeddings=40))
+    bert.save_pretrained(bert_dir)
+
+    result = run("--out", str(tmp_path / "run"), "data.dataset=karpathy", f"data.train_file={tmp_path / 'train.json'}",
+                 f"data.image_root={tmp_path / 'images'}", f"init.vision={tmp_path / 'vit.pt'}", f"init.text={bert_dir}",
+                 "model.vision.image_size=32", "model.vision.width=32", "model.vision.heads=2", "model.vision.depth=1",
+                 "model.text.fusion_layer=1", "model.embed_dim=16", "optim.batch_size=4", "optim.max_steps=2",
+                 "optim.warmup_steps=1", "optim.lr=0.0", "optim.min_lr=0.0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "vision weights from" in result.stdout and "0 missing, 0 unused" in result.stdout
+    text_line = next(line for line in result.stdout.splitlines() if line.startswith("text weights from"))
+    assert "crossattention" in text_line and "0 unused" in text_line
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]
+    torch.testing.assert_close(state["visual_encoder.blocks.0.attn.qkv.weight"], vit.blocks[0].attn.qkv.weight.detach())
+    torch.testing.assert_close(state["text_encoder.bert.embeddings.word_embeddings.weight"],
+                               bert.bert.embeddings.word_embeddings.weight.detach())
+    torch.testing.assert_close(state["target.model.bert.encoder.layer.0.attention.self.query.weight"],
+                               bert.bert.encoder.layer[0].attention.self.query.weight.detach())
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(config):
+    sys.path.insert(0, str(ROOT))
+    import train
+
+    loaded = train.load_config(train.TrainConfig, config)
+    assert loaded.data.dataset in ("synthetic", "karpathy")

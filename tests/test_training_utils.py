@@ -21,7 +21,7 @@ class Config:
     batch_size: int = 32
     objectives: Tuple[str, ...] = ("itc", "itm")
     resume: Optional[str] = None
-    optim: Optim = field(default_factory=Optim)
+    optim: Optim = field(default_factory=lambda: Optim(warmup_steps=99))  # a default unlike Optim's own
 
 
 def test_config_from_yaml_and_overrides(tmp_path):
@@ -31,6 +31,8 @@ def test_config_from_yaml_and_overrides(tmp_path):
     assert config == Config(name="coco", batch_size=8, objectives=("itc",), resume="runs/x.pt",
                             optim=Optim(lr=3.0, warmup_steps=5))
     assert load_config(Config) == Config()
+    # A section given in part keeps the parent's defaults for the rest, not the section class's.
+    assert load_config(Config, None, ["optim.lr=0.5"]).optim == Optim(lr=0.5, warmup_steps=99)
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -33,10 +33,12 @@ def load_config(config_class, path: Optional[str] = None, overrides: Iterable[st
             if not isinstance(node, dict):
                 raise ValueError(f"override {override!r}: {parent} is not a section")
         node[leaf] = yaml.safe_load(raw)
-    return _build(config_class, values, prefix="")
+    return _build(config_class(), values, prefix="")
 
 
-def _build(config_class, values: dict, prefix: str):
+def _build(base, values: dict, prefix: str):
+    """``base`` (a dataclass instance: the defaults, nested ones included) with ``values`` applied."""
+    config_class = type(base)
     field_types = typing.get_type_hints(config_class)
     known = {f.name for f in dataclasses.fields(config_class)}
     unknown = sorted(set(values) - known)
@@ -48,10 +50,10 @@ def _build(config_class, values: dict, prefix: str):
         if dataclasses.is_dataclass(kind):
             if not isinstance(value, dict):
                 raise ValueError(f"config key {prefix}{name} is a section, got {value!r}")
-            kwargs[name] = _build(kind, value, f"{prefix}{name}.")
+            kwargs[name] = _build(getattr(base, name), value, f"{prefix}{name}.")
         else:
             kwargs[name] = _coerce(kind, value, f"{prefix}{name}")
-    return config_class(**kwargs)
+    return dataclasses.replace(base, **kwargs)
 
 
 def _coerce(kind, value, key: str):

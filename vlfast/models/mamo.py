@@ -72,6 +72,11 @@ class Mamo(nn.Module):
         return nn.ModuleDict({"visual_encoder": self.visual_encoder, "bert": self.text_encoder.bert})
 
     @torch.no_grad()
+    def reset_target(self) -> None:
+        """Target = the online encoders, e.g. after loading pretrained weights into them."""
+        self.target.model.load_state_dict(self._encoders().state_dict())
+
+    @torch.no_grad()
     def update_target(self) -> None:
         """After each optimizer step: target <- EMA of the online encoders (vlfast.ops.ema_update_)."""
         self.target.update(self._encoders())
