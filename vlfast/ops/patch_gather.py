@@ -56,7 +56,7 @@ def random_masking(tokens: Tensor, mask_ratio: float, *, pos_embed: Optional[Ten
     keep = int(patches * (1 - mask_ratio))
     noise = torch.rand(batch, patches, device=tokens.device, generator=generator)
     ids_shuffle = torch.argsort(noise, dim=1)
-    ids_restore = _inverse_permutation(ids_shuffle)
+    ids_restore = _inverse_index(ids_shuffle, patches)
     ids_keep = ids_shuffle[:, :keep].contiguous()
     visible = torch.ops.vlfast.gather_rows(tokens.contiguous(), _promoted(pos_embed, tokens), ids_keep)
     mask = (ids_restore >= keep).to(torch.float32)
@@ -157,10 +157,11 @@ def _promoted(pos_embed: Optional[Tensor], like: Tensor, dtype: Optional[torch.d
     return pos_embed.to(dtype or torch.promote_types(like.dtype, pos_embed.dtype)).contiguous()
 
 
-def _inverse_permutation(ids_shuffle: Tensor) -> Tensor:
-    """argsort of a per-row permutation, as one scatter instead of a second sort."""
-    positions = torch.arange(ids_shuffle.shape[1], device=ids_shuffle.device).expand_as(ids_shuffle)
-    return torch.empty_like(ids_shuffle).scatter_(1, ids_shuffle, positions)
+def _inverse_index(index: Tensor, size: int) -> Tensor:
+    """(B, size): where each value 0..size-1 stands in its row of ``index`` (B, L), L where absent.
+    For a full permutation this is its argsort, as one scatter instead of a second sort."""
+    inverse = torch.full((index.shape[0], size), index.shape[1], dtype=torch.int64, device=index.device)
+    return inverse.scatter_(1, index, torch.arange(index.shape[1], device=index.device).expand_as(index))
 
 
 # Autograd: the gradient of a gather is an unmask with zero fill, that of an unmask a gather.
@@ -180,11 +181,9 @@ def _gather_rows_setup(ctx, inputs, output) -> None:
 
 def _gather_rows_backward(ctx, grad):
     (index,) = ctx.saved_tensors
-    (batch, patches, _), src_dtype = ctx.src
-    # Where each source row went (L for rows that were not gathered, i.e. the zero fill).
-    inverse = torch.full((batch, patches), index.shape[1], dtype=torch.int64, device=index.device)
-    inverse.scatter_(1, index, torch.arange(index.shape[1], device=index.device).expand_as(index))
-    grad_full = torch.ops.vlfast.unmask_rows(grad.contiguous(), inverse, None, None)
+    (_, patches, _), src_dtype = ctx.src
+    # Where each source row went; L (the zero fill) for rows that were not gathered.
+    grad_full = torch.ops.vlfast.unmask_rows(grad.contiguous(), _inverse_index(index, patches), None, None)
     grad_src = grad_full.to(src_dtype) if ctx.needs_input_grad[0] else None
     grad_pos = _sum_to(grad_full, ctx.pos) if ctx.pos is not None and ctx.needs_input_grad[1] else None
     return grad_src, grad_pos, None
@@ -204,7 +203,7 @@ def _unmask_rows_backward(ctx, grad):
     grad = grad.contiguous()
     grad_rows = grad_fill = grad_pos = None
     if ctx.needs_input_grad[0]:
-        ids_keep = _inverse_permutation(ids_restore)[:, :kept].contiguous()
+        ids_keep = _inverse_index(ids_restore, ids_restore.shape[1])[:, :kept].contiguous()
         grad_rows = torch.ops.vlfast.gather_rows(grad, None, ids_keep).to(rows_dtype)
     if ctx.fill_dtype is not None and ctx.needs_input_grad[2]:
         masked = (ids_restore >= kept).to(grad.dtype)
