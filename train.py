@@ -171,9 +171,10 @@ def setup_distributed():
 
 
 def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int = None,
-          time_limit: float = None) -> Path:
+          time_limit: float = None):
     """Train to config.optim.max_steps, or stop early (checkpoint written) after ``stop_after``
-    steps or ``time_limit`` seconds of this invocation; --resume continues exactly (one process)."""
+    steps or ``time_limit`` seconds of this invocation; --resume continues exactly (one process).
+    Returns (checkpoint path, the step it holds)."""
     rank, world, device = setup_distributed()
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
@@ -217,6 +218,7 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
         if step >= total or stopping:
             if stopping and saved_at != step:
                 save(step)
+                saved_at = step
             break
         lr = learning_rate(step, base_lr=config.optim.lr, warmup_steps=config.optim.warmup_steps,
                            total_steps=total, min_lr=config.optim.min_lr)
@@ -248,7 +250,7 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
         plot_losses(log.read(), out / "loss.png")
     if world > 1:
         dist.destroy_process_group()
-    return checkpoint
+    return checkpoint, saved_at
 
 
 def main():
@@ -268,11 +270,10 @@ def main():
     except ValueError as error:
         parser.error(str(error))
     started = time.time()
-    checkpoint = train(config, Path(args.out), Path(args.resume) if args.resume else None, args.stop_after,
-                       args.time_limit * 60 if args.time_limit else None)
+    checkpoint, step = train(config, Path(args.out), Path(args.resume) if args.resume else None, args.stop_after,
+                             args.time_limit * 60 if args.time_limit else None)
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    step = load_checkpoint(checkpoint)["step"]
     print(f"{step}/{config.optim.max_steps} steps, {time.time() - started:.0f} s in this run; checkpoint: {checkpoint}; "
           f"metrics: {Path(args.out) / 'metrics.jsonl'}; loss curve: {Path(args.out) / 'loss.png'}")
     if step < config.optim.max_steps:
