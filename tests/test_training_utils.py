@@ -33,6 +33,10 @@ def test_config_from_yaml_and_overrides(tmp_path):
     assert load_config(Config) == Config()
     # A section given in part keeps the parent's defaults for the rest, not the section class's.
     assert load_config(Config, None, ["optim.lr=0.5"]).optim == Optim(lr=0.5, warmup_steps=99)
+    # YAML 1.1 reads 1e-4 as a string; a float key still takes it. A checkpoint's dict as the base.
+    assert load_config(Config, None, ["optim.lr=1e-4"]).optim.lr == 1e-4
+    assert load_config(Config, None, ["name=x"], base={"batch_size": 4, "objectives": ["itm"]}) == \
+        Config(name="x", batch_size=4, objectives=("itm",))
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -40,6 +44,7 @@ def test_config_from_yaml_and_overrides(tmp_path):
     (["optim.momentum=0.9"], "unknown config key optim.momentum"),
     (["batch_size=eight"], "config key batch_size must be int, got 'eight'"),
     (["batch_size=true"], "config key batch_size must be int, got True"),
+    (["optim.lr=fast"], "config key optim.lr must be float, got 'fast'"),
     (["optim=3"], "config key optim is a section"),
     (["objectives=itc"], "config key objectives must be a list"),
     (["batch_size"], "override 'batch_size' is not key=value"),

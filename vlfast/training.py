@@ -14,9 +14,11 @@ import torch
 import yaml
 
 
-def load_config(config_class, path: Optional[str] = None, overrides: Iterable[str] = ()):
+def load_config(config_class, path: Optional[str] = None, overrides: Iterable[str] = (), base: Optional[dict] = None):
     """A (nested) dataclass from a YAML file plus ``key.sub=value`` overrides (values parsed as
-    YAML). Unknown keys and values of the wrong type raise ValueError naming the key."""
+    YAML), over the class defaults or, when given, over ``base`` (e.g. a checkpoint's
+    ``dataclasses.asdict`` config). Unknown keys and values of the wrong type raise ValueError
+    naming the key."""
     values = {}
     if path is not None:
         values = yaml.safe_load(Path(path).read_text()) or {}
@@ -33,7 +35,8 @@ def load_config(config_class, path: Optional[str] = None, overrides: Iterable[st
             if not isinstance(node, dict):
                 raise ValueError(f"override {override!r}: {parent} is not a section")
         node[leaf] = yaml.safe_load(raw)
-    return _build(config_class(), values, prefix="")
+    defaults = config_class() if base is None else _build(config_class(), base, prefix="")
+    return _build(defaults, values, prefix="")
 
 
 def _build(base, values: dict, prefix: str):
@@ -70,6 +73,11 @@ def _coerce(kind, value, key: str):
         return origin(_coerce(item, v, key) for v in value)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ValueError(f"config key {key} must be {kind.__name__}, got {value!r}")
     return value
