@@ -10,11 +10,12 @@ vocabulary the tokenizer used, loss.png. Several GPUs or CPU processes, one or m
     torchrun --nproc_per_node=8 train.py ...     (optim.batch_size is per process)
 """
 import argparse
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -23,6 +24,8 @@ from tqdm import tqdm
 from transformers import BertTokenizerFast
 
 from vlfast.data import KarpathyDataset, SyntheticImageText, write_vocab
+from vlfast.data.karpathy import test_transform
+from vlfast.data.synthetic import transform as synthetic_transform
 from vlfast.models import Mamo, MamoConfig, TextConfig, VisionConfig
 from vlfast.models.mamo import OBJECTIVES
 from vlfast.training import (MetricsLog, check_finite, learning_rate, load_checkpoint, load_config, plot_losses,
@@ -34,8 +37,11 @@ class DataConfig:
     dataset: str = "synthetic"  # or "karpathy": Flickr30k / COCO train JSON (vlfast.data.karpathy)
     images: int = 2000  # synthetic: training images
     captions_per_image: int = 2  # synthetic
+    eval_images: int = 200  # synthetic: images in each of the val and test splits
     train_file: Optional[str] = None  # karpathy: the train JSON
-    image_root: Optional[str] = None  # karpathy: the folder its image paths are relative to
+    val_file: Optional[str] = None  # karpathy: val JSON (retrieve.py --finetune evaluates on it)
+    test_file: Optional[str] = None  # karpathy: test JSON (retrieve.py)
+    image_root: Optional[str] = None  # karpathy: the folder the JSON image paths are relative to
     max_text_length: int = 30
     seed: int = 0
 
@@ -44,6 +50,7 @@ class DataConfig:
 class InitConfig:
     vision: Optional[str] = None  # a timm ViT state dict file (torch.save), e.g. DeiT/ViT-B/16 weights
     text: Optional[str] = None  # a Hugging Face BERT directory: config.json, weights, vocab.txt
+    checkpoint: Optional[str] = None  # a vlfast checkpoint whose model weights start the run (fine-tuning)
 
 
 @dataclass
@@ -57,6 +64,7 @@ class OptimConfig:
     grad_clip: float = 5.0
     log_every: int = 10
     checkpoint_every: int = 200
+    eval_every: int = 0  # steps between evaluations (retrieve.py --finetune: one epoch); 0 never
 
 
 def default_model() -> MamoConfig:
@@ -64,7 +72,22 @@ def default_model() -> MamoConfig:
     return MamoConfig(vision=VisionConfig(image_size=64, patch_size=8, width=128, depth=4, heads=4),
                       text=TextConfig(vocab_size=0, width=128, depth=4, heads=4, intermediate=256, max_positions=32,
                                       fusion_layer=2, encoder_width=128),
-                      embed_dim=64)
+                      embed_dim=64,
+                      # ALBEF's pure hard negatives (0) left ITM at chance (loss 0.636) through 400
+                      # steps here: on this set the hardest "negative" often fits the caption too.
+                      # Mixing in uniform draws, it learns (0.48); ITC is unchanged (see README).
+                      smoothing=0.05)
+
+
+@dataclass
+class RetrievalConfig:
+    """retrieve.py: evaluation and --finetune."""
+    split: str = "test"
+    k_test: int = 16  # stage 2 re-ranks each query's top k, clipped to the set (ALBEF: 128 Flickr30k, 256 COCO)
+    score: str = "itm"  # itm (ALBEF), itm+itc (BLIP) or itc (stage 1 only)
+    batch_size: int = 64  # images or texts per embedding batch; ITM pairs per batch are 4x this
+    finetune_epochs: int = 6
+    finetune_lr: float = 1.0e-5
 
 
 @dataclass
@@ -73,36 +96,67 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     model: MamoConfig = field(default_factory=default_model)
     init: InitConfig = field(default_factory=InitConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    # Captions of the same image are all ITC positives and never ITM negatives (retrieval
+    # fine-tuning, as ALBEF's); pretraining treats each pair alone, as ALBEF's pretraining does.
+    image_id_positives: bool = False
     seed: int = 0
 
 
+def make_tokenizer(config: TrainConfig, folder: Path) -> BertTokenizerFast:
+    """init.text's tokenizer, or the synthetic set's vocabulary written into ``folder``/vocab."""
+    if config.init.text:
+        return BertTokenizerFast.from_pretrained(config.init.text)
+    return BertTokenizerFast.from_pretrained(write_vocab(Path(folder) / "vocab"))
+
+
+def make_dataset(config: TrainConfig, split: str):
+    """The synthetic set or the Karpathy JSON of ``split`` (train, val or test)."""
+    size = config.model.vision.image_size
+    if config.data.dataset == "synthetic":
+        return SyntheticImageText(split, images=config.data.images if split == "train" else config.data.eval_images,
+                                  image_size=size, captions_per_image=config.data.captions_per_image,
+                                  seed=config.data.seed)
+    if config.data.dataset == "karpathy":
+        annotations = {"train": config.data.train_file, "val": config.data.val_file, "test": config.data.test_file}[split]
+        if not (annotations and config.data.image_root):
+            raise ValueError(f"data.dataset=karpathy needs data.{split}_file and data.image_root")
+        return KarpathyDataset(annotations, config.data.image_root, split, image_size=size)
+    raise ValueError(f"data.dataset must be synthetic or karpathy, got {config.data.dataset!r}")
+
+
+def image_transform(config: TrainConfig):
+    """What the evaluation split does to a PIL image (retrieve.py search applies it to user images)."""
+    if config.data.dataset == "synthetic":
+        return synthetic_transform(config.model.vision.image_size)
+    return test_transform(config.model.vision.image_size)
+
+
+def make_model(config: TrainConfig, tokenizer) -> Mamo:
+    return Mamo(config.model, mask_token_id=tokenizer.mask_token_id,
+                special_ids=[tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id])
+
+
 def build(config: TrainConfig, out: Path):
-    """The tokenizer, data, collate function and model (with pretrained weights when given)."""
+    """The tokenizer, training data, collate function and model (with pretrained weights when given)."""
+    tokenizer = make_tokenizer(config, out)
     if config.init.text:  # its vocabulary and architecture; fusion layers stay ours
-        tokenizer = BertTokenizerFast.from_pretrained(config.init.text)
         config.model.text = TextConfig.from_hf(config.init.text, fusion_layer=config.model.text.fusion_layer,
                                                encoder_width=config.model.vision.width)
-    else:  # the synthetic set's own vocabulary, written into the run folder
-        tokenizer = BertTokenizerFast.from_pretrained(write_vocab(out / "vocab"))
     config.model.text.vocab_size = len(tokenizer)
-    if config.data.dataset == "synthetic":
-        dataset = SyntheticImageText("train", images=config.data.images, image_size=config.model.vision.image_size,
-                                     captions_per_image=config.data.captions_per_image, seed=config.data.seed)
-    elif config.data.dataset == "karpathy":
-        if not (config.data.train_file and config.data.image_root):
-            raise ValueError("data.dataset=karpathy needs data.train_file and data.image_root")
-        dataset = KarpathyDataset(config.data.train_file, config.data.image_root, "train",
-                                  image_size=config.model.vision.image_size)
-    else:
-        raise ValueError(f"data.dataset must be synthetic or karpathy, got {config.data.dataset!r}")
+    dataset = make_dataset(config, "train")
 
     def collate(items):
         text = tokenizer([item["caption"] for item in items], padding="longest", truncation=True,
                          max_length=config.data.max_text_length, return_tensors="pt")
-        return torch.stack([item["image"] for item in items]), text["input_ids"], text["attention_mask"]
+        return (torch.stack([item["image"] for item in items]), text["input_ids"], text["attention_mask"],
+                torch.tensor([item["image_id"] for item in items]))
 
-    model = Mamo(config.model, mask_token_id=tokenizer.mask_token_id,
-                 special_ids=[tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id])
+    model = make_model(config, tokenizer)
+    if config.init.checkpoint:  # every weight, the target's included; init.text then gives only the tokenizer
+        model.load_state_dict(load_checkpoint(config.init.checkpoint)["model"])
+        print(f"model weights from {config.init.checkpoint}")
+        return dataset, collate, model
     if config.init.vision:
         report("vision", config.init.vision, model.visual_encoder.load_state_dict(
             without_classifier(load_checkpoint(config.init.vision), model.visual_encoder), strict=False))
@@ -164,16 +218,19 @@ def setup_distributed():
     if world == 1:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     local_rank = int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if not dist.is_initialized():  # retrieve.py --finetune sets it up before calling train()
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), world, torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
 
 
 def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int = None,
-          time_limit: float = None):
+          time_limit: float = None, evaluate: Callable[[Mamo, int], float] = None):
     """Train to config.optim.max_steps, or stop early (checkpoint written) after ``stop_after``
     steps or ``time_limit`` seconds of this invocation; --resume continues exactly (one process).
+    Every optim.eval_every steps ``evaluate(model, step)`` (called on every rank, model in eval
+    mode) scores the model; the best-scoring weights are kept in best.pt.
     Returns (checkpoint path, the step it holds)."""
     rank, world, device = setup_distributed()
     out.mkdir(parents=True, exist_ok=True)
@@ -187,14 +244,14 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.optim.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=config.optim.lr)
     generator = torch.Generator(device).manual_seed(config.seed + rank)  # masking and negative draws
-    start, checkpoint = 0, out / "last.pt"
+    start, checkpoint, best = 0, out / "last.pt", -math.inf
     if resume is not None:
         state = load_checkpoint(resume)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])  # dropout
-        start = state["step"]
+        start, best = state["step"], state.get("best_score", best)
         print(f"resumed from {resume} at step {start}")
     # Objectives left out leave parameters without gradients, which DDP must be told about.
     runner = model if world == 1 else DDP(model, find_unused_parameters=set(config.model.objectives) != set(OBJECTIVES))
@@ -205,12 +262,13 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
         if rank == 0:
             save_checkpoint(checkpoint, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                          "step": step, "generator": generator.get_state(),
-                                         "torch_rng": torch.get_rng_state(), "config": asdict(config)})
+                                         "torch_rng": torch.get_rng_state(), "config": asdict(config),
+                                         "best_score": best})
 
     progress = tqdm(total=total, initial=start, desc="train", disable=rank != 0)
     saved_at = start if resume is not None else None
     started = time.time()
-    for step, (images, input_ids, attention_mask) in batches(dataset, collate, config, start, rank, world):
+    for step, (images, input_ids, attention_mask, image_ids) in batches(dataset, collate, config, start, rank, world):
         stopping = torch.tensor(float(stop_after is not None and step >= start + stop_after
                                       or time_limit is not None and time.time() - started > time_limit))
         if world > 1:
@@ -225,8 +283,9 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
         for group in optimizer.param_groups:
             group["lr"] = lr
         images, input_ids, attention_mask = images.to(device), input_ids.to(device), attention_mask.to(device)
+        image_ids = image_ids.to(device) if config.image_id_positives else None
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            losses = runner(images, input_ids, attention_mask, generator=generator)
+            losses = runner(images, input_ids, attention_mask, generator=generator, image_ids=image_ids)
         check_finite(step, losses, checkpoint if saved_at is not None else None)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
@@ -242,14 +301,22 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
             log.write({"step": step, "lr": lr, **values})
         progress.set_postfix(values, refresh=False)
         progress.update()
+        if evaluate is not None and config.optim.eval_every and (step + 1) % config.optim.eval_every == 0:
+            model.eval()
+            score = evaluate(model, step + 1)
+            model.train()
+            improved, best = score > best, max(best, score)
+            if rank == 0:
+                log.write({"step": step + 1, "eval_score": score})
+                if improved:
+                    save_checkpoint(out / "best.pt", {"model": model.state_dict(), "step": step + 1,
+                                                      "config": asdict(config), "best_score": best})
         if (step + 1) % config.optim.checkpoint_every == 0 or step + 1 == total:
             save(step + 1)
             saved_at = step + 1
     progress.close()
     if rank == 0:
         plot_losses(log.read(), out / "loss.png")
-    if world > 1:
-        dist.destroy_process_group()
     return checkpoint, saved_at
 
 
@@ -272,6 +339,8 @@ def main():
     started = time.time()
     checkpoint, step = train(config, Path(args.out), Path(args.resume) if args.resume else None, args.stop_after,
                              args.time_limit * 60 if args.time_limit else None)
+    if dist.is_initialized():
+        dist.destroy_process_group()
     if int(os.environ.get("RANK", "0")) != 0:
         return
     print(f"{step}/{config.optim.max_steps} steps, {time.time() - started:.0f} s in this run; checkpoint: {checkpoint}; "

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -30,7 +31,7 @@ def test_entries_follow_the_karpathy_layout():
     with pytest.raises(IndexError):
         train[12]
     with pytest.raises(ValueError, match="split must be one of"):
-        SyntheticImageText("val")
+        SyntheticImageText("validation")
 
 
 def test_captions_describe_the_scene():
@@ -61,3 +62,18 @@ def test_vocabulary_tokenizes_every_caption(tmp_path):
     ids = tokenizer([data[i]["caption"] for i in range(len(data))])["input_ids"]
     assert tokenizer.unk_token_id not in {t for row in ids for t in row}
     assert len(tokenizer) == 5 + 7 + len(SHAPES) + len(COLOURS) + len(SIZES)
+
+
+def test_val_split_is_its_own_and_a_saved_render_loads_as_the_item_image(tmp_path):
+    from PIL import Image
+
+    from vlfast.data.synthetic import render, transform
+
+    val, test = SyntheticImageText("val", images=3, image_size=32), SyntheticImageText("test", images=3, image_size=32)
+    assert [val.captions(i) for i in range(3)] != [test.captions(i) for i in range(3)]
+    # retrieve.py search reads user image files through `transform`: a PNG of a render must
+    # become the tensor the dataset gives for it (up to the PNG's 8-bit rounding: none).
+    rng = np.random.default_rng((0, 1, 2, 1))  # the stream SyntheticImageText.image uses for test image 2
+    Image.fromarray(render(test.scene(2), 32, rng)).save(tmp_path / "scene.png")
+    with Image.open(tmp_path / "scene.png") as image:
+        torch.testing.assert_close(transform(32)(image.convert("RGB")), test.image(2))

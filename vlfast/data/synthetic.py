@@ -15,6 +15,7 @@ from typing import List
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from torchvision import transforms
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (215, 45, 40), "green": (45, 170, 70), "blue": (45, 85, 215), "yellow": (230, 205, 45),
@@ -22,7 +23,7 @@ COLOURS = {"red": (215, 45, 40), "green": (45, 170, 70), "blue": (45, 85, 215), 
 SIZES = {"small": 0.11, "large": 0.19}  # half-extent, as a fraction of the image side
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 WORDS = ("a", "and", "left", "right", "of", "above", "below", *SHAPES, *COLOURS, *SIZES)
-SPLIT_SEEDS = {"train": 0, "test": 1}
+SPLIT_SEEDS = {"train": 0, "test": 1, "val": 2}
 
 
 @dataclass(frozen=True)
@@ -80,9 +81,18 @@ def render(objects: List[SceneObject], image_size: int, rng: np.random.Generator
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
+MEAN, STD = 0.45, 0.25  # of the rendered pixels in [0, 1], about
+
+
+def transform(image_size: int):
+    """A PIL image (e.g. a saved render) to the tensor the set's items hold."""
+    return transforms.Compose([transforms.Resize((image_size, image_size)), transforms.ToTensor(),
+                               transforms.Normalize([MEAN] * 3, [STD] * 3)])
+
+
 class SyntheticImageText(Dataset):
     """`split` "train": one entry per caption, {"image", "caption", "image_id"} (as Karpathy's
-    train JSON); "test": one entry per image, {"image", "caption": [captions], "image_id"}.
+    train JSON); "val" and "test": one entry per image, {"image", "caption": [captions], "image_id"}.
     Images are (3, H, W) float tensors normalised to about zero mean, unit variance."""
 
     def __init__(self, split: str = "train", images: int = 2000, image_size: int = 64, captions_per_image: int = 2,
@@ -110,7 +120,7 @@ class SyntheticImageText(Dataset):
         # Its own stream for the jitter and noise, so images do not depend on captions_per_image.
         rng = np.random.default_rng((self.seed, SPLIT_SEEDS[self.split], index, 1))
         pixels = torch.from_numpy(render(self.scene(index), self.image_size, rng))
-        return (pixels.permute(2, 0, 1).float() / 255 - 0.45) / 0.25
+        return (pixels.permute(2, 0, 1).float() / 255 - MEAN) / STD
 
     def __len__(self) -> int:
         return self.images * (self.captions_per_image if self.split == "train" else 1)

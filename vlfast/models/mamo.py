@@ -89,14 +89,30 @@ class Mamo(nn.Module):
         fused_image = bert(mode="fusion", text_states=image, image=text, image_mask=text_mask)
         return fused_text, fused_image
 
+    def embed_image(self, images: Tensor) -> Tuple[Tensor, Tensor]:
+        """(image tokens (B, 1 + N, W), the L2-normalised ITC feature (B, embed_dim))."""
+        image = self.visual_encoder.forward_features(images)
+        return image, F.normalize(self.vision_proj(image[:, 0]), dim=-1)
+
+    def embed_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tuple[Tensor, Tensor]:
+        """(text states (B, Lt, W), the L2-normalised ITC feature (B, embed_dim))."""
+        text = self.text_encoder.bert(input_ids, attention_mask, mode="text")
+        return text, F.normalize(self.text_proj(text[:, 0]), dim=-1)
+
+    def itm_logits(self, image: Tensor, text: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, 2) ITM logits of the pairs (image tokens[b], text states[b]); column 1 is "match"."""
+        fused = self.text_encoder.bert(attention_mask=attention_mask, mode="fusion", text_states=text, image=image)
+        return self.itm_head(fused[:, 0])
+
     def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor,
-                generator: Optional[torch.Generator] = None) -> Dict[str, Tensor]:
-        """The loss of each configured objective and their equal-weight sum, "loss"."""
+                generator: Optional[torch.Generator] = None, image_ids: Optional[Tensor] = None) -> Dict[str, Tensor]:
+        """The loss of each configured objective and their equal-weight sum, "loss". With
+        ``image_ids`` (B,), pairs that share an image are all ITC positives and never ITM negatives."""
         objectives = set(self.config.objectives)
         bert = self.text_encoder.bert
         losses = {}
-        image = self.visual_encoder.forward_features(images)  # (B, 1 + N, W)
-        text = bert(input_ids, attention_mask, mode="text")  # (B, Lt, W)
+        image, image_feat = self.embed_image(images)  # (B, 1 + N, W)
+        text, text_feat = self.embed_text(input_ids, attention_mask)  # (B, Lt, W)
 
         if objectives & {"mrm", "mim"}:  # the targets: the EMA network on the unmasked pair
             with torch.no_grad():
@@ -106,14 +122,12 @@ class Mamo(nn.Module):
                 target_fused_text, target_fused_image = self.fuse(target["bert"], target_text, attention_mask, target_image)
 
         if objectives & {"itc", "itm"}:
-            image_feat = F.normalize(self.vision_proj(image[:, 0]), dim=-1)
-            text_feat = F.normalize(self.text_proj(text[:, 0]), dim=-1)
             with torch.no_grad():
                 self.temp.clamp_(0.001, 0.5)
             # Under torch.distributed the keys come from every rank (gradients flow back to each);
             # the ITM negatives stay local, as in ALBEF, from a draw over this rank's batch.
             distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-            contrastive = itc_loss(image_feat, text_feat, self.temp, all_gather=distributed,
+            contrastive = itc_loss(image_feat, text_feat, self.temp, image_ids=image_ids, all_gather=distributed,
                                    sample_negatives="itm" in objectives and not distributed,
                                    smoothing=self.config.smoothing, generator=generator)
             if "itc" in objectives:
@@ -121,8 +135,8 @@ class Mamo(nn.Module):
             if "itm" in objectives:
                 if distributed:
                     contrastive = itc_loss(image_feat.detach(), text_feat.detach(), self.temp.detach(),
-                                           smoothing=self.config.smoothing, generator=generator)
-                losses["itm"] = self._itm(bert, image, text, attention_mask, contrastive)
+                                           image_ids=image_ids, smoothing=self.config.smoothing, generator=generator)
+                losses["itm"] = self._itm(image, text, attention_mask, contrastive)
 
         if objectives & {"mrm", "mim"}:  # f(I', T): the image encoder sees only the visible patches
             visible, masking = self.visual_encoder.forward_masked(images, self.config.image_mask_ratio, generator)
@@ -152,14 +166,13 @@ class Mamo(nn.Module):
         losses["loss"] = sum(losses.values())
         return losses
 
-    def _itm(self, bert, image, text, attention_mask, contrastive) -> Tensor:
+    def _itm(self, image, text, attention_mask, contrastive) -> Tensor:
         """2-way matching on the fused text [CLS] of B positives, B (negative image, text) and
         B (image, negative text) pairs, the negatives from itc_loss's draw."""
         neg_image, neg_text = contrastive.neg_image_idx, contrastive.neg_text_idx
         images = torch.cat([image, image[neg_image], image])
         texts = torch.cat([text, text, text[neg_text]])
         masks = torch.cat([attention_mask, attention_mask, attention_mask[neg_text]])
-        fused_cls = bert(attention_mask=masks, mode="fusion", text_states=texts, image=images)[:, 0]
         batch = image.shape[0]
         labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(image.device)
-        return F.cross_entropy(self.itm_head(fused_cls), labels)
+        return F.cross_entropy(self.itm_logits(images, texts, masks), labels)
