@@ -1,7 +1,195 @@
-"""Image-text retrieval metrics in the protocol ALBEF and BLIP report (their itm_eval)."""
-from typing import Dict, List, Sequence
+"""Image-text retrieval in the protocol ALBEF and BLIP report: stage 1 ranks every image-text
+pair by the ITC similarity of unimodal features (computed once), stage 2 re-scores each query's
+top k through the fusion encoder's ITM head, and itm_eval turns the two score matrices into
+recall@1/5/10. Works with any model that has embed_image, embed_text and itm_logits (vlfast's Mamo).
+"""
+import math
+import textwrap
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from tqdm import tqdm
+
+SCORES = ("itm", "itm+itc", "itc")
+
+
+@dataclass
+class Embeddings:
+    """Unimodal outputs of an evaluation set, computed once for both stages."""
+    image: Tensor  # (I, 1 + N, W) image tokens
+    image_feat: Tensor  # (I, D) normalised ITC features
+    text: Tensor  # (T, L, W) text states
+    text_mask: Tensor  # (T, L)
+    text_feat: Tensor  # (T, D)
+
+
+@torch.no_grad()
+def embed_images(model, images, device, progress: bool = False, desc: str = "images") -> Tuple[Tensor, Tensor]:
+    """(tokens, features) of an iterable of image batches, concatenated."""
+    tokens, feats = [], []
+    for batch in tqdm(images, desc=desc, disable=not progress, leave=False):
+        with _autocast(device):
+            image, feat = model.embed_image(batch.to(device))
+        tokens.append(image)
+        feats.append(feat.float())
+    return torch.cat(tokens), torch.cat(feats)
+
+
+@torch.no_grad()
+def embed_texts(model, input_ids: Tensor, attention_mask: Tensor, device, batch_size: int,
+                progress: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    """(states, mask, features) of tokenised texts, in batches."""
+    states, feats = [], []
+    for start in tqdm(range(0, len(input_ids), batch_size), desc="texts", disable=not progress, leave=False):
+        ids, mask = input_ids[start:start + batch_size].to(device), attention_mask[start:start + batch_size].to(device)
+        with _autocast(device):
+            text, feat = model.embed_text(ids, mask)
+        states.append(text)
+        feats.append(feat.float())
+    return torch.cat(states), attention_mask.to(device), torch.cat(feats)
+
+
+def _autocast(device):
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@torch.no_grad()
+def itm_scores(model, embeddings: Embeddings, image_idx: Tensor, text_idx: Tensor) -> Tensor:
+    """The ITM "match" logit of each pair (embeddings.image[image_idx[p]], embeddings.text[text_idx[p]])."""
+    mask = embeddings.text_mask[text_idx]
+    length = int(mask.sum(1).max())  # the batch's longest text: padding beyond it changes nothing
+    with _autocast(mask.device):
+        logits = model.itm_logits(embeddings.image[image_idx], embeddings.text[text_idx, :length], mask[:, :length])
+    return logits[:, 1].float()
+
+
+@torch.no_grad()
+def two_stage_scores(model, embeddings: Embeddings, k: int, score: str = "itm", pair_batch_size: int = 256,
+                     progress: bool = False) -> Tuple[Tensor, Tensor]:
+    """(scores_i2t (I, T), scores_t2i (T, I)) as ALBEF's evaluation: the ITC similarity for
+    score="itc"; else each query's top k (clipped to the set) by similarity get the ITM logit
+    (plus the similarity for "itm+itc", as BLIP) and every other entry -100. Under
+    torch.distributed each rank re-scores a contiguous share of the queries and the matrices are
+    summed across ranks, so every rank returns what one process would."""
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    sims = embeddings.image_feat @ embeddings.text_feat.T  # (I, T)
+    if score == "itc":
+        return sims, sims.T.contiguous()
+
+    def rerank(sims: Tensor, pair: Callable[[Tensor, Tensor], Tuple[Tensor, Tensor]], desc: str) -> Tensor:
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+        share = math.ceil(sims.shape[0] / world)
+        rows = torch.arange(rank * share, min(sims.shape[0], (rank + 1) * share), device=sims.device)
+        top_sim, top_idx = sims[rows].topk(min(k, sims.shape[1]), dim=1)
+        queries, keys = rows.repeat_interleave(top_idx.shape[1]), top_idx.flatten()
+        values = torch.empty(len(queries), device=sims.device)
+        for start in tqdm(range(0, len(queries), pair_batch_size), desc=desc, disable=not progress or rank != 0):
+            end = start + pair_batch_size
+            values[start:end] = itm_scores(model, embeddings, *pair(queries[start:end], keys[start:end]))
+        values = values.view_as(top_sim) + (top_sim if score == "itm+itc" else 0)
+        scores = torch.zeros_like(sims)  # rows of other ranks stay 0 for the sum
+        scores[rows] = torch.full((len(rows), sims.shape[1]), -100.0, device=sims.device).scatter(1, top_idx, values)
+        if world > 1:
+            dist.all_reduce(scores)
+        return scores
+
+    scores_i2t = rerank(sims, lambda image, text: (image, text), "re-rank texts")
+    scores_t2i = rerank(sims.T.contiguous(), lambda text, image: (image, text), "re-rank images")
+    return scores_i2t, scores_t2i
+
+
+@dataclass
+class Evaluation:
+    metrics: Dict[str, float]
+    scores_i2t: Tensor  # (I, T)
+    scores_t2i: Tensor  # (T, I)
+    captions: List[str]  # the T texts, image by image
+    img2txt: List[List[int]]
+    txt2img: List[int]
+
+
+def evaluate(model, dataset, tokenize: Callable[[List[str]], Tuple[Tensor, Tensor]], *, k: int, score: str = "itm",
+             batch_size: int = 64, device="cpu", progress: bool = True) -> Evaluation:
+    """Retrieval on an evaluation split whose items are {"image", "caption": [captions]}:
+    embeddings, two_stage_scores and itm_eval. ``tokenize`` maps captions to (input_ids, mask)."""
+    captions, img2txt, txt2img = [], [], []
+
+    def image_batches():
+        for start in range(0, len(dataset), batch_size):
+            items = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
+            for item in items:
+                img2txt.append(list(range(len(captions), len(captions) + len(item["caption"]))))
+                txt2img.extend([len(img2txt) - 1] * len(item["caption"]))
+                captions.extend(item["caption"])
+            yield torch.stack([item["image"] for item in items])
+
+    image, image_feat = embed_images(model, image_batches(), device, progress)
+    text, text_mask, text_feat = embed_texts(model, *tokenize(captions), device, batch_size, progress)
+    embeddings = Embeddings(image, image_feat, text, text_mask, text_feat)
+    scores_i2t, scores_t2i = two_stage_scores(model, embeddings, k, score, 4 * batch_size, progress)
+    metrics = itm_eval(scores_i2t.cpu().numpy(), scores_t2i.cpu().numpy(), img2txt, txt2img)
+    return Evaluation(metrics, scores_i2t.cpu(), scores_t2i.cpu(), captions, img2txt, txt2img)
+
+
+def top_matches(evaluation: Evaluation, n: int = 10) -> Dict[str, list]:
+    """Each query's n best keys with their scores and whether each is a ground-truth match."""
+    def rows(scores: Tensor, positives: List[List[int]]):
+        values, indices = scores.topk(min(n, scores.shape[1]), dim=1)
+        return [{"query": q, "top": [{"index": int(i), "score": round(float(v), 4), "correct": int(i) in positives[q]}
+                                     for v, i in zip(values[q], indices[q])]} for q in range(len(scores))]
+
+    text_to_image = rows(evaluation.scores_t2i, [[image] for image in evaluation.txt2img])
+    for row in text_to_image:
+        row["caption"] = evaluation.captions[row["query"]]
+    return {"image_to_text": rows(evaluation.scores_i2t, evaluation.img2txt), "text_to_image": text_to_image}
+
+
+def contact_sheet(evaluation: Evaluation, image: Callable[[int], Tensor], path, queries: int = 4, top: int = 5) -> None:
+    """A PNG: ``queries`` images with their top captions (✓ ground truth, ✗ not), then as many
+    captions with their top images (green frame: the ground truth). ``image(i)`` gives image i
+    as a (3, H, W) tensor, shown rescaled to its own range."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def show(axis, index, frame=None):
+        pixels = image(index).float()
+        pixels = (pixels - pixels.min()) / (pixels.max() - pixels.min()).clamp_min(1e-6)
+        axis.imshow(pixels.permute(1, 2, 0).numpy())
+        axis.set_xticks([]), axis.set_yticks([])
+        for spine in axis.spines.values():
+            spine.set_edgecolor(frame or "white")
+            spine.set_linewidth(4 if frame else 0)
+
+    matches = top_matches(evaluation, top)
+    images, texts = matches["image_to_text"][:queries], matches["text_to_image"][:queries]
+    figure, axes = plt.subplots(len(images) + len(texts), top + 1, figsize=(2.2 * (top + 1), 2.2 * (len(images) + len(texts))),
+                                squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for row, query in enumerate(images):
+        axes[row, 0].axis("on")
+        show(axes[row, 0], query["query"])
+        lines = [f"{'✓' if hit['correct'] else '✗'} {hit['score']:+.2f}  {evaluation.captions[hit['index']]}" for hit in query["top"]]
+        axes[row, 1].text(0, 0.5, "\n".join(lines), va="center", fontsize=9, transform=axes[row, 1].transAxes)
+    for row, query in enumerate(texts, start=len(images)):
+        axes[row, 0].text(0, 0.5, textwrap.fill(query["caption"], 26), va="center", fontsize=9,
+                          transform=axes[row, 0].transAxes)
+        for column, hit in enumerate(query["top"], start=1):
+            axes[row, column].axis("on")
+            show(axes[row, column], hit["index"], "green" if hit["correct"] else "lightgrey")
+            axes[row, column].set_title(f"{hit['score']:+.2f}", fontsize=8)
+    figure.savefig(path, dpi=80, bbox_inches="tight")
+    plt.close(figure)
 
 
 def itm_eval(scores_i2t: np.ndarray, scores_t2i: np.ndarray, img2txt: Sequence[Sequence[int]],
