@@ -89,7 +89,11 @@ def finetune_config(args, world: int) -> TrainConfig:
     config = load_config(TrainConfig, args.config, args.overrides, base=load_checkpoint(args.checkpoint)["config"])
     config.model.objectives, config.image_id_positives = ("itc", "itm"), True
     config.init.checkpoint, config.init.vision = str(args.checkpoint), None
-    steps_per_epoch = len(make_dataset(config, "train")) // (config.optim.batch_size * world)
+    captions = len(make_dataset(config, "train"))
+    steps_per_epoch = captions // (config.optim.batch_size * world)
+    if steps_per_epoch == 0:
+        raise ValueError(f"the train split has {captions} captions, fewer than one global batch of "
+                         f"optim.batch_size {config.optim.batch_size} × {world} processes")
     config.optim.lr, config.optim.min_lr = config.retrieval.finetune_lr, min(config.optim.min_lr, config.retrieval.finetune_lr)
     config.optim.warmup_steps = 0
     config.optim.max_steps = config.retrieval.finetune_epochs * steps_per_epoch

@@ -142,6 +142,11 @@ def test_evaluation_errors_name_the_problem(tmp_path, checkpoint):
     assert result.returncode == 2 and "unknown config key retrieval.k_tset" in result.stderr
     result = run("retrieve.py", "--checkpoint", str(checkpoint), "data.dataset=karpathy")
     assert result.returncode == 2 and "needs data.test_file and data.image_root" in result.stderr
+    result = run("retrieve.py", "--finetune", "--checkpoint", str(checkpoint), "optim.batch_size=1000")
+    assert result.returncode == 2 and "fewer than one global batch of optim.batch_size 1000" in result.stderr
+    result = run("retrieve.py", "--finetune", "--checkpoint", str(checkpoint), "data.dataset=karpathy",
+                 f"data.train_file={tmp_path / 'train.json'}", f"data.image_root={tmp_path}")
+    assert result.returncode == 2 and "train.json" in result.stderr and "Traceback" not in result.stderr
 
 
 def save_renders(folder, count, image_size=32):

@@ -28,10 +28,10 @@ class Embeddings:
 
 
 @torch.no_grad()
-def embed_images(model, images, device, progress: bool = False, desc: str = "images") -> Tuple[Tensor, Tensor]:
+def embed_images(model, images, device, progress: bool = False) -> Tuple[Tensor, Tensor]:
     """(tokens, features) of an iterable of image batches, concatenated."""
     tokens, feats = [], []
-    for batch in tqdm(images, desc=desc, disable=not progress, leave=False):
+    for batch in tqdm(images, desc="images", disable=not progress, leave=False):
         with _autocast(device):
             image, feat = model.embed_image(batch.to(device))
         tokens.append(image)
@@ -62,7 +62,7 @@ def _autocast(device):
 def itm_scores(model, embeddings: Embeddings, image_idx: Tensor, text_idx: Tensor) -> Tensor:
     """The ITM "match" logit of each pair (embeddings.image[image_idx[p]], embeddings.text[text_idx[p]])."""
     mask = embeddings.text_mask[text_idx]
-    length = int(mask.sum(1).max())  # the batch's longest text: padding beyond it changes nothing
+    length = int(mask.sum(1).max())  # the batch's longest text (padding is on the right): the rest is masked anyway
     with _autocast(mask.device):
         logits = model.itm_logits(embeddings.image[image_idx], embeddings.text[text_idx, :length], mask[:, :length])
     return logits[:, 1].float()
