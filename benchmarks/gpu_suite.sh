@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole GPU check in one call, for a lent H100/H200 (a few minutes): versions, build for
-# sm_90, the CUDA tests, the per-op benchmarks at GPU sizes, a Markdown table. Results go to
+# sm_90, the CUDA tests, the per-op and training-step benchmarks at GPU sizes, a Markdown table. Results go to
 # benchmarks/results/<card>-<date>.{json,md} and, when set, to $OUT. Stops at the first failure
 # with its error in the last lines.
 #
@@ -49,7 +49,7 @@ $python -m pytest -q -m cuda -p no:cacheprovider tests
 step "benchmarks"
 if [[ $dry_run == 1 ]]; then
     results=$(mktemp -d)
-    selection=(-k "cpu and (small or 64) and not vit_b16")
+    selection=(-k "cpu and (small or 64 or tiny) and not vit_b16")
     timing=(--benchmark-max-time=0.01 --benchmark-min-rounds=1 --benchmark-warmup=off)
 else
     results=benchmarks/results

@@ -1,0 +1,105 @@
+"""One full MAMO training step as train.py runs it (forward of all five objectives, backward,
+gradient clipping, AdamW, EMA of the target network) with every op fused against every op's
+plain-torch reference (VLFAST_BACKEND, what `train.py --ops` sets): same model, same random batch.
+
+    pytest benchmarks/bench_train_step.py --benchmark-enable --benchmark-json=train_step.json
+
+Configs: tiny (train.py's default model, batch 32, 64 px: CPU and CUDA) and ViT-B/16 + BERT-base
+(fusion from layer 6, 30 text tokens, bf16 autocast: CUDA only) at 224 px batch 64 and 256 px
+batch 32. extra_info: samples/s; on CUDA also peak memory, the model's TFLOP/s (FLOPs of one
+step counted by torch's FlopCounterMode) and MFU against a bf16 matmul measured in the same run.
+"""
+import dataclasses
+import functools
+
+import pytest
+import torch
+
+from timing import timed
+from train import default_model
+from vlfast.data.synthetic import SPECIAL_TOKENS, WORDS
+from vlfast.models import Mamo, MamoConfig, TextConfig, VisionConfig
+
+VIT_B16_BERT_BASE = MamoConfig(vision=VisionConfig(), text=TextConfig(), embed_dim=256)
+CONFIGS = {  # name: (model, batch)
+    "tiny": (default_model(), 32),
+    "vit_b16_bert_base_224_b64": (VIT_B16_BERT_BASE, 64),
+    "vit_b16_bert_base_256_b32": (MamoConfig(vision=VisionConfig(image_size=256), text=TextConfig(), embed_dim=256), 32),
+}
+TEXT_LENGTH = 30
+CASES = [("tiny", "cpu")] + [pytest.param(config, "cuda", marks=pytest.mark.cuda) for config in CONFIGS]
+
+
+def training_step(config_name: str, device: str):
+    """(step function, batch size): a fresh model, its AdamW and one random batch, fixed seeds."""
+    config, batch = CONFIGS[config_name]
+    if config.text.vocab_size == 0:  # train.py's default takes its vocabulary from the synthetic set
+        config = dataclasses.replace(config, text=dataclasses.replace(config.text, vocab_size=len(SPECIAL_TOKENS) + len(WORDS)))
+    torch.manual_seed(0)
+    model = Mamo(config, mask_token_id=4, special_ids=[0, 2, 3]).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.02)
+    images = torch.randn(batch, 3, config.vision.image_size, config.vision.image_size, device=device)
+    input_ids = torch.randint(5, config.text.vocab_size, (batch, TEXT_LENGTH), device=device)
+    input_ids[:, 0] = 2  # [CLS]
+    lengths = torch.randint(TEXT_LENGTH // 3, TEXT_LENGTH + 1, (batch, 1), device=device)
+    attention_mask = (torch.arange(TEXT_LENGTH, device=device) < lengths).long()
+    input_ids = input_ids.masked_fill(attention_mask == 0, 0)
+    generator = torch.Generator(device).manual_seed(0)
+
+    def step():
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            losses = model(images, input_ids, attention_mask, generator=generator)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        optimizer.step()
+        model.update_target()
+
+    return step, batch
+
+
+@functools.lru_cache(maxsize=None)
+def step_flops(config_name: str, device: str) -> int:
+    """FLOPs of one step, counted on the reference path: the counter cannot see inside vlfast's
+    kernels, and the math (so the useful work) is the same on both paths."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VLFAST_BACKEND", "reference")
+        step, _ = training_step(config_name, device)
+        with FlopCounterMode(display=False) as counter:
+            step()
+    return counter.get_total_flops()
+
+
+@functools.lru_cache(maxsize=None)
+def bf16_matmul_flops_per_second() -> float:
+    """The ceiling for MFU, measured here: an 8192³ bf16 matmul, median of 20 after warm-up."""
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    times = []
+    for _ in range(25):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * 8192 ** 3 / sorted(times[5:])[len(times[5:]) // 2]
+
+
+@pytest.mark.parametrize("implementation", ["fused", "reference"])
+@pytest.mark.parametrize("config, device", CASES)
+def bench_train_step(benchmark, monkeypatch, implementation, config, device):
+    # "auto", not "fused": under pytest on a CPU, TRITON_INTERPRET=1 would make "fused" run the
+    # Triton kernels in the interpreter; auto is what `python train.py` runs on either device.
+    monkeypatch.setenv("VLFAST_BACKEND", "auto" if implementation == "fused" else "reference")
+    step, batch = training_step(config, device)
+    timed(benchmark, device, step, warmup=2)
+    if not benchmark.stats:  # --benchmark-disable: ran once as a smoke test
+        return
+    seconds = benchmark.stats.stats.median
+    benchmark.extra_info["samples/s"] = round(batch / seconds, 1)
+    if device == "cuda":
+        achieved = step_flops(config, device) / seconds
+        benchmark.extra_info["TFLOP/s"] = round(achieved / 1e12, 1)
+        benchmark.extra_info["MFU"] = round(achieved / bf16_matmul_flops_per_second(), 3)
