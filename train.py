@@ -43,6 +43,7 @@ class DataConfig:
     test_file: Optional[str] = None  # karpathy: test JSON (retrieve.py)
     image_root: Optional[str] = None  # karpathy: the folder the JSON image paths are relative to
     max_text_length: int = 30
+    num_workers: int = 1  # DataLoader processes preparing batches (0: in the training process)
     seed: int = 0
 
 
@@ -150,7 +151,7 @@ def build(config: TrainConfig, out: Path):
         text = tokenizer([item["caption"] for item in items], padding="longest", truncation=True,
                          max_length=config.data.max_text_length, return_tensors="pt")
         return (torch.stack([item["image"] for item in items]), text["input_ids"], text["attention_mask"],
-                torch.tensor([item["image_id"] for item in items]))
+                torch.tensor([item["image_id"] for item in items]), sum(len(item.get("skipped", ())) for item in items))
 
     model = make_model(config, tokenizer)
     if config.init.checkpoint:  # every weight, the target's included; init.text then gives only the tokenizer
@@ -194,22 +195,29 @@ def report(part: str, source, result) -> None:
                                                           if result.unexpected_keys else ""))
 
 
-def batches(dataset, collate, config: TrainConfig, start_step: int, rank: int = 0, world: int = 1):
-    """Shuffled batches, epoch after epoch, from the seed and the step alone, so a resumed run sees
-    the same ones. With several processes each takes its slice of one global batch of
-    batch_size × world: the same global batches as one process with that batch size."""
-    size = config.optim.batch_size
-    per_epoch = len(dataset) // (size * world)
-    if per_epoch == 0:
-        raise ValueError(f"data.images gives {len(dataset)} entries, fewer than one global batch of {size * world}")
-    step = start_step
-    while True:
-        epoch, offset = divmod(step, per_epoch)
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch)).tolist()
-        for index in range(offset, per_epoch):
-            first = (index * world + rank) * size
-            yield step, collate([dataset[i] for i in order[first:first + size]])
-            step += 1
+class BatchOrder(torch.utils.data.Sampler):
+    """Each step's dataset indices, shuffled epoch after epoch from the seed and the step alone,
+    so a resumed run sees the same batches whatever the number of loader workers. With several
+    processes each takes its slice of one global batch of batch_size × world: the same global
+    batches as one process with that batch size."""
+
+    def __init__(self, entries: int, config: TrainConfig, start_step: int, rank: int = 0, world: int = 1):
+        self.entries, self.size, self.seed, self.start, self.rank, self.world = \
+            entries, config.optim.batch_size, config.seed, start_step, rank, world
+        self.per_epoch = entries // (self.size * world)
+        if self.per_epoch == 0:
+            raise ValueError(f"the train split has {entries} entries, fewer than one global batch of "
+                             f"optim.batch_size {self.size} × {world} processes")
+
+    def __iter__(self):
+        step = self.start
+        while True:
+            epoch, offset = divmod(step, self.per_epoch)
+            order = torch.randperm(self.entries, generator=torch.Generator().manual_seed(self.seed * 1000 + epoch)).tolist()
+            for index in range(offset, self.per_epoch):
+                first = (index * self.world + self.rank) * self.size
+                yield order[first:first + self.size]
+                step += 1
 
 
 def setup_distributed():
@@ -268,7 +276,16 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
     progress = tqdm(total=total, initial=start, desc="train", disable=rank != 0)
     saved_at = start if resume is not None else None
     started = time.time()
-    for step, (images, input_ids, attention_mask, image_ids) in batches(dataset, collate, config, start, rank, world):
+    # Workers decode and augment the next batches while this process trains. The loader's own
+    # generator keeps it from drawing on the global RNG (dropout's, restored on resume); random
+    # augmentation (Karpathy training) restarts its draws on resume, so there it is not exact.
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=BatchOrder(len(dataset), config, start, rank, world),
+                                         collate_fn=collate, num_workers=config.data.num_workers,
+                                         pin_memory=device.type == "cuda",
+                                         generator=torch.Generator().manual_seed(config.seed * 1000 + rank))
+    skipped = 0
+    for step, (images, input_ids, attention_mask, image_ids, skipped_now) in enumerate(loader, start=start):
+        skipped += skipped_now
         stopping = torch.tensor(float(stop_after is not None and step >= start + stop_after
                                       or time_limit is not None and time.time() - started > time_limit))
         if world > 1:
@@ -298,7 +315,7 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
             values /= world
         values = {f"loss_{k}" if k != "loss" else k: round(v, 5) for k, v in zip(losses, values.tolist())}
         if rank == 0 and (step % config.optim.log_every == 0 or step == total - 1):
-            log.write({"step": step, "lr": lr, **values})
+            log.write({"step": step, "lr": lr, **values, **({"skipped_images": skipped} if skipped else {})})
         progress.set_postfix(values, refresh=False)
         progress.update()
         if evaluate is not None and config.optim.eval_every and (step + 1) % config.optim.eval_every == 0:
@@ -315,6 +332,8 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
             save(step + 1)
             saved_at = step + 1
     progress.close()
+    if skipped:
+        print(f"rank {rank}: {skipped} unreadable images skipped (their next entries served instead)")
     if rank == 0:
         plot_losses(log.read(), out / "loss.png")
     return checkpoint, saved_at

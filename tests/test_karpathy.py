@@ -49,7 +49,9 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path, image_root):
         {"image": "b.jpg", "caption": "blue", "image_id": 3},
     ])
     data = KarpathyDataset(path, image_root, "train", image_size=16)
-    assert data[0]["caption"] == "blue"  # the next readable entry is served
+    item = data[0]
+    assert item["caption"] == "blue"  # the next readable entry is served, naming what it replaces
+    assert item["skipped"] == [str(image_root / "missing.jpg"), str(image_root / "broken.jpg")]
     assert data.skipped == [str(image_root / "missing.jpg"), str(image_root / "broken.jpg")]
     only_bad = write(tmp_path, "bad.json", [{"image": "missing.jpg", "caption": "gone", "image_id": 1}])
     with pytest.raises(RuntimeError, match="no readable image"):

@@ -25,7 +25,7 @@ def losses(out):
 
 def test_a_stopped_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert run("--out", str(straight), *TINY).returncode == 0
+    assert run("--out", str(straight), *TINY, "data.num_workers=0").returncode == 0  # loader workers change nothing
     first = run("--out", str(split), "--stop-after", "3", *TINY)
     assert first.returncode == 0, first.stderr[-2000:]
     assert "next: python train.py --resume" in first.stdout
@@ -86,6 +86,8 @@ def test_karpathy_data_and_pretrained_timm_and_hf_weights(tmp_path):
     for i, colour in enumerate(["red", "green", "blue", "yellow", "purple", "white", "red", "blue"]):
         Image.new("RGB", (40, 30), colour).save(tmp_path / "images" / f"{i}.jpg")
         entries.append({"image": f"{i}.jpg", "caption": f"a small {colour} square", "image_id": i // 2})
+    # Four entries without an image file: served by the next entry, counted by the loader workers.
+    entries += [{"image": f"missing{i}.jpg", "caption": "gone", "image_id": 9} for i in range(4)]
     (tmp_path / "train.json").write_text(json.dumps(entries))
     torch.manual_seed(0)
     vit = timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1,
@@ -101,9 +103,11 @@ def test_karpathy_data_and_pretrained_timm_and_hf_weights(tmp_path):
                  f"data.image_root={tmp_path / 'images'}", f"init.vision={tmp_path / 'vit.pt'}", f"init.text={bert_dir}",
                  "model.vision.image_size=32", "model.vision.width=32", "model.vision.heads=2", "model.vision.depth=1",
                  "model.text.fusion_layer=1", "model.embed_dim=16", "optim.batch_size=4", "optim.max_steps=2",
-                 "optim.warmup_steps=1", "optim.lr=0.0", "optim.min_lr=0.0")
+                 "optim.warmup_steps=1", "optim.lr=0.0", "optim.min_lr=0.0", "data.num_workers=2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "vision weights from" in result.stdout and "0 missing, 0 unused" in result.stdout
+    assert "unreadable images skipped" in result.stdout
+    assert losses(tmp_path / "run")[1]["skipped_images"] > 0
     text_line = next(line for line in result.stdout.splitlines() if line.startswith("text weights from"))
     assert "crossattention" in text_line and "0 unused" in text_line
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]

@@ -80,6 +80,7 @@ class KarpathyDataset(Dataset):
         return len(self.entries)
 
     def __getitem__(self, index: int) -> dict:
+        skipped = []
         for offset in range(len(self.entries)):
             entry = self.entries[(index + offset) % len(self.entries)]
             path = self.image_root / entry["image"]
@@ -88,7 +89,9 @@ class KarpathyDataset(Dataset):
                     pixels = self.transform(image.convert("RGB"))
             except OSError:  # missing, unreadable or not an image (PIL raises OSError subclasses)
                 self.skipped.append(str(path))
+                skipped.append(str(path))
                 continue
+            # "skipped": what this item stands in for, so a DataLoader worker's skips reach the log.
             return {"image": pixels, "caption": entry["caption"],
-                    "image_id": self.image_ids[(index + offset) % len(self.entries)]}
+                    "image_id": self.image_ids[(index + offset) % len(self.entries)], "skipped": skipped}
         raise RuntimeError(f"no readable image under {self.image_root} (skipped {len(self.skipped)})")
