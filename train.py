@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -34,11 +34,14 @@ from vlfast.training import (MetricsLog, check_finite, learning_rate, load_check
 
 @dataclass
 class DataConfig:
-    dataset: str = "synthetic"  # or "karpathy": Flickr30k / COCO train JSON (vlfast.data.karpathy)
+    # "synthetic"; "karpathy": Flickr30k / COCO JSON; "pretrain": ALBEF-format corpus files (the 4M
+    # set) for training, Karpathy val/test JSON for evaluation (vlfast.data.karpathy)
+    dataset: str = "synthetic"
     images: int = 2000  # synthetic: training images
     captions_per_image: int = 2  # synthetic
     eval_images: int = 200  # synthetic: images in each of the val and test splits
     train_file: Optional[str] = None  # karpathy: the train JSON
+    pretrain_files: Tuple[str, ...] = ()  # pretrain: the corpus JSON files
     val_file: Optional[str] = None  # karpathy: val JSON (retrieve.py --finetune evaluates on it)
     test_file: Optional[str] = None  # karpathy: test JSON (retrieve.py)
     image_root: Optional[str] = None  # karpathy: the folder the JSON image paths are relative to
@@ -118,12 +121,16 @@ def make_dataset(config: TrainConfig, split: str):
         return SyntheticImageText(split, images=config.data.images if split == "train" else config.data.eval_images,
                                   image_size=size, captions_per_image=config.data.captions_per_image,
                                   seed=config.data.seed)
-    if config.data.dataset == "karpathy":
+    if config.data.dataset == "pretrain" and split == "train":
+        if not config.data.pretrain_files:
+            raise ValueError("data.dataset=pretrain needs data.pretrain_files")
+        return KarpathyDataset(config.data.pretrain_files, config.data.image_root, "pretrain", image_size=size)
+    if config.data.dataset in ("karpathy", "pretrain"):
         annotations = {"train": config.data.train_file, "val": config.data.val_file, "test": config.data.test_file}[split]
         if not (annotations and config.data.image_root):
-            raise ValueError(f"data.dataset=karpathy needs data.{split}_file and data.image_root")
+            raise ValueError(f"data.dataset={config.data.dataset} needs data.{split}_file and data.image_root")
         return KarpathyDataset(annotations, config.data.image_root, split, image_size=size)
-    raise ValueError(f"data.dataset must be synthetic or karpathy, got {config.data.dataset!r}")
+    raise ValueError(f"data.dataset must be synthetic, karpathy or pretrain, got {config.data.dataset!r}")
 
 
 def image_transform(config: TrainConfig):

@@ -68,11 +68,26 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path, image_root):
 ])
 def test_malformed_annotations_stop_with_the_entry(tmp_path, split, entries, message):
     with pytest.raises(ValueError, match=message):
-        load_annotations(write(tmp_path, "ann.json", entries), train=split == "train")
+        load_annotations(write(tmp_path, "ann.json", entries), split)
 
 
 def test_invalid_json_names_the_file(tmp_path):
     path = tmp_path / "ann.json"
     path.write_text('[{"image": "a.jpg",')
     with pytest.raises(ValueError, match="ann.json: not valid JSON"):
-        load_annotations(path, train=True)
+        load_annotations(path, "train")
+
+
+def test_pretraining_corpus_files_with_caption_lists_and_absolute_paths(tmp_path, image_root):
+    first = write(tmp_path, "coco.json", [{"image": "a.jpg", "caption": ["red", "a red one", "crimson"]}])
+    second = write(tmp_path, "cc3m.json", [{"image": str(image_root / "b.jpg"), "caption": "blue"}])
+    data = KarpathyDataset([first, second], image_root, "pretrain", image_size=16)
+    assert len(data) == 2 and data[1]["caption"] == "blue" and data[1]["image_id"] == 1
+    torch.manual_seed(0)
+    drawn = {data[0]["caption"] for _ in range(40)}
+    assert drawn == {"red", "a red one", "crimson"}  # one caption per visit, every one in turn
+    assert KarpathyDataset([second], None, "pretrain", image_size=16)[0]["caption"] == "blue"  # no root needed
+    with pytest.raises(ValueError, match="coco.json: entry 0 .* a pretrain entry needs 'caption'"):
+        load_annotations(write(tmp_path, "coco.json", [{"image": "a.jpg", "caption": []}]), "pretrain")
+    with pytest.raises(ValueError, match="split must be train, val, test or pretrain"):
+        KarpathyDataset(first, image_root, "pretraining")

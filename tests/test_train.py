@@ -124,4 +124,22 @@ def test_shipped_configs_load(config):
     import train
 
     loaded = train.load_config(train.TrainConfig, config)
-    assert loaded.data.dataset in ("synthetic", "karpathy")
+    assert loaded.data.dataset in ("synthetic", "karpathy", "pretrain")
+
+
+def test_pretrain_corpus_trains_and_evaluates_on_karpathy_files(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    import train
+
+    config = train.load_config(train.TrainConfig, ROOT / "configs" / "4m.yaml")
+    with pytest.raises(ValueError, match="needs data.pretrain_files"):
+        train.make_dataset(config, "train")
+    with pytest.raises(ValueError, match="data.dataset=pretrain needs data.test_file and data.image_root"):
+        train.make_dataset(config, "test")
+    (tmp_path / "a.json").write_text(json.dumps([{"image": "x.jpg", "caption": ["one", "two"]}]))
+    (tmp_path / "b.json").write_text(json.dumps([{"image": "y.jpg", "caption": "three"}]))
+    (tmp_path / "test.json").write_text(json.dumps([{"image": "x.jpg", "caption": ["one"]}]))
+    config = train.load_config(train.TrainConfig, ROOT / "configs" / "4m.yaml",
+                               [f"data.pretrain_files=[{tmp_path / 'a.json'}, {tmp_path / 'b.json'}]",
+                                f"data.test_file={tmp_path / 'test.json'}", f"data.image_root={tmp_path}"])
+    assert len(train.make_dataset(config, "train")) == 2 and train.make_dataset(config, "test").split == "test"

@@ -1,15 +1,19 @@
-"""Flickr30k / COCO in the Karpathy split, as the JSON files ALBEF and BLIP ship.
+"""Flickr30k / COCO in the Karpathy split, as the JSON files ALBEF and BLIP ship, and ALBEF's
+pretraining corpora (the 4M set: COCO, VG, CC3M, SBU) in the same loader.
 
 train entries: {"image": relative path, "caption": str, "image_id": ...}, one per caption;
-val/test entries: {"image": relative path, "caption": [str, ...]}, one per image. Images are read
-from a separate root. A malformed annotation stops before training with the entry that is wrong;
-an image that is missing or unreadable is skipped (the next entry is served instead), counted,
-and its path kept, so one bad file never stops an epoch.
+val/test entries: {"image": relative path, "caption": [str, ...]}, one per image; pretrain
+entries: {"image": path, "caption": str or [str, ...]} (one caption drawn per visit), from one or
+more files. Images are read from a separate root (paths may also be absolute). A malformed
+annotation stops before training with the entry that is wrong; an image that is missing or
+unreadable is skipped (the next entry is served instead), counted, and its path kept, so one bad
+file never stops an epoch.
 """
 import json
 from pathlib import Path
 from typing import Callable, List, Optional
 
+import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
@@ -35,8 +39,9 @@ def test_transform(image_size: int) -> Callable:
     ])
 
 
-def load_annotations(path, train: bool) -> List[dict]:
-    """The entries of a Karpathy JSON file, checked; a ValueError names the file and entry."""
+def load_annotations(path, split: str) -> List[dict]:
+    """The entries of a Karpathy (train, val, test) or pretraining JSON file, checked; a
+    ValueError names the file and entry."""
     path = Path(path)
     try:
         entries = json.loads(path.read_text())
@@ -49,7 +54,11 @@ def load_annotations(path, train: bool) -> List[dict]:
         if not isinstance(entry, dict) or not isinstance(entry.get("image"), str) or not entry["image"]:
             raise ValueError(f"{where}: needs an 'image' path")
         captions = entry.get("caption")
-        if train:
+        if split == "pretrain":
+            if not (isinstance(captions, str) and captions.strip() or isinstance(captions, list) and captions
+                    and all(isinstance(c, str) and c.strip() for c in captions)):
+                raise ValueError(f"{where}: a pretrain entry needs 'caption' as a non-empty string or list of them")
+        elif split == "train":
             if not isinstance(captions, str) or not captions.strip():
                 raise ValueError(f"{where}: a train entry needs a non-empty 'caption' string")
             if "image_id" not in entry:
@@ -61,18 +70,23 @@ def load_annotations(path, train: bool) -> List[dict]:
 
 class KarpathyDataset(Dataset):
     """``split`` "train": items {"image", "caption", "image_id" (an int index of the distinct ids)};
-    "val"/"test": items {"image", "caption": [captions], "image_id": the entry index}."""
+    "val"/"test": items {"image", "caption": [captions], "image_id": the entry index};
+    "pretrain" (one or more files, ALBEF's pretraining format): items {"image", "caption" (one of
+    the entry's, drawn each visit), "image_id": the entry index}."""
 
-    def __init__(self, annotation_file, image_root, split: str = "train", image_size: int = 384,
+    def __init__(self, annotation_files, image_root, split: str = "train", image_size: int = 384,
                  transform: Optional[Callable] = None):
-        if split not in ("train", "val", "test"):
-            raise ValueError(f"split must be train, val or test, got {split!r}")
-        self.train = split == "train"
-        self.entries = load_annotations(annotation_file, self.train)
-        self.image_root = Path(image_root)
-        self.transform = transform or (train_transform if self.train else test_transform)(image_size)
+        if split not in ("train", "val", "test", "pretrain"):
+            raise ValueError(f"split must be train, val, test or pretrain, got {split!r}")
+        files = [annotation_files] if isinstance(annotation_files, (str, Path)) else list(annotation_files)
+        if not files:
+            raise ValueError("no annotation files given")
+        self.split = split
+        self.entries = [entry for file in files for entry in load_annotations(file, split)]
+        self.image_root = Path(image_root or "")  # "": the paths are absolute or relative to here
+        self.transform = transform or (train_transform if split in ("train", "pretrain") else test_transform)(image_size)
         ids = {}
-        self.image_ids = [ids.setdefault(entry["image_id"], len(ids)) if self.train else index
+        self.image_ids = [ids.setdefault(entry["image_id"], len(ids)) if split == "train" else index
                           for index, entry in enumerate(self.entries)]
         self.skipped: List[str] = []  # images that could not be read, in the order met
 
@@ -92,6 +106,9 @@ class KarpathyDataset(Dataset):
                 skipped.append(str(path))
                 continue
             # "skipped": what this item stands in for, so a DataLoader worker's skips reach the log.
-            return {"image": pixels, "caption": entry["caption"],
+            caption = entry["caption"]
+            if self.split == "pretrain" and isinstance(caption, list):
+                caption = caption[int(torch.randint(len(caption), ()))]
+            return {"image": pixels, "caption": caption,
                     "image_id": self.image_ids[(index + offset) % len(self.entries)], "skipped": skipped}
         raise RuntimeError(f"no readable image under {self.image_root} (skipped {len(self.skipped)})")
