@@ -243,7 +243,8 @@ def setup_distributed():
 def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int = None,
           time_limit: float = None, evaluate: Callable[[Mamo, int], float] = None):
     """Train to config.optim.max_steps, or stop early (checkpoint written) after ``stop_after``
-    steps or ``time_limit`` seconds of this invocation; --resume continues exactly (one process).
+    steps or ``time_limit`` seconds of this invocation; --resume continues exactly (with as many
+    processes as the run that wrote the checkpoint).
     Every optim.eval_every steps ``evaluate(model, step)`` (called on every rank, model in eval
     mode) scores the model; the best-scoring weights are kept in best.pt.
     Returns (checkpoint path, the step it holds)."""
@@ -264,8 +265,12 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
         state = load_checkpoint(resume)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])  # dropout
+        saved = state["rng"]  # one entry per process of the run that wrote it
+        if len(saved) != world:
+            print(f"warning: {resume} was written by {len(saved)} processes, this run has {world}: "
+                  "batches and random draws will not continue exactly")
+        generator.set_state(saved[rank % len(saved)]["generator"])
+        torch.set_rng_state(saved[rank % len(saved)]["torch"])  # dropout
         start, best = state["step"], state.get("best_score", best)
         print(f"resumed from {resume} at step {start}")
     # Objectives left out leave parameters without gradients, which DDP must be told about.
@@ -273,12 +278,13 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
     log = MetricsLog(out / "metrics.jsonl")
     total = config.optim.max_steps
 
-    def save(step):
+    def save(step):  # called on every rank: each one's random state goes into the checkpoint
+        rng = [{"generator": generator.get_state(), "torch": torch.get_rng_state()}] * world
+        if world > 1:
+            dist.all_gather_object(rng, rng[0])
         if rank == 0:
             save_checkpoint(checkpoint, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                         "step": step, "generator": generator.get_state(),
-                                         "torch_rng": torch.get_rng_state(), "config": asdict(config),
-                                         "best_score": best})
+                                         "step": step, "rng": rng, "config": asdict(config), "best_score": best})
 
     progress = tqdm(total=total, initial=start, desc="train", disable=rank != 0)
     saved_at = start if resume is not None else None

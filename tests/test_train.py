@@ -39,6 +39,23 @@ def test_a_stopped_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
     assert (split / "loss.png").exists()
 
 
+def test_a_stopped_and_resumed_torchrun_run_equals_an_uninterrupted_one(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    common = [*TINY, "optim.batch_size=2", "optim.max_steps=4"]
+    result = run("--out", str(straight), *common, processes=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run("--out", str(split), "--stop-after", "2", *common, processes=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run("--out", str(split), "--resume", str(split / "last.pt"), *common, processes=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    want, got = losses(straight), losses(split)
+    assert sorted(got) == list(range(4))
+    for step in range(4):
+        assert got[step] == want[step], step
+    single = run("--out", str(tmp_path / "one"), "--resume", str(split / "last.pt"), *common)  # other world size
+    assert single.returncode == 0 and "written by 2 processes, this run has 1" in single.stdout, single.stderr[-3000:]
+
+
 def test_bad_config_stops_before_training(tmp_path):
     result = run("--out", str(tmp_path), "optim.batch_sise=4")
     assert result.returncode == 2 and "unknown config key optim.batch_sise" in result.stderr
