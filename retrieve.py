@@ -24,8 +24,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from train import TrainConfig, image_transform, make_dataset, make_model, make_tokenizer, setup_distributed, train
-from vlfast.retrieval import SCORES, Embeddings, contact_sheet, embed_images, embed_texts, evaluate, itm_scores, top_matches
-from vlfast.training import load_checkpoint, load_config
+from vlfast.retrieval import (SCORES, Embeddings, check_settings, contact_sheet, embed_images, embed_texts, evaluate,
+                              itm_scores, top_matches)
+from vlfast.training import load_checkpoint, load_config, save_checkpoint
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -37,6 +38,7 @@ def load(checkpoint: Path, config_file=None, overrides=(), device="cpu"):
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file (train.py writes runs/<name>/last.pt)")
     state = load_checkpoint(checkpoint)
     config = load_config(TrainConfig, config_file, overrides, base=state["config"])
+    check_settings(config.retrieval.k_test, config.retrieval.score)
     tokenizer = make_tokenizer(config, checkpoint.parent)
     model = make_model(config, tokenizer)
     model.load_state_dict(state["model"])
@@ -56,6 +58,9 @@ def run_evaluation(model, tokenizer, config: TrainConfig, dataset, split: str, d
     result = evaluate(model, dataset, tokenizer_function(tokenizer, config), k=config.retrieval.k_test,
                       score=config.retrieval.score, batch_size=config.retrieval.batch_size, device=device,
                       progress=rank == 0)
+    if rank == 0 and result.skipped_images:
+        print(f"warning: {result.skipped_images} unreadable images in the {split} split; the next entries stood in, "
+              f"so these numbers are not the split's")
     if rank == 0:
         print(format_table(result.metrics, f"{split}: {len(result.img2txt)} images, {len(result.captions)} texts, "
                                            f"score {config.retrieval.score}, k {config.retrieval.k_test}, "
@@ -74,7 +79,8 @@ def format_table(metrics: dict, title: str) -> str:
 def write_outputs(result, dataset, checkpoint: Path, split: str, config: TrainConfig) -> None:
     stem = checkpoint.parent / f"{checkpoint.stem}_retrieval_{split}"
     record = {"checkpoint": str(checkpoint), "split": split, "score": config.retrieval.score,
-              "k_test": config.retrieval.k_test, "metrics": result.metrics, **top_matches(result, 10)}
+              "k_test": config.retrieval.k_test, "metrics": result.metrics, "skipped_images": result.skipped_images,
+              **top_matches(result, 10)}
     stem.with_suffix(".json").write_text(json.dumps(record, indent=1))
     contact_sheet(result, lambda index: dataset[index]["image"], stem.with_suffix(".png"))
     print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.png')}")
@@ -83,10 +89,13 @@ def write_outputs(result, dataset, checkpoint: Path, split: str, config: TrainCo
 def finetune_config(args, world: int) -> TrainConfig:
     """The pretrained checkpoint's config, --config and overrides on top, set for retrieval
     fine-tuning: ITC + ITM with every caption of an image a positive, retrieval.finetune_epochs
-    epochs at retrieval.finetune_lr (cosine, no warmup), val recall and a checkpoint each epoch."""
+    epochs at retrieval.finetune_lr (cosine to 1/100 of it, no warmup), val recall and a checkpoint each epoch."""
     if not args.checkpoint.is_file():
         raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such file (the pretrained checkpoint)")
     config = load_config(TrainConfig, args.config, args.overrides, base=load_checkpoint(args.checkpoint)["config"])
+    check_settings(config.retrieval.k_test, config.retrieval.score)
+    if config.retrieval.finetune_epochs < 1:
+        raise ValueError(f"retrieval.finetune_epochs must be at least 1, got {config.retrieval.finetune_epochs}")
     config.model.objectives, config.image_id_positives = ("itc", "itm"), True
     config.init.checkpoint, config.init.vision = str(args.checkpoint), None
     captions = len(make_dataset(config, "train"))
@@ -94,7 +103,7 @@ def finetune_config(args, world: int) -> TrainConfig:
     if steps_per_epoch == 0:
         raise ValueError(f"the train split has {captions} captions, fewer than one global batch of "
                          f"optim.batch_size {config.optim.batch_size} × {world} processes")
-    config.optim.lr, config.optim.min_lr = config.retrieval.finetune_lr, min(config.optim.min_lr, config.retrieval.finetune_lr)
+    config.optim.lr, config.optim.min_lr = config.retrieval.finetune_lr, config.retrieval.finetune_lr / 100
     config.optim.warmup_steps = 0
     config.optim.max_steps = config.retrieval.finetune_epochs * steps_per_epoch
     config.optim.eval_every = config.optim.checkpoint_every = steps_per_epoch
@@ -209,7 +218,11 @@ def folder_features(model, transform, checkpoint: Path, folder: Path, device, ba
         raise ValueError(f"--images {folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in it")
     cache_file = checkpoint.parent / "search_cache" / f"{hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:16]}.pt"
     stamp = lambda path: [path.stat().st_size, path.stat().st_mtime_ns]  # noqa: E731
-    cache = torch.load(cache_file, weights_only=True) if cache_file.exists() else {}
+    try:
+        cache = load_checkpoint(cache_file) if cache_file.exists() else {}
+    except Exception as error:  # a cut-short or foreign file: rebuilt, never a dead end
+        print(f"ignoring the unreadable cache {cache_file} ({type(error).__name__})", file=sys.stderr)
+        cache = {}
     entries = cache["entries"] if cache.get("checkpoint") == stamp(checkpoint) else {}  # new weights: all stale
     names = [str(path.relative_to(folder)) for path in paths]
     fresh = [i for i, name in enumerate(names) if entries.get(name, {}).get("stamp") != stamp(paths[i])]
@@ -230,8 +243,7 @@ def folder_features(model, transform, checkpoint: Path, folder: Path, device, ba
                 entries[names[i]] = {"stamp": stamp(paths[i]), "feature": feat.clone()}
     entries = {name: entries[name] for name in names}
     if fresh or len(entries) != len(cache.get("entries", {})):
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"checkpoint": stamp(checkpoint), "entries": entries}, cache_file)
+        save_checkpoint(cache_file, {"checkpoint": stamp(checkpoint), "entries": entries})
     kept = [i for i, name in enumerate(names) if entries[name]["feature"] is not None]
     if not kept:
         raise ValueError(f"--images {folder}: none of its {len(paths)} image files could be read")

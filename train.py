@@ -263,6 +263,9 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
     start, checkpoint, best = 0, out / "last.pt", -math.inf
     if resume is not None:
         state = load_checkpoint(resume)
+        if "rng" not in state:
+            raise ValueError(f"--resume {resume}: no optimizer and random state in it (best.pt holds weights "
+                             f"only): start a new run from it with init.checkpoint={resume}")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         saved = state["rng"]  # one entry per process of the run that wrote it
@@ -270,7 +273,9 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
             print(f"warning: {resume} was written by {len(saved)} processes, this run has {world}: "
                   "batches and random draws will not continue exactly")
         generator.set_state(saved[rank % len(saved)]["generator"])
-        torch.set_rng_state(saved[rank % len(saved)]["torch"])  # dropout
+        torch.set_rng_state(saved[rank % len(saved)]["torch"])  # dropout on the CPU
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(saved[rank % len(saved)]["cuda"], device)  # dropout on the GPU
         start, best = state["step"], state.get("best_score", best)
         print(f"resumed from {resume} at step {start}")
     # Objectives left out leave parameters without gradients, which DDP must be told about.
@@ -279,7 +284,8 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
     total = config.optim.max_steps
 
     def save(step):  # called on every rank: each one's random state goes into the checkpoint
-        rng = [{"generator": generator.get_state(), "torch": torch.get_rng_state()}] * world
+        rng = [{"generator": generator.get_state(), "torch": torch.get_rng_state(),
+                **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}] * world
         if world > 1:
             dist.all_gather_object(rng, rng[0])
         if rank == 0:
@@ -300,7 +306,8 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
     for step, (images, input_ids, attention_mask, image_ids, skipped_now) in enumerate(loader, start=start):
         skipped += skipped_now
         stopping = torch.tensor(float(stop_after is not None and step >= start + stop_after
-                                      or time_limit is not None and time.time() - started > time_limit))
+                                      or time_limit is not None and time.time() - started > time_limit),
+                                device=device)  # NCCL reduces CUDA tensors only
         if world > 1:
             dist.all_reduce(stopping)  # every rank stops at the same step
         if step >= total or stopping:

@@ -16,7 +16,7 @@ from PIL import Image
 from test_mamo import batch, tiny
 from test_train import ROOT, TINY
 from vlfast.data.synthetic import SyntheticImageText, render
-from vlfast.retrieval import Embeddings, two_stage_scores
+from vlfast.retrieval import Embeddings, query_rows, two_stage_scores
 
 TINY_EVAL = [*TINY, "data.images=16", "data.captions_per_image=2", "data.eval_images=6", "optim.max_steps=2",
              "retrieval.batch_size=4"]
@@ -70,6 +70,13 @@ def test_bad_score_and_k():
         two_stage_scores(model, emb, k=2, score="itm+itm")
     with pytest.raises(ValueError, match="k must be at least 1"):
         two_stage_scores(model, emb, k=0)
+
+
+@pytest.mark.parametrize("queries, world", [(5, 4), (7, 2), (1, 8), (41, 8), (0, 3)])
+def test_query_rows_split_every_query_once(queries, world):
+    shares = [query_rows(queries, rank, world) for rank in range(world)]
+    assert [i for start, end in shares for i in range(start, end)] == list(range(queries))
+    assert all(start <= end for start, end in shares)
 
 
 def _two_ranks(rank, init_file, out):
@@ -142,6 +149,10 @@ def test_evaluation_errors_name_the_problem(tmp_path, checkpoint):
     assert result.returncode == 2 and "unknown config key retrieval.k_tset" in result.stderr
     result = run("retrieve.py", "--checkpoint", str(checkpoint), "data.dataset=karpathy")
     assert result.returncode == 2 and "needs data.test_file and data.image_root" in result.stderr
+    result = run("retrieve.py", "--checkpoint", str(checkpoint), "retrieval.score=itm_itc")
+    assert result.returncode == 2 and "score must be one of" in result.stderr
+    result = run("retrieve.py", "--finetune", "--checkpoint", str(checkpoint), "retrieval.finetune_epochs=0")
+    assert result.returncode == 2 and "retrieval.finetune_epochs must be at least 1" in result.stderr
     result = run("retrieve.py", "--finetune", "--checkpoint", str(checkpoint), "optim.batch_size=1000")
     assert result.returncode == 2 and "fewer than one global batch of optim.batch_size 1000" in result.stderr
     result = run("retrieve.py", "--finetune", "--checkpoint", str(checkpoint), "data.dataset=karpathy",
@@ -178,6 +189,11 @@ def test_search_a_folder_ranks_every_image_and_caches_the_embeddings(checkpoint,
 
     again = search(checkpoint, "--images", str(folder), "--text", captions[0], "--top", "10", "--json")
     assert "embedding" not in again.stderr and json.loads(again.stdout) == matches
+    cache_file, = (checkpoint.parent / "search_cache").glob("*.pt")
+    cache_file.write_bytes(cache_file.read_bytes()[:100])  # cut short, as by a crash: rebuilt
+    rebuilt = search(checkpoint, "--images", str(folder), "--text", captions[0], "--top", "10", "--json")
+    assert "ignoring the unreadable cache" in rebuilt.stderr and "embedding 6 of 6 images" in rebuilt.stderr
+    assert json.loads(rebuilt.stdout) == matches
 
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(folder / "scene03.png")  # changed: re-embedded alone
     os.utime(folder / "scene03.png", ns=(1, 1))
@@ -238,6 +254,8 @@ def test_finetune_keeps_the_best_epoch_by_val_recall(checkpoint, tmp_path):
     assert best["step"] == 8 * (1 + scores.index(max(scores)))  # an epoch: 16 images × 2 captions / batch 4
     assert tuple(best["config"]["model"]["objectives"]) == ("itc", "itm") and best["config"]["image_id_positives"]
     assert (out / "best_retrieval_test.json").exists()
+    resumed = run("train.py", "--resume", str(out / "best.pt"), "--out", str(tmp_path / "again"))
+    assert resumed.returncode != 0 and f"init.checkpoint={out / 'best.pt'}" in resumed.stderr
     losses = [r for r in records if "loss" in r]
     assert losses and set(k for r in losses for k in r if k.startswith("loss_")) == {"loss_itc", "loss_itm"}
 
@@ -245,10 +263,12 @@ def test_finetune_keeps_the_best_epoch_by_val_recall(checkpoint, tmp_path):
 def test_evaluation_on_a_karpathy_test_json(checkpoint, tmp_path):
     captions = save_renders(tmp_path / "images", 4)
     entries = [{"image": f"scene{i:02}.png", "caption": [captions[i], captions[i].upper()]} for i in range(4)]
+    entries.insert(0, {"image": "lost.png", "caption": ["gone"]})  # served by the next entry, and said so
     (tmp_path / "test.json").write_text(json.dumps(entries))
     result = run("retrieve.py", "--checkpoint", str(checkpoint), "data.dataset=karpathy",
                  f"data.test_file={tmp_path / 'test.json'}", f"data.image_root={tmp_path / 'images'}")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "test: 4 images, 8 texts" in result.stdout
+    assert "test: 5 images, 10 texts" in result.stdout
+    assert "warning: 1 unreadable images in the test split" in result.stdout
     record = json.loads((checkpoint.parent / "last_retrieval_test.json").read_text())
-    assert record["text_to_image"][3]["caption"] == captions[1].upper()
+    assert record["skipped_images"] == 1 and record["text_to_image"][5]["caption"] == captions[1].upper()

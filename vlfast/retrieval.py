@@ -68,6 +68,20 @@ def itm_scores(model, embeddings: Embeddings, image_idx: Tensor, text_idx: Tenso
     return logits[:, 1].float()
 
 
+def check_settings(k: int, score: str) -> None:
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+
+
+def query_rows(queries: int, rank: int, world: int) -> Tuple[int, int]:
+    """[start, end) of the queries a rank re-scores: contiguous shares of ceil(queries / world);
+    the last ranks' may be empty (4 ranks, 5 queries: 2, 2, 1, 0)."""
+    share = math.ceil(queries / world)
+    return min(queries, rank * share), min(queries, (rank + 1) * share)
+
+
 @torch.no_grad()
 def two_stage_scores(model, embeddings: Embeddings, k: int, score: str = "itm", pair_batch_size: int = 256,
                      progress: bool = False) -> Tuple[Tensor, Tensor]:
@@ -76,18 +90,14 @@ def two_stage_scores(model, embeddings: Embeddings, k: int, score: str = "itm", 
     (plus the similarity for "itm+itc", as BLIP) and every other entry -100. Under
     torch.distributed each rank re-scores a contiguous share of the queries and the matrices are
     summed across ranks, so every rank returns what one process would."""
-    if score not in SCORES:
-        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-    if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
+    check_settings(k, score)
     sims = embeddings.image_feat @ embeddings.text_feat.T  # (I, T)
     if score == "itc":
         return sims, sims.T.contiguous()
 
     def rerank(sims: Tensor, pair: Callable[[Tensor, Tensor], Tuple[Tensor, Tensor]], desc: str) -> Tensor:
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-        share = math.ceil(sims.shape[0] / world)
-        rows = torch.arange(rank * share, min(sims.shape[0], (rank + 1) * share), device=sims.device)
+        rows = torch.arange(*query_rows(sims.shape[0], rank, world), device=sims.device)
         top_sim, top_idx = sims[rows].topk(min(k, sims.shape[1]), dim=1)
         queries, keys = rows.repeat_interleave(top_idx.shape[1]), top_idx.flatten()
         values = torch.empty(len(queries), device=sims.device)
@@ -114,18 +124,20 @@ class Evaluation:
     captions: List[str]  # the T texts, image by image
     img2txt: List[List[int]]
     txt2img: List[int]
+    skipped_images: int  # unreadable images whose next entries stood in (Karpathy JSON): the set is not the split
 
 
 def evaluate(model, dataset, tokenize: Callable[[List[str]], Tuple[Tensor, Tensor]], *, k: int, score: str = "itm",
              batch_size: int = 64, device="cpu", progress: bool = True) -> Evaluation:
     """Retrieval on an evaluation split whose items are {"image", "caption": [captions]}:
     embeddings, two_stage_scores and itm_eval. ``tokenize`` maps captions to (input_ids, mask)."""
-    captions, img2txt, txt2img = [], [], []
+    captions, img2txt, txt2img, skipped = [], [], [], []
 
     def image_batches():
         for start in range(0, len(dataset), batch_size):
             items = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
             for item in items:
+                skipped.extend(item.get("skipped", ()))
                 img2txt.append(list(range(len(captions), len(captions) + len(item["caption"]))))
                 txt2img.extend([len(img2txt) - 1] * len(item["caption"]))
                 captions.extend(item["caption"])
@@ -136,7 +148,7 @@ def evaluate(model, dataset, tokenize: Callable[[List[str]], Tuple[Tensor, Tenso
     embeddings = Embeddings(image, image_feat, text, text_mask, text_feat)
     scores_i2t, scores_t2i = two_stage_scores(model, embeddings, k, score, 4 * batch_size, progress)
     metrics = itm_eval(scores_i2t.cpu().numpy(), scores_t2i.cpu().numpy(), img2txt, txt2img)
-    return Evaluation(metrics, scores_i2t.cpu(), scores_t2i.cpu(), captions, img2txt, txt2img)
+    return Evaluation(metrics, scores_i2t.cpu(), scores_t2i.cpu(), captions, img2txt, txt2img, len(skipped))
 
 
 def top_matches(evaluation: Evaluation, n: int = 10) -> Dict[str, list]:
