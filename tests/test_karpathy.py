@@ -91,3 +91,16 @@ def test_pretraining_corpus_files_with_caption_lists_and_absolute_paths(tmp_path
         load_annotations(write(tmp_path, "coco.json", [{"image": "a.jpg", "caption": []}]), "pretrain")
     with pytest.raises(ValueError, match="split must be train, val, test or pretrain"):
         KarpathyDataset(first, image_root, "pretraining")
+
+
+def test_annotations_are_packed_and_a_wrong_root_stops_early(tmp_path, image_root):
+    from vlfast.data.karpathy import MAX_SKIPS_IN_A_ROW, PackedStrings
+
+    texts = ["", "a café", "二匹の猫", "x" * 500]
+    packed = PackedStrings(texts)
+    assert len(packed) == 4 and [packed[i] for i in range(4)] == texts
+    entries = [{"image": f"img{i}.jpg", "caption": [f"c{i}", f"d{i}"]} for i in range(3 * MAX_SKIPS_IN_A_ROW)]
+    data = KarpathyDataset(write(tmp_path, "test.json", entries), tmp_path / "not-the-root", "test")
+    assert data.caption(7) == ["c7", "d7"] and data.image_ids.dtype.kind == "i"
+    with pytest.raises(RuntimeError, match=f"{MAX_SKIPS_IN_A_ROW} in a row could not be read.*img5.jpg.*image_root"):
+        data[5]

@@ -11,8 +11,9 @@ file never stops an epoch.
 """
 import json
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Union
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -68,6 +69,26 @@ def load_annotations(path, split: str) -> List[dict]:
     return entries
 
 
+CAPTION_SEPARATOR = "\x1e"  # ASCII record separator: joins an entry's captions in the packed buffer
+MAX_SKIPS_IN_A_ROW = 100  # then the image root, not a few files, is wrong
+MAX_SKIPS_KEPT = 1000
+
+
+class PackedStrings:
+    """Strings in one UTF-8 buffer with offsets (numpy arrays, no per-string Python objects)."""
+
+    def __init__(self, strings: List[str]):
+        encoded = [text.encode() for text in strings]
+        self.offsets = np.cumsum([0] + [len(e) for e in encoded], dtype=np.int64)
+        self.buffer = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index: int) -> str:
+        return self.buffer[self.offsets[index]:self.offsets[index + 1]].tobytes().decode()
+
+
 class KarpathyDataset(Dataset):
     """``split`` "train": items {"image", "caption", "image_id" (an int index of the distinct ids)};
     "val"/"test": items {"image", "caption": [captions], "image_id": the entry index};
@@ -82,33 +103,44 @@ class KarpathyDataset(Dataset):
         if not files:
             raise ValueError("no annotation files given")
         self.split = split
-        self.entries = [entry for file in files for entry in load_annotations(file, split)]
+        entries = [entry for file in files for entry in load_annotations(file, split)]
+        # Flat buffers instead of a list of dicts: reading a Python object writes its reference
+        # count, so each forked loader worker would copy the pages of a 5M-entry list (GBs).
+        self.images = PackedStrings([entry["image"] for entry in entries])
+        self.captions = PackedStrings([CAPTION_SEPARATOR.join(c) if isinstance(c, list) else c
+                                       for c in (entry["caption"] for entry in entries)])
+        self.caption_lists = np.array([isinstance(entry["caption"], list) for entry in entries])
+        ids = {}
+        self.image_ids = np.array([ids.setdefault(entry["image_id"], len(ids)) if split == "train" else index
+                                   for index, entry in enumerate(entries)], dtype=np.int64)
         self.image_root = Path(image_root or "")  # "": the paths are absolute or relative to here
         self.transform = transform or (train_transform if split in ("train", "pretrain") else test_transform)(image_size)
-        ids = {}
-        self.image_ids = [ids.setdefault(entry["image_id"], len(ids)) if split == "train" else index
-                          for index, entry in enumerate(self.entries)]
-        self.skipped: List[str] = []  # images that could not be read, in the order met
+        self.skipped: List[str] = []  # the first MAX_SKIPS_KEPT unreadable images, in the order met
 
     def __len__(self) -> int:
-        return len(self.entries)
+        return len(self.images)
+
+    def caption(self, index: int) -> Union[str, List[str]]:
+        text = self.captions[index]
+        return text.split(CAPTION_SEPARATOR) if self.caption_lists[index] else text
 
     def __getitem__(self, index: int) -> dict:
         skipped = []
-        for offset in range(len(self.entries)):
-            entry = self.entries[(index + offset) % len(self.entries)]
-            path = self.image_root / entry["image"]
+        for offset in range(min(len(self), MAX_SKIPS_IN_A_ROW)):
+            entry = (index + offset) % len(self)
+            path = self.image_root / self.images[entry]
             try:
                 with Image.open(path) as image:
                     pixels = self.transform(image.convert("RGB"))
             except OSError:  # missing, unreadable or not an image (PIL raises OSError subclasses)
-                self.skipped.append(str(path))
+                if len(self.skipped) < MAX_SKIPS_KEPT:
+                    self.skipped.append(str(path))
                 skipped.append(str(path))
                 continue
-            # "skipped": what this item stands in for, so a DataLoader worker's skips reach the log.
-            caption = entry["caption"]
+            caption = self.caption(entry)
             if self.split == "pretrain" and isinstance(caption, list):
                 caption = caption[int(torch.randint(len(caption), ()))]
-            return {"image": pixels, "caption": caption,
-                    "image_id": self.image_ids[(index + offset) % len(self.entries)], "skipped": skipped}
-        raise RuntimeError(f"no readable image under {self.image_root} (skipped {len(self.skipped)})")
+            # "skipped": what this item stands in for, so a DataLoader worker's skips reach the log.
+            return {"image": pixels, "caption": caption, "image_id": int(self.image_ids[entry]), "skipped": skipped}
+        raise RuntimeError(f"no readable image under {self.image_root}: {len(skipped)} in a row could not be read, "
+                           f"from {skipped[0]} (a wrong data.image_root?)")
