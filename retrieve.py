@@ -23,7 +23,8 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from train import TrainConfig, image_transform, make_dataset, make_model, make_tokenizer, setup_distributed, train
+from train import (BatchOrder, TrainConfig, caption_tokenizer, image_transform, make_dataset, make_model, make_tokenizer,
+                   setup_distributed, train)
 from vlfast.retrieval import (SCORES, Embeddings, check_settings, contact_sheet, embed_images, embed_texts, evaluate,
                               itm_scores, top_matches)
 from vlfast.training import load_checkpoint, load_config, save_checkpoint
@@ -31,31 +32,29 @@ from vlfast.training import load_checkpoint, load_config, save_checkpoint
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-def load(checkpoint: Path, config_file=None, overrides=(), device="cpu"):
-    """(config, tokenizer, model in eval mode) of a checkpoint: its own config, with a config file
-    and key=value overrides on top (data and retrieval settings; the model must match the weights)."""
+def checkpoint_config(checkpoint: Path, config_file=None, overrides=()):
+    """(checkpoint state, config): the checkpoint's own config with a config file and key=value
+    overrides on top (data and retrieval settings; the model must match the weights), checked."""
     if not checkpoint.is_file():
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file (train.py writes runs/<name>/last.pt)")
     state = load_checkpoint(checkpoint)
     config = load_config(TrainConfig, config_file, overrides, base=state["config"])
     check_settings(config.retrieval.k_test, config.retrieval.score)
+    return state, config
+
+
+def load(checkpoint: Path, config_file=None, overrides=(), device="cpu"):
+    """(config, tokenizer, model in eval mode) of a checkpoint (see checkpoint_config)."""
+    state, config = checkpoint_config(checkpoint, config_file, overrides)
     tokenizer = make_tokenizer(config, checkpoint.parent)
     model = make_model(config, tokenizer)
     model.load_state_dict(state["model"])
     return config, tokenizer, model.to(device).eval()
 
 
-def tokenizer_function(tokenizer, config: TrainConfig):
-    def tokenize(captions):
-        text = tokenizer(captions, padding="longest", truncation=True, max_length=config.data.max_text_length,
-                         return_tensors="pt")
-        return text["input_ids"], text["attention_mask"]
-    return tokenize
-
-
 def run_evaluation(model, tokenizer, config: TrainConfig, dataset, split: str, device, rank: int):
     started = time.time()
-    result = evaluate(model, dataset, tokenizer_function(tokenizer, config), k=config.retrieval.k_test,
+    result = evaluate(model, dataset, caption_tokenizer(tokenizer, config), k=config.retrieval.k_test,
                       score=config.retrieval.score, batch_size=config.retrieval.batch_size, device=device,
                       progress=rank == 0)
     if rank == 0 and result.skipped_images:
@@ -90,19 +89,12 @@ def finetune_config(args, world: int) -> TrainConfig:
     """The pretrained checkpoint's config, --config and overrides on top, set for retrieval
     fine-tuning: ITC + ITM with every caption of an image a positive, retrieval.finetune_epochs
     epochs at retrieval.finetune_lr (cosine to 1/100 of it, no warmup), val recall and a checkpoint each epoch."""
-    if not args.checkpoint.is_file():
-        raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such file (the pretrained checkpoint)")
-    config = load_config(TrainConfig, args.config, args.overrides, base=load_checkpoint(args.checkpoint)["config"])
-    check_settings(config.retrieval.k_test, config.retrieval.score)
+    _, config = checkpoint_config(args.checkpoint, args.config, args.overrides)
     if config.retrieval.finetune_epochs < 1:
         raise ValueError(f"retrieval.finetune_epochs must be at least 1, got {config.retrieval.finetune_epochs}")
     config.model.objectives, config.image_id_positives = ("itc", "itm"), True
     config.init.checkpoint, config.init.vision = str(args.checkpoint), None
-    captions = len(make_dataset(config, "train"))
-    steps_per_epoch = captions // (config.optim.batch_size * world)
-    if steps_per_epoch == 0:
-        raise ValueError(f"the train split has {captions} captions, fewer than one global batch of "
-                         f"optim.batch_size {config.optim.batch_size} × {world} processes")
+    steps_per_epoch = BatchOrder(len(make_dataset(config, "train")), config, 0, world=world).per_epoch
     config.optim.lr, config.optim.min_lr = config.retrieval.finetune_lr, config.retrieval.finetune_lr / 100
     config.optim.warmup_steps = 0
     config.optim.max_steps = config.retrieval.finetune_epochs * steps_per_epoch
@@ -158,7 +150,7 @@ def search(argv) -> None:
             query_image = read_image(args.image, transform)
     except (FileNotFoundError, ValueError, OSError) as error:
         sys.exit(f"retrieve.py search: {error}")
-    text, text_mask, text_feat = embed_texts(model, *tokenizer_function(tokenizer, config)(texts), device, batch_size=256)
+    text, text_mask, text_feat = embed_texts(model, *caption_tokenizer(tokenizer, config)(texts), device, batch_size=256)
     if args.text is not None:
         sims = image_feat.to(device) @ text_feat[0]  # one score per image
     else:

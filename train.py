@@ -140,6 +140,15 @@ def image_transform(config: TrainConfig):
     return test_transform(config.model.vision.image_size)
 
 
+def caption_tokenizer(tokenizer, config: TrainConfig) -> Callable:
+    """captions -> (input_ids, attention_mask), padded to the longest, cut at data.max_text_length."""
+    def tokenize(captions):
+        text = tokenizer(captions, padding="longest", truncation=True, max_length=config.data.max_text_length,
+                         return_tensors="pt")
+        return text["input_ids"], text["attention_mask"]
+    return tokenize
+
+
 def make_model(config: TrainConfig, tokenizer) -> Mamo:
     return Mamo(config.model, mask_token_id=tokenizer.mask_token_id,
                 special_ids=[tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id])
@@ -154,10 +163,11 @@ def build(config: TrainConfig, out: Path):
     config.model.text.vocab_size = len(tokenizer)
     dataset = make_dataset(config, "train")
 
+    tokenize = caption_tokenizer(tokenizer, config)
+
     def collate(items):
-        text = tokenizer([item["caption"] for item in items], padding="longest", truncation=True,
-                         max_length=config.data.max_text_length, return_tensors="pt")
-        return (torch.stack([item["image"] for item in items]), text["input_ids"], text["attention_mask"],
+        input_ids, attention_mask = tokenize([item["caption"] for item in items])
+        return (torch.stack([item["image"] for item in items]), input_ids, attention_mask,
                 torch.tensor([item["image_id"] for item in items]), sum(len(item.get("skipped", ())) for item in items))
 
     model = make_model(config, tokenizer)
