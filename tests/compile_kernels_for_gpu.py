@@ -1,4 +1,4 @@
-"""Compiles vlfast's Triton kernels (contrastive, attention) for real GPUs (sm_80, sm_90) without one: Triton's ptxas
+"""Compiles vlfast's Triton kernels (contrastive, attention, dropout_add_layer_norm) for real GPUs (sm_80, sm_90) without one: Triton's ptxas
 builds the cubins here, so a kernel that only the interpreter has run cannot fail to compile on
 a lent card. Run by tests/test_contrastive.py in a process without TRITON_INTERPRET.
 
@@ -11,13 +11,15 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from vlfast.kernels import attention, itc
+from vlfast.kernels import attention, dropout_add_layer_norm, itc
 from vlfast.ops.attention import _launch_config as attention_config
 from vlfast.ops.contrastive import _launch_config as itc_config
+from vlfast.ops.dropout_add_layer_norm import _launch_config as layer_norm_config
 
 POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.float64: "*fp64"}
 SCALARS = {"B": "i32", "N": "i32", "D": "i32", "key_offset": "i32", "smoothing": "fp32", "H": "i32", "LQ": "i32",
-           "LK": "i32", "DH": "i32", "scale": "fp32"}
+           "LK": "i32", "DH": "i32", "scale": "fp32", "eps": "fp32", "threshold": "i32", "rows": "i32",
+           "rows_per_program": "i32"}
 
 
 def itc_kernel(fn, dtype, arch, **flags):
@@ -37,12 +39,24 @@ def attention_kernel(fn, dtype, dim, arch, **flags):
     compile_for(fn, arch, pointers, {**attention_config(q, q), **flags})
 
 
-def compile_for(fn, arch, pointers, constexprs):
+def layer_norm_kernel(fn, x_dtype, residual_dtype, dim, p, arch):
+    x, residual = torch.empty(1, dim, dtype=x_dtype), torch.empty(1, dim, dtype=residual_dtype)
+    config = layer_norm_config(x, residual, p)
+    stats = "*fp64" if config["ACC"] == triton.language.float64 else "*fp32"
+    pointers = {"X": POINTER[x_dtype], "DX": POINTER[x_dtype], "SEED": "*i64", "MEAN": stats, "RSTD": stats,
+                "DW_PARTS": stats, "DB_PARTS": stats}
+    for name in ("RES", "W", "B", "OUT", "DY", "DRES"):
+        pointers[name] = POINTER[residual_dtype]
+    constexprs = {name: config[name] for name in ("HAS_DROPOUT", "BLOCK_D", "ACC")}
+    compile_for(fn, arch, pointers, constexprs, num_warps=config["num_warps"])
+
+
+def compile_for(fn, arch, pointers, constexprs, **options):
     signature = {name: "constexpr" if name in constexprs else pointers.get(name) or SCALARS.get(name, "i32")
                  for name in fn.arg_names}
     source = ASTSource(fn=fn, signature=signature,
                        constexprs={(fn.arg_names.index(name),): value for name, value in constexprs.items()})
-    triton.compile(source, target=GPUTarget("cuda", arch, 32))
+    triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options or None)
 
 
 def main():
@@ -58,6 +72,12 @@ def main():
         for dim in (16, 40, 128):
             attention_kernel(attention.attention_forward, torch.bfloat16, dim, arch, HAS_MASK=False)
             attention_kernel(attention.attention_backward_kv, torch.bfloat16, dim, arch, HAS_MASK=False)
+        for x_dtype, residual_dtype in ((torch.bfloat16, torch.float32), (torch.float32, torch.float32),
+                                        (torch.float16, torch.float16), (torch.float64, torch.float64)):
+            for fn in (dropout_add_layer_norm.dropout_add_layer_norm_forward,
+                       dropout_add_layer_norm.dropout_add_layer_norm_backward):
+                layer_norm_kernel(fn, x_dtype, residual_dtype, 768, 0.1, arch)
+        layer_norm_kernel(dropout_add_layer_norm.dropout_add_layer_norm_forward, torch.bfloat16, torch.bfloat16, 100, 0.0, arch)
         print(f"sm_{arch}: ok")
 
 

@@ -71,3 +71,11 @@ def triton_path(op: str, device_type: str, has_triton_kernel: bool, triton_on_cu
         raise RuntimeError(f"VLFAST_BACKEND=fused but {op} has no Triton kernel for this call "
                            "(Triton not installed, or a dtype the kernels do not take)")
     return "torch"
+
+
+def no_double_backward(op: str):
+    """The autograd formula of a backward op: vlfast's kernels have no second derivative."""
+    def backward(ctx, *grads):
+        raise NotImplementedError(f"vlfast.ops.{op} has no second derivative (double backward)")
+
+    return backward

@@ -4,7 +4,8 @@ As ALBEF/X-VLM's xbert: layers [0, fusion_layer) see text only; layers [fusion_l
 add cross-attention from the text to image tokens. A `BertForMaskedLM` state dict from Hugging
 Face loads as it is; only the new cross-attention weights are missing (load_state_dict reports
 them). Every attention goes through vlfast.ops.attention (no dropout on attention
-probabilities: a fused kernel never forms them).
+probabilities: a fused kernel never forms them), every dense-dropout-add-LayerNorm output
+through vlfast.ops.dropout_add_layer_norm.
 """
 import json
 from dataclasses import dataclass, fields
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlfast.models.init import init_weights
-from vlfast.ops import attention
+from vlfast.ops import attention, dropout_add_layer_norm
 
 
 @dataclass
@@ -93,7 +94,8 @@ class BertResidual(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor, residual: Tensor) -> Tensor:
-        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+        return dropout_add_layer_norm(self.dense(x), residual, self.LayerNorm.weight, self.LayerNorm.bias,
+                                      self.dropout.p, eps=self.LayerNorm.eps, training=self.training)
 
 
 class BertAttention(nn.Module):

@@ -2,12 +2,14 @@
 from vlfast._extension import has_kernel
 from vlfast.ops.attention import attention, attention_reference
 from vlfast.ops.contrastive import ContrastiveOutput, itc_loss, itc_loss_reference
+from vlfast.ops.dropout_add_layer_norm import dropout_add_layer_norm, dropout_add_layer_norm_reference
 from vlfast.ops.ema import ema_decay, ema_update_, ema_update_reference
 from vlfast.ops.patch_gather import Masking, random_masking, random_masking_reference, unmask, unmask_reference
 
 # Public op -> the torch.ops.vlfast kernel behind it.
 KERNELS = {"ema_update_": "ema_update_", "random_masking": "gather_rows", "unmask": "unmask_rows",
-           "itc_loss": "itc_rows", "attention": "attention_forward"}
+           "itc_loss": "itc_rows", "attention": "attention_forward",
+           "dropout_add_layer_norm": "dropout_add_layer_norm"}
 DEVICE_TYPES = ("cpu", "cuda")
 
 
@@ -24,5 +26,5 @@ def available() -> dict:
     }
 
 
-__all__ = ["ContrastiveOutput", "Masking", "attention", "attention_reference", "available", "itc_loss", "itc_loss_reference", "ema_decay", "ema_update_", "ema_update_reference", "random_masking",
+__all__ = ["ContrastiveOutput", "Masking", "attention", "attention_reference", "available", "dropout_add_layer_norm", "dropout_add_layer_norm_reference", "itc_loss", "itc_loss_reference", "ema_decay", "ema_update_", "ema_update_reference", "random_masking",
            "random_masking_reference", "unmask", "unmask_reference"]

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from vlfast._extension import triton_path
+from vlfast._extension import no_double_backward, triton_path
 
 try:
     import triton
@@ -327,8 +327,5 @@ if triton is not None:
                                                           ctx.key_offset, lse, npos)
         return dq, dk, dtau, None, None, None, None, None, None
 
-    def _no_double_backward(ctx, *grads):
-        raise NotImplementedError("vlfast.ops.itc_loss has no second derivative (double backward)")
-
     _itc_rows.register_autograd(_itc_rows_grad, setup_context=_itc_rows_setup)
-    _itc_rows_backward.register_autograd(_no_double_backward)
+    _itc_rows_backward.register_autograd(no_double_backward("itc_loss"))
