@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-REFERENCES = ("albef_loop", "mae", "eager", "reference")  # implementations the ops replace: the ratio's denominators
+REFERENCES = ("albef_loop", "mae", "eager", "reference", "hugging_face")  # implementations the ops replace: the ratio's denominators
 SHOWN_EXTRA = ("samples/s", "GB/s", "TFLOP/s", "MFU", "peak_memory_MiB")
 
 

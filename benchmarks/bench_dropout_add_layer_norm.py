@@ -1,0 +1,48 @@
+"""dropout_add_layer_norm against Hugging Face's BertSelfOutput / BertOutput after the dense layer
+(F.dropout, add, LayerNorm), p = 0.1, forward + backward.
+
+    pytest benchmarks/bench_dropout_add_layer_norm.py --benchmark-enable --benchmark-json=dropout_add_ln.json
+
+Shapes (rows = batch · text length, D): train.py's default model on the ITM batch (96 · 30,
+128) and BERT-base on a batch of 64 captions of 40 tokens (2560, 768). fp32 on the CPU; on CUDA
+autocast's layout, a bf16 dense output onto the fp32 residual stream. extra_info["GB/s"] counts
+the bytes the op must move at least: forward reads x and the residual and writes the output,
+backward reads the output gradient, x and the residual and writes both input gradients.
+"""
+import itertools
+
+import pytest
+import torch
+
+from conftest import DEVICES
+from timing import timed
+from vlfast.ops import dropout_add_layer_norm, dropout_add_layer_norm_reference
+
+SHAPES = {"tiny_itm": (96 * 30, 128), "bert_base_b64": (64 * 40, 768)}
+IMPLEMENTATIONS = {"vlfast": dropout_add_layer_norm, "hugging_face": dropout_add_layer_norm_reference}
+P = 0.1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def bench_dropout_add_layer_norm(benchmark, implementation, shape, device):
+    rows, dim = SHAPES[shape]
+    x_dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    op = IMPLEMENTATIONS[implementation]
+    weight = torch.ones(dim, device=device, requires_grad=True)
+    bias = torch.zeros(dim, device=device, requires_grad=True)
+    # Several input sets in turn, 64 MiB in all, so the small shape is not timed from cache.
+    copies = max(1, min(8, (64 << 20) // (3 * rows * dim * 4)))
+    sets = itertools.cycle([(torch.randn(rows, dim, device=device, dtype=x_dtype, requires_grad=True),
+                             torch.randn(rows, dim, device=device, requires_grad=True),
+                             torch.randn(rows, dim, device=device)) for _ in range(copies)])
+
+    def step():
+        x, residual, grad = next(sets)
+        out = op(x, residual, weight, bias, P)
+        torch.autograd.grad(out, (x, residual, weight, bias), grad)
+
+    x_bytes, residual_bytes = rows * dim * (2 if x_dtype == torch.bfloat16 else 4), rows * dim * 4
+    moved = (x_bytes + 2 * residual_bytes) + (2 * residual_bytes + x_bytes + x_bytes + residual_bytes)
+    timed(benchmark, device, step, bytes_moved=moved, warmup=copies)
