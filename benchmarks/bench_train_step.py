@@ -8,9 +8,14 @@ Configs: tiny (train.py's default model, batch 32, 64 px: CPU and CUDA) and ViT-
 (fusion from layer 6, 30 text tokens, bf16 autocast: CUDA only) at 224 px batch 64 and 256 px
 batch 32. extra_info: samples/s; on CUDA also peak memory, the model's TFLOP/s (FLOPs of one
 step counted by torch's FlopCounterMode) and MFU against a bf16 matmul measured in the same run.
+bench_train_step_paired runs a fused and a reference step in each round (the first of the two
+alternating) and reports the median of the per-round ratios, reference/fused: on a shared
+machine whose speed drifts between the two single-path runs, that ratio is the one to quote.
 """
 import dataclasses
 import functools
+import statistics
+import time
 
 import pytest
 import torch
@@ -28,6 +33,9 @@ CONFIGS = {  # name: (model, batch)
 }
 TEXT_LENGTH = 30
 CASES = [("tiny", "cpu")] + [pytest.param(config, "cuda", marks=pytest.mark.cuda) for config in CONFIGS]
+# "auto", not "fused": under pytest on a CPU, TRITON_INTERPRET=1 would make "fused" run the
+# Triton kernels in the interpreter; auto is what `python train.py` runs on either device.
+BACKENDS = {"fused": "auto", "reference": "reference"}
 
 
 def training_step(config_name: str, device: str):
@@ -90,9 +98,7 @@ def bf16_matmul_flops_per_second() -> float:
 @pytest.mark.parametrize("implementation", ["fused", "reference"])
 @pytest.mark.parametrize("config, device", CASES)
 def bench_train_step(benchmark, monkeypatch, implementation, config, device):
-    # "auto", not "fused": under pytest on a CPU, TRITON_INTERPRET=1 would make "fused" run the
-    # Triton kernels in the interpreter; auto is what `python train.py` runs on either device.
-    monkeypatch.setenv("VLFAST_BACKEND", "auto" if implementation == "fused" else "reference")
+    monkeypatch.setenv("VLFAST_BACKEND", BACKENDS[implementation])
     step, batch = training_step(config, device)
     timed(benchmark, device, step, warmup=2)
     if not benchmark.stats:  # --benchmark-disable: ran once as a smoke test
@@ -103,3 +109,29 @@ def bench_train_step(benchmark, monkeypatch, implementation, config, device):
         achieved = step_flops(config, device) / seconds
         benchmark.extra_info["TFLOP/s"] = round(achieved / 1e12, 1)
         benchmark.extra_info["MFU"] = round(achieved / bf16_matmul_flops_per_second(), 3)
+
+
+@pytest.mark.parametrize("config, device", CASES)
+def bench_train_step_paired(benchmark, monkeypatch, config, device):
+    steps = {}
+    for implementation, backend in BACKENDS.items():
+        monkeypatch.setenv("VLFAST_BACKEND", backend)  # the ops read it at each call
+        steps[implementation], _ = training_step(config, device)
+    ratios = []
+
+    def pair():
+        seconds = {}
+        order = list(BACKENDS) if len(ratios) % 2 == 0 else list(BACKENDS)[::-1]
+        for implementation in order:
+            monkeypatch.setenv("VLFAST_BACKEND", BACKENDS[implementation])
+            start = time.perf_counter()
+            steps[implementation]()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            seconds[implementation] = time.perf_counter() - start
+        ratios.append(seconds["reference"] / seconds["fused"])
+
+    warmup = 2
+    timed(benchmark, device, pair, warmup=warmup)
+    if benchmark.stats:
+        benchmark.extra_info["reference/fused"] = round(statistics.median(ratios[warmup:]), 3)

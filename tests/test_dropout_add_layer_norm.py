@@ -11,8 +11,8 @@ from vlfast.ops import dropout_add_layer_norm, dropout_add_layer_norm_reference
 from vlfast.ops.dropout_add_layer_norm import _draw_seed, triton, triton_backward, triton_forward
 
 needs_extension = pytest.mark.skipif(_extension.LOAD_ERROR is not None, reason="vlfast._C not built")
-# (rows, D): one element, D below a Philox word group, odd sizes (rows·D not a multiple of 4, so
-# rows start mid-group), BERT-base's width.
+# (rows, D): one element, D below a block of 32 elements, odd sizes (rows start mid-block),
+# BERT-base's width.
 SHAPES = [(1, 1), (3, 5), (7, 33), (5, 768)]
 # (x, residual): one dtype, and autocast's bf16 dense output onto an fp32 residual stream.
 DTYPE_PAIRS = [(torch.float64, torch.float64), (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
@@ -36,9 +36,11 @@ def philox4x32_10(counters: np.ndarray, key: int) -> np.ndarray:
 
 
 def keep_mask(shape, p: float, seed: int) -> torch.Tensor:
-    """The documented mask: element e kept iff (word e & 3 of counter e >> 2) >> 1 >= floor(p·2³¹)."""
-    elements = np.arange(int(np.prod(shape)), dtype=np.uint64)
-    words = philox4x32_10(elements >> np.uint64(2), seed)[np.arange(elements.size), (elements & np.uint64(3)).astype(np.int64)]
+    """The documented mask: element e = 32·b + 8·w + j takes word w of counter 8·b + j and is kept
+    iff word >> 1 >= floor(p·2³¹)."""
+    e = np.arange(int(np.prod(shape)), dtype=np.uint64)
+    counters = ((e >> np.uint64(5)) << np.uint64(3)) + (e & np.uint64(7))
+    words = philox4x32_10(counters, seed)[np.arange(e.size), ((e >> np.uint64(3)) & np.uint64(3)).astype(np.int64)]
     return torch.from_numpy((words >> 1) >= int(p * 2 ** 31)).reshape(shape)
 
 
@@ -132,8 +134,8 @@ def test_public_op_draws_its_seed_from_the_default_generator(device):
 
 
 @needs_extension
-def test_masks_keep_one_minus_p_on_every_lane_and_differ_between_seeds():
-    rows, dim, p = 1000, 1001, 0.3  # rows·dim elements, every lane of a Philox word group used
+def test_masks_keep_one_minus_p_at_every_block_position_and_differ_between_seeds():
+    rows, dim, p = 1000, 1001, 0.3  # rows start at every offset within a block of 32
     x, residual = torch.randn(rows, dim, requires_grad=True), torch.randn(rows, dim)
     weight, bias = torch.ones(dim), torch.zeros(dim)
     kept = []
@@ -141,9 +143,9 @@ def test_masks_keep_one_minus_p_on_every_lane_and_differ_between_seeds():
         out, _, _ = torch.ops.vlfast.dropout_add_layer_norm(x, residual, weight, bias, p, 1e-5, torch.tensor([seed]))
         (grad,) = torch.autograd.grad(out, x, torch.randn_like(out))
         kept.append(grad != 0)
-    for mask in kept:
-        lanes = mask.flatten()[: (rows * dim) // 4 * 4].view(-1, 4).double().mean(0)
-        bound = 5 * (p * (1 - p) / (rows * dim / 4)) ** 0.5  # five standard errors per lane
+    for mask in kept:  # each of a block's 32 positions (4 words × 8 counters) keeps 1 − p
+        lanes = mask.flatten()[: (rows * dim) // 32 * 32].view(-1, 32).double().mean(0)
+        bound = 5 * (p * (1 - p) / (rows * dim / 32)) ** 0.5  # five standard errors per position
         assert torch.all((lanes - (1 - p)).abs() < bound), lanes
     agreement = (kept[0] == kept[1]).double().mean().item()
     assert abs(agreement - (p * p + (1 - p) ** 2)) < 0.005  # independent masks agree at p² + (1 − p)²
@@ -170,9 +172,10 @@ def test_triton_kernel_draws_the_cpu_mask_and_equals_it(x_dtype, residual_dtype,
     got_grads = triton_backward(grad, x, residual, weight, got[1], got[2], p, seed)
     want_grads = torch.ops.vlfast.dropout_add_layer_norm_backward(grad.cpu(), x.cpu(), residual.cpu(), weight.cpu(),
                                                                   want[1], want[2], p, seed.cpu())
-    for g, w in zip(got_grads, want_grads):
+    for g, w in zip(got_grads, want_grads):  # one rounding apart: sums over rows in another order
         assert g.dtype == w.dtype
-        torch.testing.assert_close(g.cpu(), w, rtol=1e-4, atol=1e-4)
+        tolerance = 1e-4 if g.dtype == torch.float32 else 2e-3
+        torch.testing.assert_close(g.cpu(), w, rtol=tolerance, atol=tolerance)
 
 
 @needs_extension

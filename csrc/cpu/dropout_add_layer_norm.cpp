@@ -24,41 +24,43 @@ namespace {
 // on the thread count.
 constexpr int64_t kRowsPerChunk = 32;
 
-// Philox4x32-10 (Salmon et al., SC'11) as Triton's tl.randint4x computes it: the four words of
-// counters first .. first + count - 1 under a 64-bit key, into words[4·i + w].
+// Philox4x32-10 (Salmon et al., SC'11) as Triton's tl.randint4x computes it, laid out in blocks
+// of 32 elements: element 32·b + 8·w + j takes word w of counter 8·b + j, so eight counters side
+// by side give eight consecutive elements per word. words[32·i + ...] for blocks first + i.
 constexpr uint32_t kRoundA = 0xD2511F53u, kRoundB = 0xCD9E8D57u, kKeyA = 0x9E3779B9u, kKeyB = 0xBB67AE85u;
 
-void philox_scalar(uint64_t first, int64_t count, uint64_t key, uint32_t* words) {
-  for (int64_t i = 0; i < count; ++i) {
-    uint32_t c0 = static_cast<uint32_t>(first + i), c1 = static_cast<uint32_t>((first + i) >> 32), c2 = 0, c3 = 0;
-    uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
-    for (int round = 0; round < 10; ++round) {
-      const uint64_t a = uint64_t{kRoundA} * c0, b = uint64_t{kRoundB} * c2;
-      c0 = static_cast<uint32_t>(b >> 32) ^ c1 ^ k0;
-      c2 = static_cast<uint32_t>(a >> 32) ^ c3 ^ k1;
-      c1 = static_cast<uint32_t>(b);
-      c3 = static_cast<uint32_t>(a);
-      k0 += kKeyA;
-      k1 += kKeyB;
+void philox_scalar(uint64_t first_block, int64_t blocks, uint64_t key, uint32_t* words) {
+  for (int64_t i = 0; i < blocks; ++i) {
+    for (int j = 0; j < 8; ++j) {
+      const uint64_t counter = 8 * (first_block + i) + j;
+      uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32), c2 = 0, c3 = 0;
+      uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
+      for (int round = 0; round < 10; ++round) {
+        const uint64_t a = uint64_t{kRoundA} * c0, b = uint64_t{kRoundB} * c2;
+        c0 = static_cast<uint32_t>(b >> 32) ^ c1 ^ k0;
+        c2 = static_cast<uint32_t>(a >> 32) ^ c3 ^ k1;
+        c1 = static_cast<uint32_t>(b);
+        c3 = static_cast<uint32_t>(a);
+        k0 += kKeyA;
+        k1 += kKeyB;
+      }
+      uint32_t* block = words + 32 * i;
+      block[j] = c0, block[8 + j] = c1, block[16 + j] = c2, block[24 + j] = c3;
     }
-    words[4 * i] = c0, words[4 * i + 1] = c1, words[4 * i + 2] = c2, words[4 * i + 3] = c3;
   }
 }
 
 #if defined(__GNUC__) && defined(__x86_64__)
-// The same rounds on eight counters per AVX2 register. _mm256_mul_epu32 multiplies the even
-// 32-bit lanes into 64-bit products, so the odd lanes are shifted down for a second multiply and
-// the halves blended back into (high words, low words).
-__attribute__((target("avx2"))) void philox_avx2(uint64_t first, int64_t count, uint64_t key, uint32_t* words) {
+// The same rounds, a block's eight counters in one AVX2 register. _mm256_mul_epu32 multiplies the
+// even 32-bit lanes into 64-bit products, so the odd lanes are shifted down for a second multiply
+// and the halves blended back into (high words, low words).
+__attribute__((target("avx2"))) void philox_avx2(uint64_t first_block, int64_t blocks, uint64_t key, uint32_t* words) {
   const __m256i round_a = _mm256_set1_epi32(static_cast<int>(kRoundA)), round_b = _mm256_set1_epi32(static_cast<int>(kRoundB));
-  alignas(32) uint32_t lo[8], hi[8], out[4][8];
-  for (int64_t base = 0; base < count; base += 8) {
-    for (int j = 0; j < 8; ++j) {
-      lo[j] = static_cast<uint32_t>(first + base + j);
-      hi[j] = static_cast<uint32_t>((first + base + j) >> 32);
-    }
-    __m256i c0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(lo));
-    __m256i c1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi));
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t i = 0; i < blocks; ++i) {
+    const uint64_t counter = 8 * (first_block + i);  // a multiple of 8: the lanes share its high word
+    __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(counter))), lane);
+    __m256i c1 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(counter >> 32)));
     __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
     uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
     for (int round = 0; round < 10; ++round) {
@@ -73,45 +75,42 @@ __attribute__((target("avx2"))) void philox_avx2(uint64_t first, int64_t count, 
       k0 += kKeyA;
       k1 += kKeyB;
     }
-    _mm256_store_si256(reinterpret_cast<__m256i*>(out[0]), c0);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(out[1]), c1);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(out[2]), c2);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(out[3]), c3);
-    for (int j = 0; j < 8 && base + j < count; ++j) {
-      for (int w = 0; w < 4; ++w) words[4 * (base + j) + w] = out[w][j];
-    }
+    __m256i* block = reinterpret_cast<__m256i*>(words + 32 * i);
+    _mm256_storeu_si256(block, c0);
+    _mm256_storeu_si256(block + 1, c1);
+    _mm256_storeu_si256(block + 2, c2);
+    _mm256_storeu_si256(block + 3, c3);
   }
 }
 #endif
 
-// words[4·i + w] = word w of counter first + i, i < count.
-void philox4x32_10(uint64_t first, int64_t count, uint64_t key, uint32_t* words) {
+void philox4x32_10(uint64_t first_block, int64_t blocks, uint64_t key, uint32_t* words) {
 #if defined(__GNUC__) && defined(__x86_64__)
   static const bool avx2 = __builtin_cpu_supports("avx2");
-  if (avx2) return philox_avx2(first, count, key, words);
+  if (avx2) return philox_avx2(first_block, blocks, key, words);
 #endif
-  philox_scalar(first, count, key, words);
+  philox_scalar(first_block, blocks, key, words);
 }
 
 struct DropoutMask {
   uint64_t seed;
-  uint32_t threshold;  // element e is kept iff (Philox word e & 3 of counter e >> 2) >> 1 >= threshold
+  uint32_t threshold;  // an element is kept iff its Philox word >> 1 >= threshold
 
   DropoutMask(const at::Tensor& seed_tensor, double p)
       : seed(static_cast<uint64_t>(seed_tensor.item<int64_t>())),
         threshold(static_cast<uint32_t>(p * 2147483648.0)) {}  // floor(p·2³¹), as the Triton launcher
 
-  // factor[i] = scale where element first + i is kept, else 0; words: scratch of count + 8 entries.
+  // factor[i] = scale where element first + i is kept, else 0; words: scratch for the blocks.
   template <typename A>
   void fill(int64_t first, int64_t count, A scale, A* __restrict factor, std::vector<uint32_t>& words) const {
     if (threshold == 0) {
       std::fill(factor, factor + count, A(1));
       return;
     }
-    const int64_t counter = first >> 2, skip = first & 3;
-    words.resize(count + 8);
-    philox4x32_10(counter, (skip + count + 3) >> 2, seed, words.data());
-    const uint32_t* w = words.data() + skip;
+    const int64_t first_block = first >> 5, blocks = ((first + count - 1) >> 5) - first_block + 1;
+    words.resize(32 * blocks);
+    philox4x32_10(first_block, blocks, seed, words.data());
+    const uint32_t* __restrict w = words.data() + (first & 31);
     for (int64_t i = 0; i < count; ++i) factor[i] = (w[i] >> 1) >= threshold ? scale : A(0);
   }
 };

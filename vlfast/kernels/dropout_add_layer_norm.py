@@ -6,12 +6,12 @@ import triton.language as tl
 
 @triton.jit
 def keep_factor(seed, offsets, threshold, scale):
-    """scale where the element at ``offsets`` is kept, else 0. The draw is word (offset & 3) of
-    Philox counter offset >> 2, kept iff word >> 1 >= threshold: csrc/cpu/dropout_add_layer_norm.cpp
-    draws the same."""
-    w0, w1, w2, w3 = tl.randint4x(seed, offsets >> 2)
-    lane = offsets & 3
-    word = tl.where(lane == 0, w0, tl.where(lane == 1, w1, tl.where(lane == 2, w2, w3)))
+    """scale where the element at ``offsets`` is kept, else 0. Element 32·b + 8·w + j draws word w
+    of Philox counter 8·b + j and is kept iff word >> 1 >= threshold, as
+    csrc/cpu/dropout_add_layer_norm.cpp draws it (there eight counters fill one AVX2 register)."""
+    w0, w1, w2, w3 = tl.randint4x(seed, ((offsets >> 5) << 3) + (offsets & 7))
+    word_index = (offsets >> 3) & 3
+    word = tl.where(word_index == 0, w0, tl.where(word_index == 1, w1, tl.where(word_index == 2, w2, w3)))
     return tl.where((word >> 1).to(tl.int32) >= threshold, scale, 0.0)
 
 
