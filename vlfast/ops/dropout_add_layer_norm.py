@@ -44,7 +44,8 @@ def dropout_add_layer_norm(x: Tensor, residual: Tensor, weight: Tensor, bias: Te
     Returns x's shape in the promoted dtype of x and residual (fp32 under autocast, whose residual
     stream is LayerNorm's fp32 output); math in fp32, fp64 if an input is fp64. Differentiable in
     x, residual, weight and bias. The mask draws one seed from the default generator of x's
-    device per call, so torch.manual_seed makes it reproducible, as for nn.Dropout.
+    device per call, so torch.manual_seed makes it reproducible, as for nn.Dropout. On the GPU,
+    rows wider than MAX_TRITON_WIDTH (16384) run the reference.
     """
     dim = _check(x, residual, weight, bias, p, eps)
     p = float(p) if training else 0.0
