@@ -10,7 +10,8 @@ batch 32. extra_info: samples/s; on CUDA also peak memory, the model's TFLOP/s (
 step counted by torch's FlopCounterMode) and MFU against a bf16 matmul measured in the same run.
 bench_train_step_paired runs a fused and a reference step in each round (the first of the two
 alternating) and reports the median of the per-round ratios, reference/fused: on a shared
-machine whose speed drifts between the two single-path runs, that ratio is the one to quote.
+machine whose speed drifts between the two single-path runs, that ratio is the one to quote
+(its peak memory on CUDA holds both models).
 """
 import dataclasses
 import functools

@@ -40,14 +40,12 @@ def attention_kernel(fn, dtype, dim, arch, **flags):
 
 
 def layer_norm_kernel(fn, x_dtype, residual_dtype, dim, p, arch):
-    x, residual = torch.empty(1, dim, dtype=x_dtype), torch.empty(1, dim, dtype=residual_dtype)
-    config = layer_norm_config(x, residual, p)
-    stats = "*fp64" if config["ACC"] == triton.language.float64 else "*fp32"
-    pointers = {"X": POINTER[x_dtype], "DX": POINTER[x_dtype], "SEED": "*i64", "MEAN": stats, "RSTD": stats,
-                "DW_PARTS": stats, "DB_PARTS": stats}
+    config = layer_norm_config(p, dim)
+    pointers = {"X": POINTER[x_dtype], "DX": POINTER[x_dtype], "SEED": "*i64", "MEAN": "*fp32", "RSTD": "*fp32",
+                "DW_PARTS": "*fp32", "DB_PARTS": "*fp32"}
     for name in ("RES", "W", "B", "OUT", "DY", "DRES"):
         pointers[name] = POINTER[residual_dtype]
-    constexprs = {name: config[name] for name in ("HAS_DROPOUT", "BLOCK_D", "ACC")}
+    constexprs = {name: config[name] for name in ("HAS_DROPOUT", "BLOCK_D")}
     compile_for(fn, arch, pointers, constexprs, num_warps=config["num_warps"])
 
 
@@ -73,11 +71,14 @@ def main():
             attention_kernel(attention.attention_forward, torch.bfloat16, dim, arch, HAS_MASK=False)
             attention_kernel(attention.attention_backward_kv, torch.bfloat16, dim, arch, HAS_MASK=False)
         for x_dtype, residual_dtype in ((torch.bfloat16, torch.float32), (torch.float32, torch.float32),
-                                        (torch.float16, torch.float16), (torch.float64, torch.float64)):
+                                        (torch.float16, torch.float16)):
             for fn in (dropout_add_layer_norm.dropout_add_layer_norm_forward,
                        dropout_add_layer_norm.dropout_add_layer_norm_backward):
                 layer_norm_kernel(fn, x_dtype, residual_dtype, 768, 0.1, arch)
         layer_norm_kernel(dropout_add_layer_norm.dropout_add_layer_norm_forward, torch.bfloat16, torch.bfloat16, 100, 0.0, arch)
+        for fn in (dropout_add_layer_norm.dropout_add_layer_norm_forward,  # the widest row the launcher takes
+                   dropout_add_layer_norm.dropout_add_layer_norm_backward):
+            layer_norm_kernel(fn, torch.bfloat16, torch.float32, 16384, 0.1, arch)
         print(f"sm_{arch}: ok")
 
 

@@ -45,12 +45,12 @@ def dropout_add_layer_norm(x: Tensor, residual: Tensor, weight: Tensor, bias: Te
     stream is LayerNorm's fp32 output); math in fp32, fp64 if an input is fp64. Differentiable in
     x, residual, weight and bias. The mask draws one seed from the default generator of x's
     device per call, so torch.manual_seed makes it reproducible, as for nn.Dropout. On the GPU,
-    rows wider than MAX_TRITON_WIDTH (16384) run the reference.
+    fp64 inputs and rows wider than MAX_TRITON_WIDTH (16384) run the reference.
     """
     dim = _check(x, residual, weight, bias, p, eps)
     p = float(p) if training else 0.0
     fused = use_fused("dropout_add_layer_norm", x.device.type)
-    if not fused or (x.device.type == "cuda" and dim > MAX_TRITON_WIDTH):
+    if not fused or (x.device.type == "cuda" and not _triton_takes(x, residual)):
         return dropout_add_layer_norm_reference(x, residual, weight, bias, p, eps=eps, training=training)
     dtype = torch.promote_types(x.dtype, residual.dtype)
     out, _, _ = torch.ops.vlfast.dropout_add_layer_norm(
@@ -110,28 +110,50 @@ def _accumulate_dtype(*tensors: Tensor) -> torch.dtype:
 # The Triton launchers: the CUDA kernels of the torch.ops.vlfast schemas (csrc/vlfast.cpp); the
 # tests also run them on CPU tensors under TRITON_INTERPRET=1 against the C++ kernels.
 
-def _launch_config(x: Tensor, residual: Tensor, p: float):
-    block = max(16, triton.next_power_of_2(x.shape[1]))
+def _triton_takes(x: Tensor, residual: Tensor) -> bool:
+    return x.shape[-1] <= MAX_TRITON_WIDTH and torch.float64 not in (x.dtype, residual.dtype)
+
+
+def _check_triton_inputs(x: Tensor, residual: Tensor, weight: Tensor, seed: Tensor) -> None:
+    """What the C++ kernels check, for direct calls of torch.ops.vlfast.* on the GPU."""
+    if not _triton_takes(x, residual):
+        raise ValueError(f"the Triton kernel takes D <= {MAX_TRITON_WIDTH} and no fp64, got D={x.shape[-1]}, "
+                         f"{x.dtype} and {residual.dtype}: call vlfast.ops.dropout_add_layer_norm")
+    if x.ndim != 2 or residual.shape != x.shape or weight.shape != x.shape[1:]:
+        raise ValueError(f"x and residual must be (rows, D) and weight (D,), got {tuple(x.shape)}, "
+                         f"{tuple(residual.shape)}, {tuple(weight.shape)}")
+    if not (x.is_contiguous() and residual.is_contiguous() and weight.is_contiguous()):
+        raise ValueError("x, residual and weight must be contiguous")
+    if residual.dtype != weight.dtype:
+        raise TypeError(f"weight must have residual's dtype {residual.dtype}, got {weight.dtype}")
+    if seed.numel() != 1 or seed.dtype != torch.int64 or seed.device != x.device:
+        raise ValueError(f"seed must be one int64 on {x.device}, got {seed.dtype} {tuple(seed.shape)} on {seed.device}")
+
+
+def _launch_config(p: float, dim: int):
+    block = max(16, triton.next_power_of_2(dim))
     threshold = dropout_threshold(p)
     return dict(threshold=min(threshold, 2 ** 31 - 1), scale=1.0 / (1.0 - p) if p < 1 else 0.0,
-                HAS_DROPOUT=threshold > 0, BLOCK_D=block,
-                ACC=triton.language.float64 if _accumulate_dtype(x, residual) == torch.float64 else triton.language.float32,
-                num_warps=min(max(block // 256, 1), 8))
+                HAS_DROPOUT=threshold > 0, BLOCK_D=block, num_warps=min(max(block // 256, 1), 8))
 
 
 def triton_forward(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor, p: float, eps: float, seed: Tensor):
+    _check_triton_inputs(x, residual, weight, seed)
+    if bias.shape != weight.shape or bias.dtype != weight.dtype or not bias.is_contiguous():
+        raise ValueError("bias must be a contiguous tensor of weight's shape and dtype")
     rows, dim = x.shape
     out = torch.empty_like(residual)
-    mean = torch.empty(rows, dtype=_accumulate_dtype(x, residual), device=x.device)
+    mean = torch.empty(rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
     if rows:
         kernels.dropout_add_layer_norm_forward[(rows,)](x, residual, weight, bias, seed, out, mean, rstd, dim,
-                                                        eps=eps, **_launch_config(x, residual, p))
+                                                        eps=eps, **_launch_config(p, dim))
     return out, mean, rstd
 
 
 def triton_backward(grad: Tensor, x: Tensor, residual: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
                     p: float, seed: Tensor):
+    _check_triton_inputs(x, residual, weight, seed)
     rows, dim = x.shape
     programs = 8 if os.environ.get("TRITON_INTERPRET") == "1" or x.device.type != "cuda" else \
         4 * torch.cuda.get_device_properties(x.device).multi_processor_count
@@ -141,7 +163,7 @@ def triton_backward(grad: Tensor, x: Tensor, residual: Tensor, weight: Tensor, m
     parts = torch.empty(2, programs, dim, dtype=mean.dtype, device=x.device)
     kernels.dropout_add_layer_norm_backward[(programs,)](
         grad.contiguous(), x, residual, weight, seed, mean, rstd, grad_x, grad_residual, parts[0], parts[1], rows, dim,
-        rows_per_program, **_launch_config(x, residual, p))
+        rows_per_program, **_launch_config(p, dim))
     grad_weight, grad_bias = parts.sum(1).to(weight.dtype)
     return grad_x, grad_residual, grad_weight, grad_bias
 
