@@ -30,3 +30,8 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 def chi_square_quantile(dof: int, z: float = 4.753) -> float:
     """Upper quantile of chi-square(dof) at the normal z (4.753: 1 - 1e-6), Wilson-Hilferty."""
     return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+
+
+def poison_allocator(shape, dtype, device):
+    """Fill and free a block of the output's size, so a kernel that skips elements shows NaN."""
+    torch.full(shape, float("nan"), dtype=dtype, device=device)

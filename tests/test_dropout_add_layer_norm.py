@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICES
+from conftest import DEVICES, poison_allocator
 from vlfast import _extension
 from vlfast.ops import dropout_add_layer_norm, dropout_add_layer_norm_reference
 from vlfast.ops.dropout_add_layer_norm import _draw_seed, triton, triton_backward, triton_forward
@@ -64,11 +64,6 @@ def make_inputs(shape, x_dtype, residual_dtype, device, seed=0):
     weight = (1 + 0.5 * torch.randn(dim, generator=g)).to(device, residual_dtype).requires_grad_()
     bias = torch.randn(dim, generator=g).to(device, residual_dtype).requires_grad_()
     return x, residual, weight, bias
-
-
-def poison_allocator(shape, dtype, device):
-    """Fill and free a block of the output's size, so a kernel that skips elements shows NaN."""
-    torch.full(shape, float("nan"), dtype=dtype, device=device)
 
 
 def test_philox_matches_the_published_known_answer():

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import DEVICES, chi_square_quantile
+from conftest import DEVICES, chi_square_quantile, poison_allocator
 from vlfast import _extension
 from vlfast.ops import random_masking, random_masking_reference, unmask, unmask_reference
 
@@ -14,11 +14,6 @@ exact = dict(rtol=0, atol=0)
 
 def seeded(device, seed):
     return torch.Generator(device).manual_seed(seed)
-
-
-def poison_allocator(shape, dtype, device):
-    """Fill and free a block of the output's size, so a kernel that skips elements shows NaN."""
-    torch.full(shape, float("nan"), dtype=dtype, device=device)
 
 
 def make_inputs(shape, dtype, device, pos, seed):

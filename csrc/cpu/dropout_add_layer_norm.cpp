@@ -1,5 +1,5 @@
 // CPU kernels of dropout_add_layer_norm: out = LayerNorm(dropout(x) + residual) row by row, the
-// dropout mask drawn from Philox (philox.h) by element index, so the backward regenerates it
+// dropout mask drawn from Philox by element index, so the backward regenerates it
 // instead of storing it, and the Triton kernel on the GPU draws the same mask from the same seed.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -131,21 +131,21 @@ A lane_sum(int64_t count, F term) {
   return total;
 }
 
-void check_inputs(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight, const at::Tensor& bias,
-                  double p, double eps, const at::Tensor& seed) {
+void check_rows(const at::Tensor& x, const at::Tensor& residual, double p, const at::Tensor& seed) {
   TORCH_CHECK_VALUE(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous (rows, D) tensor, got ", x.sizes());
   TORCH_CHECK_VALUE(residual.sizes() == x.sizes() && residual.is_contiguous(),
                     "residual must be a contiguous tensor of x's shape ", x.sizes(), ", got ", residual.sizes());
-  for (const at::Tensor* t : {&weight, &bias}) {
-    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == x.size(1) && t->is_contiguous(),
-                      "weight and bias must be contiguous (", x.size(1), ",) tensors, got ", t->sizes());
-    TORCH_CHECK_TYPE(t->scalar_type() == residual.scalar_type(), "weight and bias must have residual's dtype ",
-                     residual.scalar_type(), ", got ", t->scalar_type());
-  }
   TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0, "p must be in [0, 1], got ", p);
-  TORCH_CHECK_VALUE(eps > 0.0, "eps must be positive, got ", eps);
   TORCH_CHECK_VALUE(seed.numel() == 1 && seed.scalar_type() == at::kLong, "seed must be one int64, got ",
                     seed.scalar_type(), " of shape ", seed.sizes());
+}
+
+// weight or bias: (D,), contiguous, in residual's dtype.
+void check_affine(const at::Tensor& t, const char* name, const at::Tensor& residual) {
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == residual.size(1) && t.is_contiguous(), name,
+                    " must be a contiguous (", residual.size(1), ",) tensor, got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == residual.scalar_type(), name, " must have residual's dtype ",
+                   residual.scalar_type(), ", got ", t.scalar_type());
 }
 
 template <typename A>
@@ -171,7 +171,10 @@ at::ScalarType stats_dtype(const at::Tensor& x, const at::Tensor& residual) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x, const at::Tensor& residual,
                                                            const at::Tensor& weight, const at::Tensor& bias, double p,
                                                            double eps, const at::Tensor& seed) {
-  check_inputs(x, residual, weight, bias, p, eps, seed);
+  check_rows(x, residual, p, seed);
+  check_affine(weight, "weight", residual);
+  check_affine(bias, "bias", residual);
+  TORCH_CHECK_VALUE(eps > 0.0, "eps must be positive, got ", eps);
   const int64_t rows = x.size(0), dim = x.size(1);
   const DropoutMask mask(seed, p);
   at::Tensor out = at::empty_like(residual);
@@ -210,7 +213,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x, 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
     const at::Tensor& mean, const at::Tensor& rstd, double p, const at::Tensor& seed) {
-  check_inputs(x, residual, weight, weight, p, 1.0, seed);
+  check_rows(x, residual, p, seed);
+  check_affine(weight, "weight", residual);
   TORCH_CHECK_VALUE(grad.sizes() == x.sizes() && grad.scalar_type() == residual.scalar_type() && grad.is_contiguous(),
                     "grad must be contiguous, of x's shape and residual's dtype");
   const int64_t rows = x.size(0), dim = x.size(1);
