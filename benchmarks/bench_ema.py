@@ -5,8 +5,7 @@
 Sizes: the parameter list of ViT-B/16 + BERT-base (349 fp32 tensors, 195M values) and of a
 small model (width 256, 4 layers: 125 tensors, 6.9M values). extra_info holds the effective
 bandwidth (12 bytes per fp32 element: read target, read source, write target) and, on CUDA,
-peak memory. bench_copy_ceiling measures the ceiling in the same run: one flat copy of as many
-fp32 values (8 bytes per element), so EMA GB/s over copy GB/s is the fraction of it reached.
+peak memory. The ceiling, a large copy measured in the same run, is in bench_ceilings.py.
 """
 import functools
 import itertools
@@ -76,18 +75,3 @@ def bench_ema(benchmark, implementation, size, device):
 
     benchmark.extra_info.update(tensors=len(SIZES[size]), elements=numel)
     timed(benchmark, device, step, bytes_moved=BYTES_PER_ELEMENT * numel, warmup=len(sets))
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("size", SIZES)
-def bench_copy_ceiling(benchmark, size, device):
-    _, numel = parameter_sets(size, device)
-    copies = max(1, min(16, (256 << 20) // (8 * numel)))
-    buffers = itertools.cycle([(torch.empty(numel, device=device), torch.ones(numel, device=device))
-                               for _ in range(copies)])
-
-    def step():
-        destination, origin = next(buffers)
-        destination.copy_(origin)
-
-    timed(benchmark, device, step, bytes_moved=8 * numel)
