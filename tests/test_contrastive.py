@@ -156,8 +156,9 @@ def test_negatives_when_the_positive_takes_all_the_mass(device, path):
     out = itc_loss(image, image.clone(), 0.001, generator=torch.Generator(device).manual_seed(6))
     for negative in (out.neg_text_idx, out.neg_image_idx):
         assert (negative != torch.arange(6, device=device)).all()
-    with pytest.raises(RuntimeError):
-        itc_loss_reference(image, image.clone(), 0.001)
+    if device == "cpu":  # on CUDA, multinomial's failure is a device-side assert: it would end the process's CUDA context
+        with pytest.raises(RuntimeError):
+            itc_loss_reference(image, image.clone(), 0.001)
 
 
 def bad_cases():

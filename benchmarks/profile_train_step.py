@@ -1,0 +1,104 @@
+"""Where a training step's time goes when the host, not the GPU, sets the pace.
+
+    python benchmarks/profile_train_step.py                      # CUDA: ViT-B/16 + BERT-base, b64
+    python benchmarks/profile_train_step.py --config tiny --steps 2
+
+Prints what one launch from Python costs on this machine (an in-place add on one element; on
+CUDA also an empty Triton kernel), then for each path (fused, reference) the wall time of a step,
+the GPU's busy time in it (the sum of kernel times, torch.profiler), the number of kernel
+launches, and the operators with the most self CPU time. A step whose wall time is far over its
+GPU busy time is bound by launches and Python, and only fewer launches or less host work make
+it faster. The step is bench_train_step.py's (same model, batch and seeds).
+"""
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # train.py, when run as a script
+import torch  # noqa: E402
+from torch.autograd import DeviceType  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from bench_train_step import BACKENDS, CONFIGS, training_step  # noqa: E402
+
+
+def synchronize(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def seconds_per_call(call, device, calls=2000):
+    for _ in range(calls // 10):
+        call()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        call()
+    synchronize(device)
+    return (time.perf_counter() - start) / calls
+
+
+def launch_costs(device):
+    x = torch.zeros(1, device=device)
+    print(f"one x.add_(1) on a 1-element {device} tensor: {seconds_per_call(lambda: x.add_(1), device) * 1e6:.1f} µs")
+    if device == "cuda":
+        import triton
+
+        @triton.jit
+        def add_one(x_ptr):
+            import triton.language as tl
+            tl.store(x_ptr, tl.load(x_ptr) + 1)
+
+        print(f"one empty Triton launch: {seconds_per_call(lambda: add_one[(1,)](x), device) * 1e6:.1f} µs")
+
+
+def profile_step(config, device, implementation, steps):
+    os.environ["VLFAST_BACKEND"] = BACKENDS[implementation]
+    step, batch = training_step(config, device)
+    for _ in range(2):  # warm-up: Triton compiles, allocator, cuBLAS handles
+        step()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    wall = (time.perf_counter() - start) / steps
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    events = profiler.key_averages()
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    launches = sum(e.count for e in kernels) / steps
+    busy = sum(e.self_device_time_total for e in kernels) / steps / 1e6
+    print(f"\n## {config}, {implementation} ({device}): {wall * 1e3:.1f} ms per step ({batch / wall:.1f} samples/s)"
+          + (f", GPU busy {busy * 1e3:.1f} ms ({busy / wall:.0%}), {launches:.0f} kernel launches per step"
+             f" ({(wall - busy) / max(launches, 1) * 1e6:.1f} µs of wall time per launch beyond the GPU's)"
+             if device == "cuda" else ""))
+    print(events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", choices=CONFIGS, default=None,
+                        help="default: vit_b16_bert_base_224_b64 on CUDA, tiny on the CPU")
+    parser.add_argument("--ops", choices=["fused", "reference", "both"], default="both")
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = args.config or ("vit_b16_bert_base_224_b64" if device == "cuda" else "tiny")
+    if device == "cpu" and config != "tiny":
+        parser.error(f"--config {config} is a GPU configuration (bf16 autocast); on the CPU use tiny")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          + (torch.cuda.get_device_name() if device == "cuda" else "CPU only")
+          + "".join(f", {k}={v}" for k, v in os.environ.items() if k.startswith(("CUDA_LAUNCH", "TORCH_", "PYTORCH_"))))
+    launch_costs(device)
+    for implementation in (["fused", "reference"] if args.ops == "both" else [args.ops]):
+        profile_step(config, device, implementation, args.steps)
+
+
+if __name__ == "__main__":
+    main()
