@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU check in one call, for a lent H100/H200 (a few minutes): versions, build for
-# sm_90, the CUDA tests, the per-op and training-step benchmarks at GPU sizes, a Markdown table.
+# sm_90, the CUDA tests, the per-op and training-step benchmarks at GPU sizes, a profile of the
+# training step, a Markdown table.
 # Results go to benchmarks/results/<card>-<date>-<bench>.json and <card>-<date>.md; when OUT is
 # set, each JSON also goes to $OUT as soon as it is written (a run cut short still returns what it
 # measured; the .md is made from the JSON by benchmarks/report.py).
@@ -94,6 +95,14 @@ for bench in ceilings ema patch_gather contrastive dropout_add_layer_norm attent
         "${selection[@]}" "${per_test_limit[@]}" --benchmark-json="$json" --benchmark-columns=median,rounds || fail "bench_$bench"
     [[ -s $json ]] && publish "$json"
 done
+step "profile of the training step (launch cost, GPU busy time, top operators)"
+if [[ $dry_run == 1 ]]; then
+    $python benchmarks/profile_train_step.py --config tiny --steps 1 || fail profile
+else
+    $python benchmarks/profile_train_step.py --steps 2 || fail profile
+fi
+
+step "results"
 $python benchmarks/report.py "$results/$name"-*.json > "$results/$name.md" || fail report
 cat "$results/$name.md"
 if [[ $dry_run == 0 ]]; then  # the table README links to, over every committed run

@@ -6,7 +6,7 @@
 Prints what one launch from Python costs on this machine (an in-place add on one element; on
 CUDA also an empty Triton kernel), then for each path (fused, reference) the wall time of a step,
 the GPU's busy time in it (the sum of kernel times, torch.profiler), the number of kernel
-launches, and the operators with the most self CPU time. A step whose wall time is far over its
+launches, the operators with the most self CPU time and (CUDA) the kernels with the most GPU time. A step whose wall time is far over its
 GPU busy time is bound by launches and Python, and only fewer launches or less host work make
 it faster. The step is bench_train_step.py's (same model, batch and seeds).
 """
@@ -22,6 +22,16 @@ from torch.autograd import DeviceType  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from bench_train_step import BACKENDS, CONFIGS, training_step  # noqa: E402
+
+try:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def add_one(x_ptr):
+        tl.store(x_ptr, tl.load(x_ptr) + 1)
+except ImportError:
+    triton = None
 
 
 def synchronize(device):
@@ -43,15 +53,8 @@ def seconds_per_call(call, device, calls=2000):
 def launch_costs(device):
     x = torch.zeros(1, device=device)
     print(f"one x.add_(1) on a 1-element {device} tensor: {seconds_per_call(lambda: x.add_(1), device) * 1e6:.1f} µs")
-    if device == "cuda":
-        import triton
-
-        @triton.jit
-        def add_one(x_ptr):
-            import triton.language as tl
-            tl.store(x_ptr, tl.load(x_ptr) + 1)
-
-        print(f"one empty Triton launch: {seconds_per_call(lambda: add_one[(1,)](x), device) * 1e6:.1f} µs")
+    if device == "cuda" and triton is not None:
+        print(f"one Triton launch (a one-element add): {seconds_per_call(lambda: add_one[(1,)](x), device) * 1e6:.1f} µs")
 
 
 def profile_step(config, device, implementation, steps):
@@ -78,7 +81,9 @@ def profile_step(config, device, implementation, steps):
           + (f", GPU busy {busy * 1e3:.1f} ms ({busy / wall:.0%}), {launches:.0f} kernel launches per step"
              f" ({(wall - busy) / max(launches, 1) * 1e6:.1f} µs of wall time per launch beyond the GPU's)"
              if device == "cuda" else ""))
-    print(events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+    print(events.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60))
+    if device == "cuda":  # the kernels, by GPU time: their names say which precision the matmuls ran in
+        print(events.table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=80))
 
 
 def main():

@@ -1,6 +1,8 @@
 """Markdown tables from pytest-benchmark JSON files, GPU rows and CPU rows apart: each row with
 its device, the command that reruns it, the median, what extra_info measured, and the speed-up
-over the reference implementation of the same shape.
+over the reference implementation of the same shape. A GPU row with GB/s or TFLOP/s also gets its
+roofline fraction: over the copy bandwidth or bf16 matmul rate that bench_ceilings.py measured in
+the same run (files named <card>-<date>-<bench>.json share the run <card>-<date>).
 
     python benchmarks/report.py benchmarks/results/*.json > benchmarks/results/README.md
 """
@@ -25,6 +27,25 @@ def rows(path):
                "gpu": device == "cuda"}
 
 
+CEILINGS = {"GB/s": "bench_copy_bandwidth", "TFLOP/s": "bench_matmul_rate"}
+
+
+def run_of(row):
+    return row["file"].rsplit("-", 1)[0]
+
+
+def roofline(row, all_rows):
+    """The row's GB/s or TFLOP/s over its run's measured ceiling, as '77%'; '' where none applies."""
+    if not row["gpu"] or row["function"] in CEILINGS.values() or "MFU" in row["extra"]:
+        return ""
+    for unit, ceiling_function in CEILINGS.items():
+        ceilings = [other["extra"][unit] for other in all_rows
+                    if other["function"] == ceiling_function and other["gpu"] and run_of(other) == run_of(row)]
+        if unit in row["extra"] and ceilings:
+            return f"{row['extra'][unit] / ceilings[0]:.0%}"
+    return ""
+
+
 def reference_median(row, all_rows):
     if "implementation" not in row["params"]:
         return None
@@ -43,7 +64,8 @@ def table(selected, all_rows):
     for row in selected:
         reference = reference_median(row, all_rows)
         speedup = f"{reference / row['median']:.2f}×" if reference else ""
-        measured = ", ".join(f"{k} {row['extra'][k]}" for k in SHOWN_EXTRA if k in row["extra"])
+        measured = ", ".join([f"{k} {row['extra'][k]}" for k in SHOWN_EXTRA if k in row["extra"]]
+                             + [f"roofline {fraction}" for fraction in [roofline(row, all_rows)] if fraction])
         params = ", ".join(f"{k}={v}" for k, v in row["params"].items())
         command = f"`pytest {row['bench_file']} --benchmark-enable`"
         lines.append(f"| {row['device']} | {row['function']} | {params} | {row['median'] * 1e3:.3f} ms | {measured} "

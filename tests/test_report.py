@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,3 +13,26 @@ def test_results_table_is_generated_from_the_committed_results():
                                capture_output=True, text=True, check=True).stdout
     assert (RESULTS / "README.md").read_text() == generated
     assert "| cpu: " in generated and "× |" in generated
+
+
+def bench(name, median, params, extra, device="cuda"):
+    return {"fullname": f"benchmarks/bench_x.py::{name}", "name": f"{name}[...]", "stats": {"median": median},
+            "params": {**params, "device": device}, "extra_info": {**extra, "card": "Card"}}
+
+
+def test_gpu_rows_get_the_roofline_of_their_own_run(tmp_path):
+    write = lambda name, benchmarks: (tmp_path / name).write_text(json.dumps({"benchmarks": benchmarks}))
+    write("Card-2026-01-01-ceilings.json", [bench("bench_copy_bandwidth", 1e-3, {}, {"GB/s": 4000.0}),
+                                            bench("bench_matmul_rate", 1e-3, {}, {"TFLOP/s": 600.0})])
+    write("Card-2026-01-01-op.json", [bench("bench_op", 1e-3, {"implementation": "vlfast"}, {"GB/s": 1000.0}),
+                                      bench("bench_attn", 1e-3, {}, {"TFLOP/s": 150.0}),
+                                      bench("bench_op", 1e-3, {"implementation": "vlfast"}, {"GB/s": 10.0}, device="cpu")])
+    write("Card-2026-02-02-op.json", [bench("bench_op", 1e-3, {"implementation": "vlfast"}, {"GB/s": 2000.0})])
+    table = subprocess.run([sys.executable, str(RESULTS.parent / "report.py"), *sorted(map(str, tmp_path.glob("*.json")))],
+                           capture_output=True, text=True, check=True).stdout
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    assert any("GB/s 1000.0" in row and "roofline 25%" in row for row in rows)
+    assert any("TFLOP/s 150.0" in row and "roofline 25%" in row for row in rows)
+    assert not any("GB/s 2000.0" in row and "roofline" in row for row in rows)  # another run: no ceiling measured
+    assert not any("GB/s 10.0" in row and "roofline" in row for row in rows)  # CPU rows have none
+    assert not any("bench_copy_bandwidth" in row and "roofline" in row for row in rows)

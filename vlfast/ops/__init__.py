@@ -11,19 +11,24 @@ KERNELS = {"ema_update_": "ema_update_", "random_masking": "gather_rows", "unmas
            "itc_loss": "itc_rows", "attention": "attention_forward",
            "dropout_add_layer_norm": "dropout_add_layer_norm"}
 DEVICE_TYPES = ("cpu", "cuda")
+# Where auto runs a torch path although a kernel is built: Triton runs on the CPU only in the
+# interpreter, and on the GPU these two measured slower than torch at VLP shapes (their modules say
+# by how much); VLFAST_BACKEND=fused runs the kernel there.
+TORCH_BY_DEFAULT = {("itc_loss", "cpu"), ("attention", "cpu"), ("attention", "cuda"), ("dropout_add_layer_norm", "cuda")}
 
 
 def available() -> dict:
-    """{op: {device type: "fused" | "reference"}}: what VLFAST_BACKEND=auto runs on this build.
-
-    "fused" for cuda means the kernel is compiled in; it still needs a GPU to run. The fused CPU
-    paths of itc_loss and attention are vectorised torch and SDPA; their Triton kernels run on
-    the CPU only under TRITON_INTERPRET=1 with VLFAST_BACKEND=fused.
+    """{op: {device type: "fused" | "torch" | "reference"}}: what VLFAST_BACKEND=auto runs on this
+    build. "fused": the kernel (for cuda: compiled in; it still needs a GPU to run). "torch": the
+    op's own torch path (vectorised torch, SDPA, Hugging Face's code) by choice, see
+    TORCH_BY_DEFAULT. "reference": no kernel is built for that device.
     """
-    return {
-        op: {device: "fused" if has_kernel(kernel, device) else "reference" for device in DEVICE_TYPES}
-        for op, kernel in KERNELS.items()
-    }
+    def runs(op, kernel, device):
+        if not has_kernel(kernel, device):
+            return "reference"
+        return "torch" if (op, device) in TORCH_BY_DEFAULT else "fused"
+
+    return {op: {device: runs(op, kernel, device) for device in DEVICE_TYPES} for op, kernel in KERNELS.items()}
 
 
 __all__ = ["ContrastiveOutput", "Masking", "attention", "attention_reference", "available", "dropout_add_layer_norm", "dropout_add_layer_norm_reference", "itc_loss", "itc_loss_reference", "ema_decay", "ema_update_", "ema_update_reference", "random_masking",

@@ -2,8 +2,11 @@
 
 A BERT key-padding mask pushes `scaled_dot_product_attention` off its flash kernel, and eager
 attention (ALBEF's xbert) materialises B·H·Lq·Lk scores several times. On CUDA a masked call runs
-flash-attention-style Triton kernels (vlfast.kernels.attention); an unmasked one runs SDPA, whose
-flash path needs no mask. On the CPU it is SDPA.
+flash-attention-style Triton kernels (vlfast.kernels.attention) when VLFAST_BACKEND=fused; by
+default (auto) every call runs SDPA (with the mask, its memory-efficient kernel): measured on an
+H200 at VLP lengths, the Triton path's fwd+bwd took 1.08 ms against SDPA's 0.46 ms (40 padded
+text tokens; benchmarks/results/NVIDIA-H200-2026-11-27-attention.json), where both are bound by
+the host's launch overhead rather than the GPU. On the CPU it is SDPA.
 """
 import os
 from typing import Optional, Tuple
@@ -41,10 +44,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Optional[Ten
     """
     mask = _check(q, k, v, key_padding_mask)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    # Triton for masked CUDA calls; SDPA's flash kernel already serves unmasked ones. No fp64:
-    # Triton's fp64 dot does not compile at these tile sizes (tests/compile_kernels_for_gpu.py).
+    # Triton only when asked for (module docstring: SDPA measured faster). No fp64: Triton's
+    # fp64 dot does not compile at these tile sizes (tests/compile_kernels_for_gpu.py).
     path = triton_path("attention", q.device.type, triton is not None and q.dtype != torch.float64,
-                       triton_on_cuda=mask is not None)
+                       triton_on_cuda=False)
     if path == "reference":
         return attention_reference(q, k, v, key_padding_mask=mask, scale=scale)
     if path == "triton":
