@@ -3,12 +3,16 @@
     python benchmarks/profile_train_step.py                      # CUDA: ViT-B/16 + BERT-base, b64
     python benchmarks/profile_train_step.py --config tiny --steps 2
 
-Prints what one launch from Python costs on this machine (an in-place add on one element; on
-CUDA also an empty Triton kernel), then for each path (fused, reference) the wall time of a step,
+Prints what host work costs on this machine: one launch from Python (an in-place add on one
+element; on CUDA also a one-element Triton kernel), the forward and backward of x·2 with torch's
+backward and with a Python one (an autograd.Function: on CUDA the autograd engine runs it on its
+device thread, which must take the GIL), and dropout_add_layer_norm's forward and backward on a
+4×8 input, fused and reference. Then for each path (fused, reference) the wall time of a step,
 the GPU's busy time in it (the sum of kernel times, torch.profiler), the number of kernel
-launches, the operators with the most self CPU time and (CUDA) the kernels with the most GPU time. A step whose wall time is far over its
-GPU busy time is bound by launches and Python, and only fewer launches or less host work make
-it faster. The step is bench_train_step.py's (same model, batch and seeds).
+launches, the operators with the most self CPU time and (CUDA) the kernels with the most GPU
+time. A step whose wall time is far over its GPU busy time is bound by launches and Python, and
+only fewer launches or less host work make it faster. The step is bench_train_step.py's (same
+model, batch and seeds).
 """
 import argparse
 import os
@@ -22,6 +26,7 @@ from torch.autograd import DeviceType  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from bench_train_step import BACKENDS, CONFIGS, training_step  # noqa: E402
+from vlfast.ops import dropout_add_layer_norm  # noqa: E402
 
 try:
     import triton
@@ -50,11 +55,32 @@ def seconds_per_call(call, device, calls=2000):
     return (time.perf_counter() - start) / calls
 
 
-def launch_costs(device):
+class Double(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 2
+
+
+def host_costs(device):
+    def micro(what, call, calls=2000):
+        print(f"{what}: {seconds_per_call(call, device, calls) * 1e6:.1f} µs")
+
     x = torch.zeros(1, device=device)
-    print(f"one x.add_(1) on a 1-element {device} tensor: {seconds_per_call(lambda: x.add_(1), device) * 1e6:.1f} µs")
+    micro(f"one x.add_(1) on a 1-element {device} tensor", lambda: x.add_(1))
     if device == "cuda" and triton is not None:
-        print(f"one Triton launch (a one-element add): {seconds_per_call(lambda: add_one[(1,)](x), device) * 1e6:.1f} µs")
+        micro("one Triton launch (a one-element add)", lambda: add_one[(1,)](x))
+    leaf = torch.randn(8, device=device, requires_grad=True)
+    micro("x·2, forward and backward, torch's backward", lambda: torch.autograd.grad((leaf * 2).sum(), leaf))
+    micro("x·2, forward and backward, a Python backward", lambda: torch.autograd.grad(Double.apply(leaf).sum(), leaf))
+    inputs = [torch.randn(shape, device=device, requires_grad=True) for shape in ((4, 8), (4, 8), (8,), (8,))]
+    for backend in ("fused", "reference"):
+        os.environ["VLFAST_BACKEND"] = backend
+        micro(f"dropout_add_layer_norm 4×8, forward and backward, {backend}",
+              lambda: torch.autograd.grad(dropout_add_layer_norm(*inputs, 0.1).sum(), inputs), calls=500)
 
 
 def profile_step(config, device, implementation, steps):
@@ -100,7 +126,7 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           + (torch.cuda.get_device_name() if device == "cuda" else "CPU only")
           + "".join(f", {k}={v}" for k, v in os.environ.items() if k.startswith(("CUDA_LAUNCH", "TORCH_", "PYTORCH_"))))
-    launch_costs(device)
+    host_costs(device)
     for implementation in (["fused", "reference"] if args.ops == "both" else [args.ops]):
         profile_step(config, device, implementation, args.steps)
 
