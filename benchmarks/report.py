@@ -2,7 +2,9 @@
 its device, the command that reruns it, the median, what extra_info measured, and the speed-up
 over the reference implementation of the same shape. A GPU row with GB/s or TFLOP/s also gets its
 roofline fraction: over the copy bandwidth or bf16 matmul rate that bench_ceilings.py measured in
-the same run (files named <card>-<date>-<bench>.json share the run <card>-<date>).
+the same run (files named <card>-<date>-<bench>.json share the run <card>-<date>), its rate taken
+over the GPU's busy time where that was measured (timing.busy_seconds), else over the median,
+which also holds the host's overhead.
 
     python benchmarks/report.py benchmarks/results/*.json > benchmarks/results/README.md
 """
@@ -11,7 +13,7 @@ import sys
 from pathlib import Path
 
 REFERENCES = ("albef_loop", "mae", "eager", "reference", "hugging_face")  # implementations the ops replace: the ratio's denominators
-SHOWN_EXTRA = ("reference/fused", "samples/s", "GB/s", "TFLOP/s", "MFU", "peak_memory_MiB")
+SHOWN_EXTRA = ("reference/fused", "samples/s", "GB/s", "TFLOP/s", "MFU", "GPU_busy_ms", "peak_memory_MiB")
 
 
 def rows(path):
@@ -42,7 +44,9 @@ def roofline(row, all_rows):
         ceilings = [other["extra"][unit] for other in all_rows
                     if other["function"] == ceiling_function and other["gpu"] and run_of(other) == run_of(row)]
         if unit in row["extra"] and ceilings:
-            return f"{row['extra'][unit] / ceilings[0]:.0%}"
+            busy = row["extra"].get("GPU_busy_ms", 0) / 1e3
+            rate = row["extra"][unit] * (row["median"] / busy if busy else 1)
+            return f"{rate / ceilings[0]:.0%}"
     return ""
 
 

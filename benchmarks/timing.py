@@ -1,9 +1,31 @@
 """The timing loop every benchmark shares: warm up, synchronise inside the timed call on CUDA,
-and record the card and peak memory (CUDA) and effective bandwidth (when the bytes moved are given)."""
+and record the card, peak memory and GPU busy time (CUDA) and effective bandwidth (when the
+bytes moved are given)."""
 import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+BUSY = {"cuda": (ProfilerActivity.CUDA, DeviceType.CUDA, "self_device_time_total"),
+        "cpu": (ProfilerActivity.CPU, DeviceType.CPU, "self_cpu_time_total")}
 
 
-def timed(benchmark, device: str, step, bytes_moved: int = 0, warmup: int = 1) -> None:
+def busy_seconds(step, device: str, calls: int) -> float:
+    """Per call, the time the device spends in kernels (torch.profiler's device events; on the CPU
+    the self time of torch's ops). A synchronised wall-clock time also holds the host's launch
+    and Python overhead: where that dominates (small ops on a GPU), this is what the op costs a
+    GPU that the host keeps busy."""
+    activity, device_type, attribute = BUSY[device]
+    with profile(activities=[activity]) as profiler:
+        for _ in range(calls):
+            step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    events = [e for e in profiler.key_averages() if e.device_type == device_type]
+    return sum(getattr(e, attribute) for e in events) / 1e6 / calls
+
+
+def timed(benchmark, device: str, step, bytes_moved: int = 0, warmup: int = 1, busy: bool = True) -> None:
+    """busy=False for a step that is not one thing (bench_train_step_paired's two steps)."""
     for _ in range(warmup):
         step()
     if device == "cuda":
@@ -21,3 +43,6 @@ def timed(benchmark, device: str, step, bytes_moved: int = 0, warmup: int = 1) -
     if device == "cuda":
         benchmark.extra_info["peak_memory_MiB"] = round(torch.cuda.max_memory_allocated() / 2**20)
         benchmark.extra_info["card"] = torch.cuda.get_device_name()
+        if benchmark.stats and busy:  # about half a second of calls, at least one
+            calls = max(1, min(50, int(0.5 / benchmark.stats.stats.median)))
+            benchmark.extra_info["GPU_busy_ms"] = round(busy_seconds(step, device, calls) * 1e3, 4)

@@ -3,6 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 
@@ -27,12 +29,24 @@ def test_gpu_rows_get_the_roofline_of_their_own_run(tmp_path):
     write("Card-2026-01-01-op.json", [bench("bench_op", 1e-3, {"implementation": "vlfast"}, {"GB/s": 1000.0}),
                                       bench("bench_attn", 1e-3, {}, {"TFLOP/s": 150.0}),
                                       bench("bench_op", 1e-3, {"implementation": "vlfast"}, {"GB/s": 10.0}, device="cpu")])
+    write("Card-2026-01-01-busy.json", [bench("bench_busy", 1e-3, {}, {"GB/s": 400.0, "GPU_busy_ms": 0.2})])
     write("Card-2026-02-02-op.json", [bench("bench_op", 1e-3, {"implementation": "vlfast"}, {"GB/s": 2000.0})])
     table = subprocess.run([sys.executable, str(RESULTS.parent / "report.py"), *sorted(map(str, tmp_path.glob("*.json")))],
                            capture_output=True, text=True, check=True).stdout
     rows = [line for line in table.splitlines() if line.startswith("| ")]
     assert any("GB/s 1000.0" in row and "roofline 25%" in row for row in rows)
     assert any("TFLOP/s 150.0" in row and "roofline 25%" in row for row in rows)
+    assert any("GB/s 400.0" in row and "roofline 50%" in row for row in rows)  # its bytes over 0.2 ms of GPU time
     assert not any("GB/s 2000.0" in row and "roofline" in row for row in rows)  # another run: no ceiling measured
     assert not any("GB/s 10.0" in row and "roofline" in row for row in rows)  # CPU rows have none
     assert not any("bench_copy_bandwidth" in row and "roofline" in row for row in rows)
+
+
+def test_busy_seconds_counts_the_device_time_of_each_call():
+    sys.path.insert(0, str(RESULTS.parent))
+    from timing import busy_seconds
+
+    a = torch.randn(256, 256)
+    one = busy_seconds(lambda: a @ a, "cpu", calls=4)
+    three = busy_seconds(lambda: [a @ a for _ in range(3)], "cpu", calls=4)
+    assert 0 < one < three  # time in torch's ops, per call, grows with the work
