@@ -71,7 +71,7 @@ step "CUDA tests"
 # when installed, spreads the tests (mostly Triton compiles, CPU-bound) over the cores;
 # pytest-timeout, when installed, ends a hung test or benchmark so the rest still run.
 parallel=() per_test_limit=()
-$python -c "import xdist" 2>/dev/null && parallel=(-n "$(( $(nproc) < 8 ? $(nproc) : 8 ))")
+$python -c "import xdist" 2>/dev/null && parallel=(-n "$(( $(nproc) < 12 ? $(nproc) : 12 ))")
 $python -c "import pytest_timeout" 2>/dev/null && per_test_limit=(--timeout=180)
 $python -m pytest -q -m cuda -p no:cacheprovider -rfE --tb=short "${parallel[@]}" "${per_test_limit[@]}" tests \
     || fail "CUDA tests"
@@ -85,7 +85,7 @@ if [[ $dry_run == 1 ]]; then
 else
     results=benchmarks/results
     selection=(-k cuda)
-    timing=(--benchmark-max-time=0.5 --benchmark-min-rounds=5)
+    timing=(--benchmark-max-time=0.25 --benchmark-min-rounds=5)
 fi
 # One JSON per file, the ceilings first and the long training step last: each file's numbers
 # are kept (and published) even if a later one fails or the lease runs out.
