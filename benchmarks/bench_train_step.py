@@ -1,5 +1,6 @@
 """One full MAMO training step as train.py runs it (forward of all five objectives, backward,
-gradient clipping, AdamW, EMA of the target network) with every op fused against every op's
+gradient clipping, AdamW, EMA of the target network) with vlfast's ops as auto runs them (the
+fused kernels, except where auto picks a torch path: vlfast.ops.available()) against every op's
 plain-torch reference (VLFAST_BACKEND, what `train.py --ops` sets): same model, same random batch.
 
     pytest benchmarks/bench_train_step.py --benchmark-enable --benchmark-json=train_step.json

@@ -33,7 +33,9 @@ fail() {  # fail STEP: record it; stop unless --keep-going
     echo "!!! FAILED: $1"
     [[ $keep_going == 1 ]] || exit 1
 }
-publish() { [[ -n "${OUT:-}" ]] && cp "$@" "$OUT/"; true; }
+publish() {  # publish FILE...: copy to $OUT when set (a lent GPU's results come back from there)
+    [[ -z "${OUT:-}" ]] || cp "$@" "$OUT/" || echo "!!! could not copy $* to $OUT"
+}
 
 step "machine"
 $python - <<'PY'
@@ -48,9 +50,11 @@ if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print(f"{p.name}: {p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}")
 PY
+[[ $? == 0 ]] || { echo "!!! torch does not import: nothing else can run"; exit 1; }
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv || true
 echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with uncommitted changes)')"
-card=$($python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-') if torch.cuda.is_available() else 'cpu')")
+card=$($python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-') if torch.cuda.is_available() else 'cpu')") \
+    || { echo "!!! could not name the device"; exit 1; }
 
 step "build"
 build() {  # build CUDA_SWITCH: 0 = C++ CPU kernels only, 1 = with the CUDA kernels for sm_90
@@ -96,11 +100,10 @@ for bench in ceilings ema patch_gather contrastive dropout_add_layer_norm attent
     [[ -s $json ]] && publish "$json"
 done
 step "profile of the training step (launch cost, GPU busy time, top operators)"
-if [[ $dry_run == 1 ]]; then
-    $python benchmarks/profile_train_step.py --config tiny --steps 1 || fail profile
-else
-    $python benchmarks/profile_train_step.py --steps 2 || fail profile
-fi
+# Printed here (a lease's suite.log holds it) and kept beside the results.
+profile_args=(--steps 2)
+[[ $dry_run == 1 ]] && profile_args=(--config tiny --steps 1)
+$python benchmarks/profile_train_step.py "${profile_args[@]}" 2>&1 | tee "$results/$name-profile.txt" || fail profile
 
 step "results"
 $python benchmarks/report.py "$results/$name"-*.json > "$results/$name.md" || fail report

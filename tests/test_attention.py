@@ -1,4 +1,5 @@
 import importlib
+from unittest import mock
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from vlfast.ops import attention, attention_reference
 attention_module = importlib.import_module("vlfast.ops.attention")  # the name vlfast.ops.attention is the function
 
 needs_triton = pytest.mark.skipif(attention_module.triton is None, reason="Triton not installed")
-# "sdpa": the CPU path; "triton": the kernels (interpreted on the CPU); "reference": eager.
+# "sdpa": auto, SDPA on both devices; "triton": the kernels (interpreted on the CPU); "reference": eager.
 PATHS = ["sdpa", pytest.param("triton", marks=needs_triton), "reference"]
 
 
@@ -80,6 +81,10 @@ def test_half_dtypes(device, path, dtype, tol):
 @pytest.mark.parametrize("device", DEVICES)
 def test_float64_runs_sdpa(device, monkeypatch):
     q, k, v, mask = make(2, 2, 33, 40, 64, torch.float64, device, seed=1)
+    with mock.patch.object(attention_module.F, "scaled_dot_product_attention",
+                           wraps=F.scaled_dot_product_attention) as sdpa:
+        attention(q, k, v, key_padding_mask=mask)
+    assert sdpa.call_count == 1
     assert_matches_sdpa(q, k, v, mask, tol=1e-12)
     if device == "cuda":  # the Triton kernels take no fp64: a fused-only run says so
         monkeypatch.setenv("VLFAST_BACKEND", "fused")

@@ -1,4 +1,6 @@
+import importlib
 import os
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -78,7 +80,7 @@ def test_philox_matches_the_published_known_answer():
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.5])
 def test_kernel_equals_layer_norm_of_the_philox_mask(device, x_dtype, residual_dtype, shape, p):
     if device == "cuda" and torch.float64 in (x_dtype, residual_dtype):
-        pytest.skip("fp64 runs the reference on the GPU (test_triton_launcher_refuses_what_it_cannot_take)")
+        pytest.skip("the GPU kernel takes no fp64 (test_triton_launcher_refuses_what_it_cannot_take)")
     x, residual, weight, bias = make_inputs(shape, x_dtype, residual_dtype, device)
     seed = 0x1234_5678_9ABC_DEF  # both key words non-zero
     poison_allocator(shape, residual_dtype, device)
@@ -105,7 +107,12 @@ def test_kernel_equals_layer_norm_of_the_philox_mask(device, x_dtype, residual_d
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("x_dtype, residual_dtype", DTYPE_PAIRS)
 @pytest.mark.parametrize("training, p", [(False, 0.1), (True, 0.0)])
-def test_without_dropout_equals_hugging_face_and_draws_nothing(device, x_dtype, residual_dtype, training, p):
+@pytest.mark.parametrize("backend", ["auto", pytest.param("fused", marks=needs_extension)])
+def test_without_dropout_equals_hugging_face_and_draws_nothing(device, x_dtype, residual_dtype, training, p, backend,
+                                                               monkeypatch):
+    if backend == "fused" and device == "cuda" and torch.float64 in (x_dtype, residual_dtype):
+        pytest.skip("the GPU kernel takes no fp64")
+    monkeypatch.setenv("VLFAST_BACKEND", backend)  # on the GPU auto runs Hugging Face's code, fused the kernel
     x, residual, weight, bias = make_inputs((2, 9, 40), x_dtype, residual_dtype, device)
     rng = torch.get_rng_state() if device == "cpu" else torch.cuda.get_rng_state()
     got = dropout_add_layer_norm(x, residual, weight, bias, p, eps=1e-12, training=training)
@@ -116,6 +123,21 @@ def test_without_dropout_equals_hugging_face_and_draws_nothing(device, x_dtype, 
     torch.testing.assert_close(got.double(), want, **TOLERANCE[x_dtype])
     reference = dropout_add_layer_norm_reference(x, residual, weight, bias, p, eps=1e-12, training=training)
     torch.testing.assert_close(reference.double(), want, **TOLERANCE[x_dtype])
+
+
+@pytest.mark.cuda
+def test_gpu_runs_hugging_face_by_default_and_the_kernel_when_fused(monkeypatch):
+    x, residual, weight, bias = make_inputs((3, 5, 32), torch.bfloat16, torch.float32, "cuda")
+    module = importlib.import_module("vlfast.ops.dropout_add_layer_norm")
+    with mock.patch.object(module, "dropout_add_layer_norm_reference", wraps=dropout_add_layer_norm_reference) as ref:
+        monkeypatch.setenv("VLFAST_BACKEND", "auto")
+        dropout_add_layer_norm(x, residual, weight, bias, 0.1)
+        assert ref.call_count == 1
+        monkeypatch.setenv("VLFAST_BACKEND", "fused")
+        dropout_add_layer_norm(x, residual, weight, bias, 0.1)
+        assert ref.call_count == 1
+        with pytest.raises(RuntimeError, match="dropout_add_layer_norm has no Triton kernel for this call"):
+            dropout_add_layer_norm(x.double(), residual, weight, bias, 0.1)
 
 
 @needs_extension

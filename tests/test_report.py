@@ -2,8 +2,12 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
 import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
@@ -42,11 +46,24 @@ def test_gpu_rows_get_the_roofline_of_their_own_run(tmp_path):
     assert not any("bench_copy_bandwidth" in row and "roofline" in row for row in rows)
 
 
-def test_busy_seconds_counts_the_device_time_of_each_call():
+def test_busy_seconds_counts_the_device_time_of_each_call(monkeypatch):
     sys.path.insert(0, str(RESULTS.parent))
-    from timing import busy_seconds
+    import timing
 
-    a = torch.randn(256, 256)
-    one = busy_seconds(lambda: a @ a, "cpu", calls=4)
-    three = busy_seconds(lambda: [a @ a for _ in range(3)], "cpu", calls=4)
-    assert 0 < one < three  # time in torch's ops, per call, grows with the work
+    a = torch.randn(64, 64)
+    assert timing.busy_seconds(lambda: a @ a, "cpu", calls=2) > 0  # the real profiler, on the CPU
+
+    class Profile:  # torch.profiler's events as the GPU gives them: kernels and host-side ops mixed
+        def __init__(self, activities):
+            assert activities == [ProfilerActivity.CUDA]
+        __enter__ = lambda self: self
+        __exit__ = lambda self, *exc: None
+        key_averages = lambda self: [SimpleNamespace(device_type=DeviceType.CUDA, self_device_time_total=300.0),
+                                     SimpleNamespace(device_type=DeviceType.CUDA, self_device_time_total=100.0),
+                                     SimpleNamespace(device_type=DeviceType.CPU, self_device_time_total=9e6)]
+
+    monkeypatch.setattr(timing, "profile", Profile)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    calls = []
+    assert timing.busy_seconds(lambda: calls.append(1), "cuda", calls=4) == pytest.approx(400e-6 / 4)
+    assert len(calls) == 4

@@ -18,6 +18,13 @@ def run(*args, processes=1):
     return subprocess.run([sys.executable, *launcher, "train.py", *args], cwd=ROOT, capture_output=True, text=True)
 
 
+def failure(result) -> str:
+    """What a failed run printed: the other ranks' lines (torchrun prefixes them [rankN]:; the
+    first rank to fail is often not rank 0), then the end of stderr."""
+    others = [line for line in result.stderr.splitlines() if line.startswith("[rank") and not line.startswith("[rank0]")]
+    return "\n".join(others[-40:]) + "\n...\n" + result.stderr[-2000:]
+
+
 def losses(out):
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {line["step"]: line for line in lines}
@@ -43,11 +50,11 @@ def test_a_stopped_and_resumed_torchrun_run_equals_an_uninterrupted_one(tmp_path
     straight, split = tmp_path / "straight", tmp_path / "split"
     common = [*TINY, "optim.batch_size=2", "optim.max_steps=4"]
     result = run("--out", str(straight), *common, processes=2)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure(result)
     result = run("--out", str(split), "--stop-after", "2", *common, processes=2)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure(result)
     result = run("--out", str(split), "--resume", str(split / "last.pt"), *common, processes=2)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure(result)
     want, got = losses(straight), losses(split)
     assert sorted(got) == list(range(4))
     for step in range(4):
@@ -69,7 +76,7 @@ def test_two_processes_equal_one_on_the_same_global_batch(tmp_path):
     single = run("--out", str(tmp_path / "one"), *common, "optim.batch_size=4")
     assert single.returncode == 0, single.stderr[-2000:]
     double = run("--out", str(tmp_path / "two"), *common, "optim.batch_size=2", processes=2)
-    assert double.returncode == 0, double.stderr[-3000:]
+    assert double.returncode == 0, failure(double)
     want, got = losses(tmp_path / "one"), losses(tmp_path / "two")
     for step in range(3):
         assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5), step
@@ -121,7 +128,7 @@ def test_karpathy_data_and_pretrained_timm_and_hf_weights(tmp_path):
                  "model.vision.image_size=32", "model.vision.width=32", "model.vision.heads=2", "model.vision.depth=1",
                  "model.text.fusion_layer=1", "model.embed_dim=16", "optim.batch_size=4", "optim.max_steps=2",
                  "optim.warmup_steps=1", "optim.lr=0.0", "optim.min_lr=0.0", "data.num_workers=2")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure(result)
     assert "vision weights from" in result.stdout and "0 missing, 0 unused" in result.stdout
     assert "unreadable images skipped" in result.stdout
     assert losses(tmp_path / "run")[1]["skipped_images"] > 0

@@ -1,7 +1,9 @@
 """Loads vlfast._C (the compiled kernels) and decides, per call, fused kernel or reference.
 
-VLFAST_BACKEND=auto (default) runs the fused kernel where one is built for the device,
-=fused requires it (an error names the build command), =reference forces the plain-torch path.
+VLFAST_BACKEND=auto (default) runs the fused kernel where one is built for the device, except
+where an op runs its own torch path by choice (vlfast.ops.TORCH_BY_DEFAULT: measured faster, or
+Triton on the CPU), =fused requires the kernel (an error names what is missing), =reference
+forces the plain-torch reference.
 """
 import functools
 import os
@@ -68,8 +70,8 @@ def triton_path(op: str, device_type: str, has_triton_kernel: bool, triton_on_cu
                               or (device_type == "cpu" and interpreted and backend_name == "fused")):
         return "triton"
     if backend_name == "fused" and device_type == "cuda":
-        raise RuntimeError(f"VLFAST_BACKEND=fused but {op} has no Triton kernel for this call "
-                           "(Triton not installed, or a dtype the kernels do not take)")
+        raise RuntimeError(f"VLFAST_BACKEND=fused but {op} has no Triton kernel for this call (Triton or "
+                           f"vlfast._C missing, or inputs the kernels do not take: see vlfast.ops.{op}'s docstring)")
     return "torch"
 
 

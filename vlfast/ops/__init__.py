@@ -21,12 +21,12 @@ def available() -> dict:
     """{op: {device type: "fused" | "torch" | "reference"}}: what VLFAST_BACKEND=auto runs on this
     build. "fused": the kernel (for cuda: compiled in; it still needs a GPU to run). "torch": the
     op's own torch path (vectorised torch, SDPA, Hugging Face's code) by choice, see
-    TORCH_BY_DEFAULT. "reference": no kernel is built for that device.
+    TORCH_BY_DEFAULT, with or without a kernel. "reference": no kernel is built for that device.
     """
     def runs(op, kernel, device):
-        if not has_kernel(kernel, device):
-            return "reference"
-        return "torch" if (op, device) in TORCH_BY_DEFAULT else "fused"
+        if (op, device) in TORCH_BY_DEFAULT:
+            return "torch"
+        return "fused" if has_kernel(kernel, device) else "reference"
 
     return {op: {device: runs(op, kernel, device) for device in DEVICE_TYPES} for op, kernel in KERNELS.items()}
 

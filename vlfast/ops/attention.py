@@ -5,8 +5,8 @@ attention (ALBEF's xbert) materialises B·H·Lq·Lk scores several times. On CUD
 flash-attention-style Triton kernels (vlfast.kernels.attention) when VLFAST_BACKEND=fused; by
 default (auto) every call runs SDPA (with the mask, its memory-efficient kernel): measured on an
 H200 at VLP lengths, the Triton path's fwd+bwd took 1.08 ms against SDPA's 0.46 ms (40 padded
-text tokens; benchmarks/results/NVIDIA-H200-2026-11-27-attention.json), where both are bound by
-the host's launch overhead rather than the GPU. On the CPU it is SDPA.
+text tokens; benchmarks/results/NVIDIA-H200-2026-11-27-attention.json), times that hardly grow
+with the size there: host overhead, not GPU work, sets them. On the CPU it is SDPA.
 """
 import os
 from typing import Optional, Tuple

@@ -9,8 +9,9 @@ element index, so the backward regenerates it. On the CPU the kernel is C++ (csr
 GPU Triton (vlfast.kernels.dropout_add_layer_norm); both draw the same mask from the same seed.
 On the GPU the Triton kernel runs only when VLFAST_BACKEND=fused: by default (auto) the GPU runs
 Hugging Face's code, measured faster on an H200 at BERT's shapes (fwd+bwd 0.41 against 1.49 ms
-for 2560×768; benchmarks/results/NVIDIA-H200-2026-11-27-dropout_add_layer_norm.json), where a
-few microseconds of GPU work sit under the host's launch and autograd overhead.
+for 2560×768; benchmarks/results/NVIDIA-H200-2026-11-27-dropout_add_layer_norm.json), where the
+op's bytes need about 13 µs at the card's copy bandwidth: the host's launches and Python autograd
+cost more than the kernel saves.
 That mask is another draw than torch's dropout (same distribution, tested): with p = 0 or
 training=False the op equals the reference up to rounding, with dropout in distribution.
 """
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlfast import _extension
-from vlfast._extension import no_double_backward, triton_path, use_fused
+from vlfast._extension import has_kernel, no_double_backward, triton_path, use_fused
 
 try:
     import triton
@@ -49,14 +50,15 @@ def dropout_add_layer_norm(x: Tensor, residual: Tensor, weight: Tensor, bias: Te
     stream is LayerNorm's fp32 output); math in fp32, fp64 if an input is fp64. Differentiable in
     x, residual, weight and bias. The mask draws one seed from the default generator of x's
     device per call, so torch.manual_seed makes it reproducible, as for nn.Dropout. On the GPU
-    the reference runs unless VLFAST_BACKEND=fused, which takes no fp64 and rows up to
-    MAX_TRITON_WIDTH (16384) wide.
+    the reference runs unless VLFAST_BACKEND=fused, which runs the Triton kernel and raises a
+    RuntimeError for what it does not take: fp64, rows wider than MAX_TRITON_WIDTH (16384), or
+    a build without vlfast._C.
     """
     dim = _check(x, residual, weight, bias, p, eps)
     p = float(p) if training else 0.0
     if x.device.type == "cuda":  # Triton only when asked for (module docstring)
-        fused = triton_path("dropout_add_layer_norm", "cuda", triton is not None and _triton_takes(x, residual),
-                            triton_on_cuda=False) == "triton"
+        takes = triton is not None and has_kernel("dropout_add_layer_norm", "cuda") and _triton_takes(x, residual)
+        fused = triton_path("dropout_add_layer_norm", "cuda", takes, triton_on_cuda=False) == "triton"
     else:
         fused = use_fused("dropout_add_layer_norm", x.device.type)
     if not fused:
