@@ -4,7 +4,8 @@ backward, at the shapes of a ViT-B/16 + BERT-base VLP model.
     pytest benchmarks/bench_attention.py --benchmark-enable --benchmark-json=attention.json
 
 CUDA: bf16, B = 64, H = 12, Dh = 64; "triton" times the Triton kernels, which vlfast runs only
-under VLFAST_BACKEND=fused since they measured slower than SDPA on an H200 (README). CPU: fp32, B = 4 (vlfast runs SDPA there).
+under VLFAST_BACKEND=fused since they measured slower than SDPA on an H200 (README). CPU: fp32,
+B = 4 (vlfast runs SDPA there).
 extra_info["TFLOP/s"] counts 3.5 × the forward's 4·B·H·Lq·Lk·Dh (backward = 2.5 × forward).
 """
 import pytest

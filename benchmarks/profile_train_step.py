@@ -22,10 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # train.py, when run as a script
 import torch  # noqa: E402
-from torch.autograd import DeviceType  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from bench_train_step import BACKENDS, CONFIGS, training_step  # noqa: E402
+from timing import device_events, device_seconds  # noqa: E402
 from vlfast.ops import dropout_add_layer_norm  # noqa: E402
 
 try:
@@ -44,8 +44,9 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def seconds_per_call(call, device, calls=2000):
-    for _ in range(calls // 10):
+def seconds_per_call(call, device, calls=2000, warmup=None):
+    """Wall time per call, after ``warmup`` calls (a tenth of ``calls`` by default)."""
+    for _ in range(calls // 10 if warmup is None else warmup):
         call()
     synchronize(device)
     start = time.perf_counter()
@@ -86,23 +87,15 @@ def host_costs(device):
 def profile_step(config, device, implementation, steps):
     os.environ["VLFAST_BACKEND"] = BACKENDS[implementation]
     step, batch = training_step(config, device)
-    for _ in range(2):  # warm-up: Triton compiles, allocator, cuBLAS handles
-        step()
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    synchronize(device)
-    wall = (time.perf_counter() - start) / steps
+    wall = seconds_per_call(step, device, steps, warmup=2)  # warm-up: Triton compiles, allocator, cuBLAS handles
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as profiler:
         for _ in range(steps):
             step()
         synchronize(device)
     events = profiler.key_averages()
-    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
-    launches = sum(e.count for e in kernels) / steps
-    busy = sum(e.self_device_time_total for e in kernels) / steps / 1e6
+    launches = sum(e.count for e in device_events(events, "cuda")) / steps
+    busy = device_seconds(events, "cuda") / steps
     print(f"\n## {config}, {implementation} ({device}): {wall * 1e3:.1f} ms per step ({batch / wall:.1f} samples/s)"
           + (f", GPU busy {busy * 1e3:.1f} ms ({busy / wall:.0%}), {launches:.0f} kernel launches per step"
              f" ({(wall - busy) / max(launches, 1) * 1e6:.1f} µs of wall time per launch beyond the GPU's)"

@@ -9,19 +9,27 @@ BUSY = {"cuda": (ProfilerActivity.CUDA, DeviceType.CUDA, "self_device_time_total
         "cpu": (ProfilerActivity.CPU, DeviceType.CPU, "self_cpu_time_total")}
 
 
+def device_events(events, device: str) -> list:
+    """The events of torch.profiler's key_averages() that ran on the device: kernels on CUDA."""
+    return [e for e in events if e.device_type == BUSY[device][1]]
+
+
+def device_seconds(events, device: str) -> float:
+    """The time those events kept the device busy (on the CPU: the self time of torch's ops)."""
+    return sum(getattr(e, BUSY[device][2]) for e in device_events(events, device)) / 1e6
+
+
 def busy_seconds(step, device: str, calls: int) -> float:
     """Per call, the time the device spends in kernels (torch.profiler's device events; on the CPU
     the self time of torch's ops). A synchronised wall-clock time also holds the host's launch
     and Python overhead: where that dominates (small ops on a GPU), this is what the op costs a
     GPU that the host keeps busy."""
-    activity, device_type, attribute = BUSY[device]
-    with profile(activities=[activity]) as profiler:
+    with profile(activities=[BUSY[device][0]]) as profiler:
         for _ in range(calls):
             step()
         if device == "cuda":
             torch.cuda.synchronize()
-    events = [e for e in profiler.key_averages() if e.device_type == device_type]
-    return sum(getattr(e, attribute) for e in events) / 1e6 / calls
+    return device_seconds(profiler.key_averages(), device) / calls
 
 
 def timed(benchmark, device: str, step, bytes_moved: int = 0, warmup: int = 1, busy: bool = True) -> None:
