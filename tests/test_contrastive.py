@@ -161,6 +161,20 @@ def test_negatives_when_the_positive_takes_all_the_mass(device, path):
             itc_loss_reference(image, image.clone(), 0.001)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_nan_features_give_a_nan_loss_and_indices_in_range(device, path):
+    # Diverged weights: the step must end with a NaN loss for the trainer to report, not an
+    # out-of-range index that fails in the ITM gather.
+    run_on(path, device)
+    image, text = features(6, 8, torch.float32, device, seed=7)
+    image = image.detach().index_fill(0, torch.tensor([2], device=device), float("nan"))
+    out = itc_loss(image, text, 0.1, generator=torch.Generator(device).manual_seed(7))
+    assert out.loss.isnan()
+    for negative in (out.neg_text_idx, out.neg_image_idx):
+        assert ((negative >= 0) & (negative < 6)).all(), negative
+
+
 def bad_cases():
     x = torch.zeros(4, 8)
     return [

@@ -160,7 +160,9 @@ def _rows_torch(sim: Tensor, positives: Tensor, smoothing: float, sample: bool, 
             total = cdf[:, -1:]
             below_total = torch.nextafter(total, torch.zeros_like(total))  # so the pick lands on a weight > 0
             u = torch.minimum(torch.rand(total.shape, device=sim.device, generator=generator, dtype=torch.float64) * total, below_total)
-            negatives = torch.searchsorted(cdf, u, right=True).squeeze(1)
+            # A row of NaN scores (diverged weights) finds no place in its CDF: it still gets an
+            # index in range, so the step ends and the trainer stops on its NaN loss.
+            negatives = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
     return rows, negatives
 
 
