@@ -315,11 +315,11 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
     skipped = 0
     for step, (images, input_ids, attention_mask, image_ids, skipped_now) in enumerate(loader, start=start):
         skipped += skipped_now
-        stopping = torch.tensor(float(stop_after is not None and step >= start + stop_after
-                                      or time_limit is not None and time.time() - started > time_limit),
-                                device=device)  # NCCL reduces CUDA tensors only
-        if world > 1:
-            dist.all_reduce(stopping)  # every rank stops at the same step
+        stopping = (stop_after is not None and step >= start + stop_after
+                    or time_limit is not None and time.time() - started > time_limit)
+        if world > 1:  # every rank stops at the same step
+            stopping = torch.tensor(float(stopping), device=device)  # NCCL reduces CUDA tensors only
+            dist.all_reduce(stopping)
         if step >= total or stopping:
             if stopping and saved_at != step:
                 save(step)
@@ -333,17 +333,21 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
         image_ids = image_ids.to(device) if config.image_id_positives else None
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             losses = runner(images, input_ids, attention_mask, generator=generator, image_ids=image_ids)
-        check_finite(step, losses, checkpoint if saved_at is not None else None)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
         optimizer.step()
         model.update_target()
+        # The losses reach the host once per step, after the whole step is queued: each read waits
+        # for the GPU. A non-finite loss has updated the weights by then, but nothing is saved after
+        # it, and averaged over the ranks it stops every rank at the same step.
         values = torch.stack([v.detach().float() for v in losses.values()])
         if world > 1:
             dist.all_reduce(values)
             values /= world
-        values = {f"loss_{k}" if k != "loss" else k: round(v, 5) for k, v in zip(losses, values.tolist())}
+        values = {f"loss_{k}" if k != "loss" else k: v for k, v in zip(losses, values.tolist())}
+        check_finite(step, values, checkpoint if saved_at is not None else None)
+        values = {k: round(v, 5) for k, v in values.items()}
         if rank == 0 and (step % config.optim.log_every == 0 or step == total - 1):
             log.write({"step": step, "lr": lr, **values, **({"skipped_images": skipped} if skipped else {})})
         progress.set_postfix(values, refresh=False)

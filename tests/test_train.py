@@ -63,6 +63,14 @@ def test_a_stopped_and_resumed_torchrun_run_equals_an_uninterrupted_one(tmp_path
     assert single.returncode == 0 and "written by 2 processes, this run has 1" in single.stdout, single.stderr[-3000:]
 
 
+def test_a_non_finite_loss_stops_the_run_with_its_step(tmp_path):
+    result = run("--out", str(tmp_path), *TINY, "optim.lr=1e30")  # step 0's update blows the weights up
+    assert result.returncode != 0
+    assert "FloatingPointError: step 1: non-finite loss" in result.stderr, result.stderr[-2000:]
+    assert "last good checkpoint: none yet" in result.stderr
+    assert [line["step"] for line in losses(tmp_path).values()] == [0]  # nothing logged from the bad step
+
+
 def test_bad_config_stops_before_training(tmp_path):
     result = run("--out", str(tmp_path), "optim.batch_sise=4")
     assert result.returncode == 2 and "unknown config key optim.batch_sise" in result.stderr
