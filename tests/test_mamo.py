@@ -1,9 +1,14 @@
+import math
+
 import pytest
 import torch
 
 from vlfast.data import SyntheticImageText
 from vlfast.data.synthetic import SPECIAL_TOKENS, WORDS
 from vlfast.models import Mamo, MamoConfig, TextConfig, VisionConfig
+from vlfast.models.mamo import _masked_positions, _patches_at
+from vlfast.ops import random_masking
+from vlfast.training import capture_cuda_graph
 
 WIDTH = 64
 VOCAB = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *WORDS])}
@@ -87,3 +92,81 @@ def test_objectives_are_switchable_and_checked():
     config.text.width = 32
     with pytest.raises(ValueError, match="text width .* must equal the image width"):
         Mamo(config, mask_token_id=4, special_ids=[0])
+
+
+
+@pytest.mark.parametrize("patches, ratio", [(7, 0.5), (16, 0.75), (13, 0.1)])
+def test_masked_patch_rows_are_boolean_indexing_without_its_sync(patches, ratio):
+    tokens = torch.randn(5, 1 + patches, 3)
+    masking = random_masking(torch.randn(5, patches, 3), ratio, generator=torch.Generator().manual_seed(patches))
+    rows = _patches_at(tokens, _masked_positions(masking))
+    torch.testing.assert_close(rows, tokens[:, 1:][masking.mask.bool()], rtol=0, atol=0)
+
+
+def mamo_step(model, optimizer, images, input_ids, mask, generator):
+    """train.py's step: forward under bf16 autocast, backward, clipping, AdamW, EMA."""
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        losses = model(images, input_ids, mask, generator=generator)
+    optimizer.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+    optimizer.step()
+    model.update_target()
+    return losses
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["auto", "fused"])
+def test_the_fused_step_never_waits_for_the_gpu(monkeypatch, backend):
+    """No .item(), boolean indexing or host-to-GPU copy: the host can queue the next step while the
+    GPU runs this one, and the step can be recorded as a CUDA graph."""
+    monkeypatch.setenv("VLFAST_BACKEND", backend)
+    model = tiny().cuda()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    data = [x.cuda() for x in batch()]
+    generator = torch.Generator("cuda").manual_seed(0)
+    mamo_step(model, optimizer, *data, generator)  # first calls: Triton compiles, optimizer state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        mamo_step(model, optimizer, *data, generator)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def graphed_tiny_step(lr):
+    """(replay, model, the losses the replays write into)."""
+    model = tiny().cuda()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, capturable=True)
+    data = [x.cuda() for x in batch()]
+    generator = torch.Generator("cuda").manual_seed(0)
+    losses = {}
+    replay = capture_cuda_graph(lambda: losses.update(mamo_step(model, optimizer, *data, generator)), [generator])
+    return replay, model, losses
+
+
+@pytest.mark.cuda
+def test_the_fused_step_replays_as_a_cuda_graph():
+    replay, model, losses = graphed_tiny_step(lr=1e-3)
+    target_before = [p.clone() for p in model.target.parameters()]
+    online_before = [p.clone() for p in model.visual_encoder.parameters()]
+    history = []
+    for _ in range(20):
+        replay()
+        history.append({name: value.item() for name, value in losses.items()})
+    assert all(math.isfinite(v) for step in history for v in step.values()), history
+    assert sum(h["loss"] for h in history[-5:]) < sum(h["loss"] for h in history[:5]), history
+    assert all(not torch.equal(a, b) for a, b in zip(online_before, model.visual_encoder.parameters()))
+    assert all(not torch.equal(a, b) for a, b in zip(target_before, model.target.parameters()))
+
+
+@pytest.mark.cuda
+def test_each_replay_draws_new_masks_and_negatives():
+    replay, model, losses = graphed_tiny_step(lr=0.0)  # the weights stay: only the draws change the losses
+    weights = [p.clone() for p in model.parameters() if p.requires_grad]
+    replay()
+    first = {name: value.item() for name, value in losses.items()}
+    replay()
+    assert all(torch.equal(a, b) for a, b in zip(weights, (p for p in model.parameters() if p.requires_grad)))
+    for name in ("mim", "mlm", "itm"):
+        assert losses[name].item() != first[name], name

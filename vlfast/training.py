@@ -1,6 +1,7 @@
 """What a training loop needs besides the model: a config from YAML with command-line overrides,
 the warmup + cosine learning rate, checkpoints written atomically and loaded without running
-code, metrics as JSON lines, the loss-curve PNG, and a clear stop on a non-finite loss.
+code, metrics as JSON lines, the loss-curve PNG, a clear stop on a non-finite loss, and a
+training step recorded as one CUDA graph.
 """
 import dataclasses
 import json
@@ -8,7 +9,7 @@ import math
 import os
 import typing
 from pathlib import Path
-from typing import Iterable, List, Optional
+from typing import Callable, Iterable, List, Optional, Sequence
 
 import torch
 import yaml
@@ -166,3 +167,30 @@ def plot_losses(records: List[dict], path, keys: Optional[List[str]] = None) -> 
     plt.close(figure)
     os.replace(temporary, path)
     return path
+
+
+def capture_cuda_graph(step: Callable[[], None], generators: Sequence[torch.Generator] = (),
+                       warmup: int = 3) -> Callable[[], None]:
+    """``step``, a whole training step on tensors that stay in place (forward, backward, optimizer,
+    EMA), recorded once as a CUDA graph: the returned function replays it with one launch, so the
+    host's per-kernel cost (Python, dispatch, launch) is paid once instead of every step.
+
+    The step must never wait for the GPU (no ``.item()``, no boolean-mask indexing: vlfast's ops
+    and Mamo's forward qualify, ALBEF's per-row multinomial does not), its optimizer must keep its
+    step count on the GPU (``AdamW(..., capturable=True)``), and every ``torch.Generator`` it draws
+    from besides the default one goes in ``generators`` (each replay then draws new numbers).
+    Host-side values are frozen at capture: the learning rate, MomentumModel's decay and count.
+    New data is copied into the step's input tensors before a replay.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # capture needs the lazy setup (cuBLAS, Triton, optimizer state) done off its stream
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    for generator in generators:
+        graph.register_generator_state(generator)
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay

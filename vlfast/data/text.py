@@ -19,7 +19,9 @@ def mask_tokens(input_ids: Tensor, *, vocab_size: int, mask_token_id: int, speci
     def draw(p: float) -> Tensor:
         return torch.rand(input_ids.shape, device=input_ids.device, generator=generator) < p
 
-    special = torch.isin(input_ids, torch.tensor(list(special_ids), device=input_ids.device))
+    special = torch.zeros_like(input_ids, dtype=torch.bool)
+    for token_id in special_ids:  # not isin: a tensor of the ids would be a host-to-GPU copy, a sync
+        special |= input_ids == token_id
     chosen = draw(probability) & ~special
     labels = torch.where(chosen, input_ids, -100)
     to_mask = chosen & draw(0.8)

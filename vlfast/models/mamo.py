@@ -142,24 +142,27 @@ class Mamo(nn.Module):
             visible, masking = self.visual_encoder.forward_masked(images, self.config.image_mask_ratio, generator)
             restored = unmask(visible[:, 1:], masking.ids_restore, self.image_mask_token)
             _, fused_image = self.fuse(bert, text, attention_mask, torch.cat([visible[:, :1], restored], dim=1))
-            masked = masking.mask.bool()  # (B, N)
-            predicted = fused_image[:, 1:][masked]
+            masked = _masked_positions(masking)
+            predicted = _patches_at(fused_image, masked)
             if "mim" in objectives:
-                losses["mim"] = F.l1_loss(self.mim_predictor(predicted), target_image[:, 1:][masked])
+                losses["mim"] = F.l1_loss(self.mim_predictor(predicted), _patches_at(target_image, masked))
             if "mrm" in objectives:
-                losses["mrm_image"] = F.mse_loss(self.mrm_projector(predicted), target_fused_image[:, 1:][masked])
+                losses["mrm_image"] = F.mse_loss(self.mrm_projector(predicted), _patches_at(target_fused_image, masked))
 
         if objectives & {"mlm", "mrm"}:  # f(I, T'): BERT's 80/10/10 masking of the caption
             masked_ids, labels = mask_tokens(input_ids, vocab_size=self.config.text.vocab_size,
                                              mask_token_id=self.mask_token_id, special_ids=self.special_ids,
                                              probability=self.config.text_mask_ratio, generator=generator)
             fused_text, _ = self.fuse(bert, bert(masked_ids, attention_mask, mode="text"), attention_mask, image)
-            chosen = labels != -100
+            # Every token goes through the heads and the unchosen ones weigh 0 (ALBEF's MLM does the
+            # same): selecting the chosen ones, a random number, would wait for the GPU to count them.
             if "mlm" in objectives:
                 logits = self.text_encoder.cls.predictions(fused_text)
-                losses["mlm"] = F.cross_entropy(logits[chosen], labels[chosen])
+                losses["mlm"] = F.cross_entropy(logits.flatten(0, 1), labels.flatten())  # -100: ignored
             if "mrm" in objectives:
-                losses["mrm_text"] = F.mse_loss(self.mrm_projector(fused_text[chosen]), target_fused_text[chosen])
+                chosen = (labels != -100).float()
+                error = (self.mrm_projector(fused_text).float() - target_fused_text.float()).pow(2).mean(-1)
+                losses["mrm_text"] = (error * chosen).sum() / chosen.sum()
 
         if "mrm" in objectives:
             losses["mrm"] = (losses.pop("mrm_image") + losses.pop("mrm_text")) / 2
@@ -174,5 +177,18 @@ class Mamo(nn.Module):
         texts = torch.cat([text, text, text[neg_text]])
         masks = torch.cat([attention_mask, attention_mask, attention_mask[neg_text]])
         batch = image.shape[0]
-        labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(image.device)
+        labels = (torch.arange(3 * batch, device=image.device) < batch).long()  # made on the GPU: no copy, no wait
         return F.cross_entropy(self.itm_logits(images, texts, masks), labels)
+
+
+def _masked_positions(masking) -> Tensor:
+    """(B, M) int64: each image's masked patch indices, ascending (the order of boolean indexing
+    with ``masking.mask``). Every image has the same M, so no host sync counts them."""
+    masked_per_image = masking.mask.shape[1] - masking.ids_keep.shape[1]
+    return torch.sort(masking.mask, dim=1, descending=True, stable=True).indices[:, :masked_per_image]
+
+
+def _patches_at(tokens: Tensor, positions: Tensor) -> Tensor:
+    """tokens (B, 1 + N, W) [CLS] first, positions (B, M) -> (B·M, W) patch rows."""
+    patches = tokens[:, 1:]
+    return torch.gather(patches, 1, positions[..., None].expand(-1, -1, patches.shape[-1])).flatten(0, 1)
