@@ -2,6 +2,9 @@
 gradient clipping, AdamW, EMA of the target network) with vlfast's ops as auto runs them (the
 fused kernels, except where auto picks a torch path: vlfast.ops.available()) against every op's
 plain-torch reference (VLFAST_BACKEND, what `train.py --ops` sets): same model, same random batch.
+On CUDA also fused_cuda_graph: the fused step recorded once as a CUDA graph and replayed
+(vlfast.training.capture_cuda_graph), which the fused step allows because it never waits for the
+GPU; the reference cannot be recorded (ALBEF's negative sampling reads each draw on the host).
 
     pytest benchmarks/bench_train_step.py --benchmark-enable --benchmark-json=train_step.json
 
@@ -9,10 +12,10 @@ Configs: tiny (train.py's default model, batch 32, 64 px: CPU and CUDA) and ViT-
 (fusion from layer 6, 30 text tokens, bf16 autocast: CUDA only) at 224 px batch 64 and 256 px
 batch 32. extra_info: samples/s; on CUDA also peak memory, the model's TFLOP/s (FLOPs of one
 step counted by torch's FlopCounterMode) and MFU against a bf16 matmul measured in the same run.
-bench_train_step_paired runs a fused and a reference step in each round (the first of the two
-alternating) and reports the median of the per-round ratios, reference/fused: on a shared
-machine whose speed drifts between the two single-path runs, that ratio is the one to quote
-(its peak memory on CUDA holds both models).
+bench_train_step_paired runs a step of each implementation in each round (their order
+alternating) and reports the median of the per-round ratios, reference/fused (and on CUDA
+reference/fused_cuda_graph): on a shared machine whose speed drifts between the single-path runs,
+those ratios are the ones to quote (its peak memory on CUDA holds every model).
 """
 import dataclasses
 import functools
@@ -24,6 +27,7 @@ import torch
 
 from timing import timed
 from train import default_model
+from vlfast.training import capture_cuda_graph
 from vlfast.data.synthetic import SPECIAL_TOKENS, WORDS
 from vlfast.models import Mamo, MamoConfig, TextConfig, VisionConfig
 
@@ -37,17 +41,24 @@ TEXT_LENGTH = 30
 CASES = [("tiny", "cpu")] + [pytest.param(config, "cuda", marks=pytest.mark.cuda) for config in CONFIGS]
 # "auto", not "fused": under pytest on a CPU, TRITON_INTERPRET=1 would make "fused" run the
 # Triton kernels in the interpreter; auto is what `python train.py` runs on either device.
-BACKENDS = {"fused": "auto", "reference": "reference"}
+BACKENDS = {"fused": "auto", "reference": "reference", "fused_cuda_graph": "auto"}
 
 
-def training_step(config_name: str, device: str):
-    """(step function, batch size): a fresh model, its AdamW and one random batch, fixed seeds."""
+def implementations(device: str):
+    return [name for name in BACKENDS if device == "cuda" or not name.endswith("cuda_graph")]
+
+
+def training_step(config_name: str, device: str, implementation: str = "fused"):
+    """(step function, batch size): a fresh model, its AdamW and one random batch, fixed seeds.
+    Reads VLFAST_BACKEND at each call; set it to BACKENDS[implementation]."""
     config, batch = CONFIGS[config_name]
     if config.text.vocab_size == 0:  # train.py's default takes its vocabulary from the synthetic set
         config = dataclasses.replace(config, text=dataclasses.replace(config.text, vocab_size=len(SPECIAL_TOKENS) + len(WORDS)))
     torch.manual_seed(0)
-    model = Mamo(config, mask_token_id=4, special_ids=[0, 2, 3]).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.02)
+    with torch.device(device):  # initialised where it runs: ViT-B + BERT-base take seconds on the host
+        model = Mamo(config, mask_token_id=4, special_ids=[0, 2, 3])
+    graphed = implementation.endswith("cuda_graph")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.02, capturable=graphed)
     images = torch.randn(batch, 3, config.vision.image_size, config.vision.image_size, device=device)
     input_ids = torch.randint(5, config.text.vocab_size, (batch, TEXT_LENGTH), device=device)
     input_ids[:, 0] = 2  # [CLS]
@@ -65,7 +76,7 @@ def training_step(config_name: str, device: str):
         optimizer.step()
         model.update_target()
 
-    return step, batch
+    return (capture_cuda_graph(step, [generator]) if graphed else step), batch
 
 
 @functools.lru_cache(maxsize=None)
@@ -97,11 +108,13 @@ def bf16_matmul_flops_per_second() -> float:
     return 2 * 8192 ** 3 / sorted(times[5:])[len(times[5:]) // 2]
 
 
-@pytest.mark.parametrize("implementation", ["fused", "reference"])
+@pytest.mark.parametrize("implementation", list(BACKENDS))
 @pytest.mark.parametrize("config, device", CASES)
 def bench_train_step(benchmark, monkeypatch, implementation, config, device):
+    if implementation not in implementations(device):
+        pytest.skip("CUDA graphs need CUDA")
     monkeypatch.setenv("VLFAST_BACKEND", BACKENDS[implementation])
-    step, batch = training_step(config, device)
+    step, batch = training_step(config, device, implementation)
     timed(benchmark, device, step, warmup=2)
     if not benchmark.stats:  # --benchmark-disable: ran once as a smoke test
         return
@@ -116,14 +129,15 @@ def bench_train_step(benchmark, monkeypatch, implementation, config, device):
 @pytest.mark.parametrize("config, device", CASES)
 def bench_train_step_paired(benchmark, monkeypatch, config, device):
     steps = {}
-    for implementation, backend in BACKENDS.items():
-        monkeypatch.setenv("VLFAST_BACKEND", backend)  # the ops read it at each call
-        steps[implementation], _ = training_step(config, device)
-    ratios = []
+    for implementation in implementations(device):
+        monkeypatch.setenv("VLFAST_BACKEND", BACKENDS[implementation])  # the ops read it at each call
+        steps[implementation], _ = training_step(config, device, implementation)
+    faster = [name for name in steps if name != "reference"]
+    rounds = []
 
     def pair():
         seconds = {}
-        order = list(BACKENDS) if len(ratios) % 2 == 0 else list(BACKENDS)[::-1]
+        order = list(steps) if len(rounds) % 2 == 0 else list(steps)[::-1]
         for implementation in order:
             monkeypatch.setenv("VLFAST_BACKEND", BACKENDS[implementation])
             start = time.perf_counter()
@@ -131,9 +145,11 @@ def bench_train_step_paired(benchmark, monkeypatch, config, device):
             if device == "cuda":
                 torch.cuda.synchronize()
             seconds[implementation] = time.perf_counter() - start
-        ratios.append(seconds["reference"] / seconds["fused"])
+        rounds.append(seconds)
 
     warmup = 2
     timed(benchmark, device, pair, warmup=warmup, busy=False)
     if benchmark.stats:
-        benchmark.extra_info["reference/fused"] = round(statistics.median(ratios[warmup:]), 3)
+        for name in faster:
+            benchmark.extra_info[f"reference/{name}"] = round(
+                statistics.median(r["reference"] / r[name] for r in rounds[warmup:]), 3)

@@ -7,10 +7,10 @@ Prints what host work costs on this machine: one launch from Python (an in-place
 element; on CUDA also a one-element Triton kernel), the forward and backward of x·2 with torch's
 backward and with a Python one (an autograd.Function: on CUDA the autograd engine runs it on its
 device thread, which must take the GIL), and dropout_add_layer_norm's forward and backward on a
-4×8 input, fused and reference. Then for each path (fused, reference) the wall time of a step,
-the GPU's busy time in it (the sum of kernel times, torch.profiler), the number of kernel
-launches, the operators with the most self CPU time and (CUDA) the kernels with the most GPU
-time. A step whose wall time is far over its GPU busy time is bound by launches and Python, and
+4×8 input, fused and reference. Then for each path (fused, reference, on CUDA also
+fused_cuda_graph) the wall time of a step, the GPU's busy time in it (the sum of kernel times,
+torch.profiler), the number of kernel launches, the operators with the most self CPU time and
+(CUDA) the kernels with the most GPU time. A step whose wall time is far over its GPU busy time is bound by launches and Python, and
 only fewer launches or less host work make it faster. The step is bench_train_step.py's (same
 model, batch and seeds).
 """
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # train.py, whe
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from bench_train_step import BACKENDS, CONFIGS, training_step  # noqa: E402
+from bench_train_step import BACKENDS, CONFIGS, implementations, training_step  # noqa: E402
 from timing import device_events, device_seconds  # noqa: E402
 from vlfast.ops import dropout_add_layer_norm  # noqa: E402
 
@@ -86,7 +86,7 @@ def host_costs(device):
 
 def profile_step(config, device, implementation, steps):
     os.environ["VLFAST_BACKEND"] = BACKENDS[implementation]
-    step, batch = training_step(config, device)
+    step, batch = training_step(config, device, implementation)
     wall = seconds_per_call(step, device, steps, warmup=2)  # warm-up: Triton compiles, allocator, cuBLAS handles
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as profiler:
@@ -109,7 +109,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", choices=CONFIGS, default=None,
                         help="default: vit_b16_bert_base_224_b64 on CUDA, tiny on the CPU")
-    parser.add_argument("--ops", choices=["fused", "reference", "both"], default="both")
+    parser.add_argument("--ops", choices=[*BACKENDS, "all"], default="all",
+                        help="all: fused, reference and, on CUDA, fused_cuda_graph")
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -120,7 +121,9 @@ def main():
           + (torch.cuda.get_device_name() if device == "cuda" else "CPU only")
           + "".join(f", {k}={v}" for k, v in os.environ.items() if k.startswith(("CUDA_LAUNCH", "TORCH_", "PYTORCH_"))))
     host_costs(device)
-    for implementation in (["fused", "reference"] if args.ops == "both" else [args.ops]):
+    if args.ops not in ("all", *implementations(device)):
+        parser.error(f"--ops {args.ops} needs CUDA")
+    for implementation in (implementations(device) if args.ops == "all" else [args.ops]):
         profile_step(config, device, implementation, args.steps)
 
 
