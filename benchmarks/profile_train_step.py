@@ -9,15 +9,18 @@ backward and with a Python one (an autograd.Function: on CUDA the autograd engin
 device thread, which must take the GIL), and dropout_add_layer_norm's forward and backward on a
 4×8 input, fused and reference. Then for each path (fused, reference, on CUDA also
 fused_cuda_graph) the wall time of a step, the GPU's busy time in it (the sum of kernel times,
-torch.profiler), the number of kernel launches, the operators with the most self CPU time and
-(CUDA) the kernels with the most GPU time. A step whose wall time is far over its GPU busy time is bound by launches and Python, and
-only fewer launches or less host work make it faster. The step is bench_train_step.py's (same
-model, batch and seeds).
+torch.profiler), the number of kernel launches, the operators with the most self CPU time and,
+on CUDA, the kernels with the most GPU time and the places where the step makes the host wait
+for the GPU. A step whose wall time is far over its GPU busy time is bound by launches and
+Python, and only fewer launches or less host work make it faster. The step is
+bench_train_step.py's (same model, batch and seeds).
 """
 import argparse
+import collections
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # train.py, when run as a script
@@ -84,6 +87,20 @@ def host_costs(device):
               lambda: torch.autograd.grad(dropout_add_layer_norm(*inputs, 0.1).sum(), inputs), calls=500)
 
 
+def host_syncs(step) -> collections.Counter:
+    """Where one step made the host wait for the GPU (.item(), boolean-mask indexing, a copy from
+    pageable memory...): torch.cuda.set_sync_debug_mode warns at each such call."""
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return collections.Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught
+                               if "synchronizing" in str(w.message))
+
+
 def profile_step(config, device, implementation, steps):
     os.environ["VLFAST_BACKEND"] = BACKENDS[implementation]
     step, batch = training_step(config, device, implementation)
@@ -103,6 +120,9 @@ def profile_step(config, device, implementation, steps):
     print(events.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60))
     if device == "cuda":  # the kernels, by GPU time: their names say which precision the matmuls ran in
         print(events.table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=80))
+        syncs = host_syncs(step)
+        print(f"host syncs in one step: {sum(syncs.values())}"
+              + "".join(f"\n  {count} at {where}" for where, count in syncs.most_common(10)))
 
 
 def main():
