@@ -314,6 +314,24 @@ def test_backend_switch(monkeypatch):
         ema_update_([torch.zeros(1)], [torch.ones(1)], 0.5)
 
 
+def test_triton_ops_choose_their_path_from_one_table(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("VLFAST_BACKEND", "auto")
+    for op, device in _extension.TORCH_BY_DEFAULT:  # the table available() reports
+        assert _extension.triton_path(op, device, True) == "torch", (op, device)
+    assert _extension.triton_path("itc_loss", "cuda", True) == "triton"
+    assert _extension.triton_path("itc_loss", "cuda", False) == "torch"
+    monkeypatch.setenv("VLFAST_BACKEND", "fused")
+    assert _extension.triton_path("attention", "cuda", True) == "triton"
+    assert _extension.triton_path("attention", "cpu", True) == "torch"  # Triton on a CPU: interpreter only
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _extension.triton_path("attention", "cpu", True) == "triton"
+    with pytest.raises(RuntimeError, match="VLFAST_BACKEND=fused but attention has no Triton kernel"):
+        _extension.triton_path("attention", "cuda", False)
+    monkeypatch.setenv("VLFAST_BACKEND", "reference")
+    assert _extension.triton_path("itc_loss", "cuda", True) == "reference"
+
+
 def test_import_without_extension_warns_once_and_uses_the_reference():
     script = (
         "import sys, warnings, torch\n"

@@ -1,9 +1,9 @@
 """Loads vlfast._C (the compiled kernels) and decides, per call, fused kernel or reference.
 
 VLFAST_BACKEND=auto (default) runs the fused kernel where one is built for the device, except
-where an op runs its own torch path by choice (vlfast.ops.TORCH_BY_DEFAULT: measured faster, or
-Triton on the CPU), =fused requires the kernel (an error names what is missing), =reference
-forces the plain-torch reference.
+where an op runs its own torch path by choice (TORCH_BY_DEFAULT: measured faster, or Triton on
+the CPU), =fused requires the kernel (an error names what is missing), =reference forces the
+plain-torch reference.
 """
 import functools
 import os
@@ -12,6 +12,11 @@ import warnings
 import torch
 
 BUILD_COMMAND = "python setup.py build_ext --inplace"
+# (op, device type) where auto runs the op's own torch path although a kernel is built: Triton
+# runs on the CPU only in the interpreter, and on the GPU these two measured slower than torch at
+# VLP shapes (their modules say by how much); VLFAST_BACKEND=fused runs the kernel there.
+TORCH_BY_DEFAULT = frozenset({("itc_loss", "cpu"), ("attention", "cpu"), ("attention", "cuda"),
+                              ("dropout_add_layer_norm", "cuda")})
 
 try:
     from vlfast import _C  # noqa: F401  (importing it registers torch.ops.vlfast.*)
@@ -57,17 +62,18 @@ def use_fused(op: str, device_type: str) -> bool:
     return True
 
 
-def triton_path(op: str, device_type: str, has_triton_kernel: bool, triton_on_cuda: bool = True) -> str:
-    """For ops whose fused kernels are Triton: "reference" (VLFAST_BACKEND=reference); "triton"
-    on CUDA when ``triton_on_cuda`` or VLFAST_BACKEND=fused, and on the CPU only under
-    TRITON_INTERPRET=1 with VLFAST_BACKEND=fused; else "torch", the op's own torch path.
+def triton_path(op: str, device_type: str, has_triton_kernel: bool) -> str:
+    """For ops whose fused kernels are Triton: "reference" (VLFAST_BACKEND=reference); "torch", the
+    op's own torch path, where auto chooses it (TORCH_BY_DEFAULT); else "triton" on CUDA, and on
+    the CPU only under TRITON_INTERPRET=1 with VLFAST_BACKEND=fused.
     ``has_triton_kernel``: Triton is installed and the kernels take this call."""
     backend_name = backend()
     if backend_name == "reference":
         return "reference"
+    if backend_name == "auto" and (op, device_type) in TORCH_BY_DEFAULT:
+        return "torch"
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    if has_triton_kernel and ((device_type == "cuda" and (triton_on_cuda or backend_name == "fused"))
-                              or (device_type == "cpu" and interpreted and backend_name == "fused")):
+    if has_triton_kernel and (device_type == "cuda" or (interpreted and backend_name == "fused")):
         return "triton"
     if backend_name == "fused" and device_type == "cuda":
         raise RuntimeError(f"VLFAST_BACKEND=fused but {op} has no Triton kernel for this call (Triton or "

@@ -1,5 +1,5 @@
 """The public fused ops. Each module holds the op, its argument checks and its plain-torch reference."""
-from vlfast._extension import has_kernel
+from vlfast._extension import TORCH_BY_DEFAULT, has_kernel
 from vlfast.ops.attention import attention, attention_reference
 from vlfast.ops.contrastive import ContrastiveOutput, itc_loss, itc_loss_reference
 from vlfast.ops.dropout_add_layer_norm import dropout_add_layer_norm, dropout_add_layer_norm_reference
@@ -11,17 +11,14 @@ KERNELS = {"ema_update_": "ema_update_", "random_masking": "gather_rows", "unmas
            "itc_loss": "itc_rows", "attention": "attention_forward",
            "dropout_add_layer_norm": "dropout_add_layer_norm"}
 DEVICE_TYPES = ("cpu", "cuda")
-# Where auto runs a torch path although a kernel is built: Triton runs on the CPU only in the
-# interpreter, and on the GPU these two measured slower than torch at VLP shapes (their modules say
-# by how much); VLFAST_BACKEND=fused runs the kernel there.
-TORCH_BY_DEFAULT = {("itc_loss", "cpu"), ("attention", "cpu"), ("attention", "cuda"), ("dropout_add_layer_norm", "cuda")}
 
 
 def available() -> dict:
     """{op: {device type: "fused" | "torch" | "reference"}}: what VLFAST_BACKEND=auto runs on this
     build. "fused": the kernel (for cuda: compiled in; it still needs a GPU to run). "torch": the
-    op's own torch path (vectorised torch, SDPA, Hugging Face's code) by choice, see
-    TORCH_BY_DEFAULT, with or without a kernel. "reference": no kernel is built for that device.
+    op's own torch path (vectorised torch, SDPA, Hugging Face's code) by choice, with or without
+    a kernel: TORCH_BY_DEFAULT, the table the ops consult. "reference": no kernel is built for
+    that device.
     """
     def runs(op, kernel, device):
         if (op, device) in TORCH_BY_DEFAULT:

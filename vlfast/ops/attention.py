@@ -46,8 +46,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Optional[Ten
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     # Triton only when asked for (module docstring: SDPA measured faster). No fp64: Triton's
     # fp64 dot does not compile at these tile sizes (tests/compile_kernels_for_gpu.py).
-    path = triton_path("attention", q.device.type, triton is not None and q.dtype != torch.float64,
-                       triton_on_cuda=False)
+    path = triton_path("attention", q.device.type, triton is not None and q.dtype != torch.float64)
     if path == "reference":
         return attention_reference(q, k, v, key_padding_mask=mask, scale=scale)
     if path == "triton":

@@ -58,7 +58,7 @@ def dropout_add_layer_norm(x: Tensor, residual: Tensor, weight: Tensor, bias: Te
     p = float(p) if training else 0.0
     if x.device.type == "cuda":  # Triton only when asked for (module docstring)
         takes = triton is not None and has_kernel("dropout_add_layer_norm", "cuda") and _triton_takes(x, residual)
-        fused = triton_path("dropout_add_layer_norm", "cuda", takes, triton_on_cuda=False) == "triton"
+        fused = triton_path("dropout_add_layer_norm", "cuda", takes) == "triton"
     else:
         fused = use_fused("dropout_add_layer_norm", x.device.type)
     if not fused:
