@@ -1,12 +1,16 @@
+import contextlib
+import gc
 import math
+import types
+import weakref
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 import pytest
 import torch
 
-from vlfast.training import (MetricsLog, check_finite, learning_rate, load_checkpoint, load_config, plot_losses,
-                             save_checkpoint)
+from vlfast.training import (MetricsLog, capture_cuda_graph, check_finite, learning_rate, load_checkpoint, load_config,
+                             plot_losses, save_checkpoint)
 
 
 @dataclass
@@ -103,3 +107,40 @@ def test_non_finite_loss_stops_with_the_step_and_checkpoint(tmp_path):
     check_finite(3, {"loss": 1.0, "loss_itc": torch.tensor(0.5)}, None)
     with pytest.raises(FloatingPointError, match=r"step 7: non-finite loss \['loss_mim'\] .*loss_mim=nan.*last good checkpoint: .*last.pt"):
         check_finite(7, {"loss": 1.0, "loss_mim": math.nan}, tmp_path / "last.pt")
+
+
+def test_a_recorded_step_keeps_the_tensors_its_graph_uses_alive(monkeypatch):
+    # CUDA's stream and graph calls stubbed: what is tested is capture_cuda_graph's own logic (the
+    # CUDA tests in test_mamo.py record and replay a real step).
+    class Graph:
+        def register_generator_state(self, generator):
+            pass
+
+        def replay(self):
+            calls.append("replay")
+
+    stream = types.SimpleNamespace(wait_stream=lambda other: None)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph: contextlib.nullcontext())
+    calls = []
+
+    def record():
+        weights = torch.zeros(3)  # only the step refers to it, as the model and optimizer in bench_train_step
+
+        def step():
+            weights.add_(1)
+            calls.append("step")
+
+        return capture_cuda_graph(step, warmup=2), weakref.ref(weights)
+
+    replay, weights = record()
+    gc.collect()
+    assert weights() is not None and calls == ["step"] * 3  # 2 warm-up steps, then the recorded one
+    replay()
+    assert calls[-1] == "replay"
+    del replay
+    gc.collect()
+    assert weights() is None

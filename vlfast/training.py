@@ -179,12 +179,17 @@ def capture_cuda_graph(step: Callable[[], None], generators: Sequence[torch.Gene
     and Mamo's forward qualify, ALBEF's per-row multinomial does not), its optimizer must keep its
     step count on the GPU (``AdamW(..., capturable=True)``), and every ``torch.Generator`` it draws
     from besides the default one goes in ``generators`` (each replay then draws new numbers).
-    Host-side values are frozen at capture: the learning rate, MomentumModel's decay and count.
-    New data is copied into the step's input tensors before a replay.
+    Before recording, ``warmup`` real steps run (lazy setup: cuBLAS, Triton compiles, optimizer
+    state), so the weights have moved by then. Host-side values are frozen at capture: the
+    learning rate, MomentumModel's decay and count. New data is copied into the step's input
+    tensors before a replay. The graph reads and writes the memory of the tensors the step uses:
+    the returned function holds ``step`` (and so what it refers to) to keep them alive; a step
+    that keeps outputs between calls should keep them detached, or the autograd graph of a
+    warm-up step stays alive into the capture.
     """
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # capture needs the lazy setup (cuBLAS, Triton, optimizer state) done off its stream
+    with torch.cuda.stream(side):
         for _ in range(warmup):
             step()
     torch.cuda.current_stream().wait_stream(side)
@@ -193,4 +198,9 @@ def capture_cuda_graph(step: Callable[[], None], generators: Sequence[torch.Gene
         graph.register_generator_state(generator)
     with torch.cuda.graph(graph):
         step()
-    return graph.replay
+
+    def replay() -> None:
+        graph.replay()
+
+    replay.step = step  # freed with the graph, not before: the graph's kernels point into its tensors
+    return replay
