@@ -72,7 +72,7 @@ def triton_path(op: str, device_type: str, has_triton_kernel: bool) -> str:
         return "reference"
     if backend_name == "auto" and (op, device_type) in TORCH_BY_DEFAULT:
         return "torch"
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    interpreted = device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
     if has_triton_kernel and (device_type == "cuda" or (interpreted and backend_name == "fused")):
         return "triton"
     if backend_name == "fused" and device_type == "cuda":
