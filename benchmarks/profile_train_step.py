@@ -114,8 +114,9 @@ def profile_step(config, device, implementation, steps):
     launches = sum(e.count for e in device_events(events, "cuda")) / steps
     busy = device_seconds(events, "cuda") / steps
     print(f"\n## {config}, {implementation} ({device}): {wall * 1e3:.1f} ms per step ({batch / wall:.1f} samples/s)"
-          + (f", GPU busy {busy * 1e3:.1f} ms ({busy / wall:.0%}), {launches:.0f} kernel launches per step"
-             f" ({(wall - busy) / max(launches, 1) * 1e6:.1f} µs of wall time per launch beyond the GPU's)"
+          + (f", GPU busy {busy * 1e3:.1f} ms ({busy / wall:.0%}), {launches:.0f} kernels per step"
+             + (" (one graph launch)" if implementation.endswith("cuda_graph") else
+                f" ({(wall - busy) / max(launches, 1) * 1e6:.1f} µs of wall time per launch beyond the GPU's)")
              if device == "cuda" else ""))
     print(events.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60))
     if device == "cuda":  # the kernels, by GPU time: their names say which precision the matmuls ran in

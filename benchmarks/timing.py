@@ -32,13 +32,17 @@ def busy_seconds(step, device: str, calls: int) -> float:
     return device_seconds(profiler.key_averages(), device) / calls
 
 
-def timed(benchmark, device: str, step, bytes_moved: int = 0, warmup: int = 1, busy: bool = True) -> None:
-    """busy=False for a step that is not one thing (bench_train_step_paired's two steps)."""
+def timed(benchmark, device: str, step, bytes_moved: int = 0, warmup: int = 1, busy: bool = True,
+          peak_from_warmup: bool = True) -> None:
+    """busy=False for a step that is not one thing (bench_train_step_paired's two steps).
+    peak_from_warmup=False: the peak memory counts from the caller's last reset instead (a CUDA
+    graph's activations are allocated once, at capture, before the warm-up)."""
     for _ in range(warmup):
         step()
     if device == "cuda":
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        if peak_from_warmup:
+            torch.cuda.reset_peak_memory_stats()
 
     def run():
         step()
