@@ -250,6 +250,22 @@ def setup_distributed():
     return dist.get_rank(), world, torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
 
 
+def train_step(runner, model: Mamo, optimizer, batch, generator, grad_clip: float, image_ids=None) -> dict:
+    """One step: the forward of every objective (bf16 autocast on a GPU), backward, gradient
+    clipping, AdamW, EMA of the target network. ``runner`` is the model or its DDP wrapper;
+    ``batch`` (images, input_ids, attention_mask). Returns the losses."""
+    images, input_ids, attention_mask = batch
+    device = images.device.type
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+        losses = runner(images, input_ids, attention_mask, generator=generator, image_ids=image_ids)
+    optimizer.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    model.update_target()
+    return losses
+
+
 def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int = None,
           time_limit: float = None, evaluate: Callable[[Mamo, int], float] = None):
     """Train to config.optim.max_steps, or stop early (checkpoint written) after ``stop_after``
@@ -331,13 +347,8 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
             group["lr"] = lr
         images, input_ids, attention_mask = images.to(device), input_ids.to(device), attention_mask.to(device)
         image_ids = image_ids.to(device) if config.image_id_positives else None
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            losses = runner(images, input_ids, attention_mask, generator=generator, image_ids=image_ids)
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
-        optimizer.step()
-        model.update_target()
+        losses = train_step(runner, model, optimizer, (images, input_ids, attention_mask), generator,
+                            config.optim.grad_clip, image_ids)
         # The losses reach the host once per step, after the whole step is queued: each read waits
         # for the GPU. A non-finite loss has updated the weights by then, but nothing is saved after
         # it, and averaged over the ranks it stops every rank at the same step.

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from timing import timed
-from train import default_model
+from train import OptimConfig, default_model, train_step
 from vlfast.training import capture_cuda_graph
 from vlfast.data.synthetic import SPECIAL_TOKENS, WORDS
 from vlfast.models import Mamo, MamoConfig, TextConfig, VisionConfig
@@ -49,7 +49,7 @@ def implementations(device: str):
     return [name for name in BACKENDS if device == "cuda" or not name.endswith("cuda_graph")]
 
 
-def training_step(config_name: str, device: str, implementation: str = "fused"):
+def build_step(config_name: str, device: str, implementation: str = "fused"):
     """(step function, batch size): a fresh model, its AdamW and one random batch, fixed seeds.
     Reads VLFAST_BACKEND at each call; set it to BACKENDS[implementation]."""
     config, batch = CONFIGS[config_name]
@@ -69,13 +69,7 @@ def training_step(config_name: str, device: str, implementation: str = "fused"):
     generator = torch.Generator(device).manual_seed(0)
 
     def step():
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            losses = model(images, input_ids, attention_mask, generator=generator)
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        optimizer.step()
-        model.update_target()
+        train_step(model, model, optimizer, (images, input_ids, attention_mask), generator, OptimConfig.grad_clip)
 
     return (capture_cuda_graph(step, [generator]) if graphed else step), batch
 
@@ -88,7 +82,7 @@ def step_flops(config_name: str, device: str) -> int:
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("VLFAST_BACKEND", "reference")
-        step, _ = training_step(config_name, device)
+        step, _ = build_step(config_name, device)
         with FlopCounterMode(display=False) as counter:
             step()
     return counter.get_total_flops()
@@ -117,7 +111,7 @@ def bench_train_step(benchmark, monkeypatch, implementation, config, device):
     monkeypatch.setenv("VLFAST_BACKEND", BACKENDS[implementation])
     if device == "cuda":  # the peak from the model's creation on: a graph's activations are allocated at capture
         torch.cuda.reset_peak_memory_stats()
-    step, batch = training_step(config, device, implementation)
+    step, batch = build_step(config, device, implementation)
     timed(benchmark, device, step, warmup=2, peak_from_warmup=False)
     if not benchmark.stats:  # --benchmark-disable: ran once as a smoke test
         return
@@ -139,7 +133,7 @@ def bench_train_step_paired(benchmark, monkeypatch, implementation, config, devi
     steps = {}
     for name in (implementation, "reference"):
         monkeypatch.setenv("VLFAST_BACKEND", BACKENDS[name])  # the ops read it at each call
-        steps[name], _ = training_step(config, device, name)
+        steps[name], _ = build_step(config, device, name)
     ratios = []
 
     def pair():

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # train.py, whe
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from bench_train_step import BACKENDS, CONFIGS, implementations, training_step  # noqa: E402
+from bench_train_step import BACKENDS, CONFIGS, build_step, implementations  # noqa: E402
 from timing import device_events, device_seconds  # noqa: E402
 from vlfast.ops import dropout_add_layer_norm  # noqa: E402
 
@@ -103,7 +103,7 @@ def host_syncs(step) -> collections.Counter:
 
 def profile_step(config, device, implementation, steps):
     os.environ["VLFAST_BACKEND"] = BACKENDS[implementation]
-    step, batch = training_step(config, device, implementation)
+    step, batch = build_step(config, device, implementation)
     wall = seconds_per_call(step, device, steps, warmup=2)  # warm-up: Triton compiles, allocator, cuBLAS handles
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as profiler:

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from train import train_step
 from vlfast.data import SyntheticImageText
 from vlfast.data.synthetic import SPECIAL_TOKENS, WORDS
 from vlfast.models import Mamo, MamoConfig, TextConfig, VisionConfig
@@ -104,18 +105,6 @@ def test_masked_patch_rows_are_boolean_indexing_without_its_sync(masking_op, pat
     torch.testing.assert_close(rows, tokens[:, 1:][masking.mask.bool()], rtol=0, atol=0)
 
 
-def mamo_step(model, optimizer, images, input_ids, mask, generator):
-    """train.py's step: forward under bf16 autocast, backward, clipping, AdamW, EMA."""
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        losses = model(images, input_ids, mask, generator=generator)
-    optimizer.zero_grad(set_to_none=True)
-    losses["loss"].backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-    optimizer.step()
-    model.update_target()
-    return losses
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["auto", "fused"])
 def test_the_fused_step_never_waits_for_the_gpu(monkeypatch, backend):
@@ -126,11 +115,11 @@ def test_the_fused_step_never_waits_for_the_gpu(monkeypatch, backend):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     data = [x.cuda() for x in batch()]
     generator = torch.Generator("cuda").manual_seed(0)
-    mamo_step(model, optimizer, *data, generator)  # first calls: Triton compiles, optimizer state
+    train_step(model, model, optimizer, data, generator, 5.0)  # first calls: Triton compiles, optimizer state
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        mamo_step(model, optimizer, *data, generator)
+        train_step(model, model, optimizer, data, generator, 5.0)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()  # a kernel's error shows here, not in the next test
@@ -146,7 +135,8 @@ def graphed_tiny_step(lr):
     losses = {}
 
     def step():
-        losses.update({name: value.detach() for name, value in mamo_step(model, optimizer, *data, generator).items()})
+        step_losses = train_step(model, model, optimizer, data, generator, 5.0)
+        losses.update({name: value.detach() for name, value in step_losses.items()})
 
     return capture_cuda_graph(step, [generator]), model, losses
 
