@@ -28,8 +28,8 @@ from vlfast.data.karpathy import test_transform
 from vlfast.data.synthetic import transform as synthetic_transform
 from vlfast.models import Mamo, MamoConfig, TextConfig, VisionConfig
 from vlfast.models.mamo import OBJECTIVES
-from vlfast.training import (MetricsLog, check_finite, learning_rate, load_checkpoint, load_config, plot_losses,
-                             save_checkpoint)
+from vlfast.training import (CudaGraphStep, MetricsLog, check_finite, learning_rate, load_checkpoint, load_config,
+                             plot_losses, save_checkpoint)
 
 
 @dataclass
@@ -104,6 +104,11 @@ class TrainConfig:
     # Captions of the same image are all ITC positives and never ITM negatives (retrieval
     # fine-tuning, as ALBEF's); pretraining treats each pair alone, as ALBEF's pretraining does.
     image_id_positives: bool = False
+    # One process on a GPU: the step is recorded once as a CUDA graph and replayed (vlfast.training.
+    # CudaGraphStep), so the host launches one graph per step instead of thousands of kernels.
+    # Captions are padded to data.max_text_length (a graph's shapes are fixed); the target
+    # network's update count (its decay is constant) stops at the recorded step.
+    cuda_graph: bool = False
     seed: int = 0
 
 
@@ -141,10 +146,11 @@ def image_transform(config: TrainConfig):
 
 
 def caption_tokenizer(tokenizer, config: TrainConfig) -> Callable:
-    """captions -> (input_ids, attention_mask), padded to the longest, cut at data.max_text_length."""
+    """captions -> (input_ids, attention_mask), padded to the longest (with cuda_graph to
+    data.max_text_length), cut at data.max_text_length."""
     def tokenize(captions):
-        text = tokenizer(captions, padding="longest", truncation=True, max_length=config.data.max_text_length,
-                         return_tensors="pt")
+        text = tokenizer(captions, padding="max_length" if config.cuda_graph else "longest", truncation=True,
+                         max_length=config.data.max_text_length, return_tensors="pt")
         return text["input_ids"], text["attention_mask"]
     return tokenize
 
@@ -275,6 +281,10 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
     mode) scores the model; the best-scoring weights are kept in best.pt.
     Returns (checkpoint path, the step it holds)."""
     rank, world, device = setup_distributed()
+    if config.cuda_graph and (device.type != "cuda" or world > 1 or config.image_id_positives):
+        raise ValueError(f"cuda_graph=true records the step of one process on a GPU, without image_id_positives "
+                         f"(itc_loss then reads the ids on the host); this run: {device.type}, {world} processes, "
+                         f"image_id_positives={config.image_id_positives}")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     dataset, collate, model = build(config, out)
@@ -284,7 +294,8 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
         if p.requires_grad:
             (no_decay if p.ndim < 2 or "token" in name or "pos_embed" in name else decay).append(p)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.optim.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.optim.lr)
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.optim.lr,
+                                  capturable=config.cuda_graph)
     generator = torch.Generator(device).manual_seed(config.seed + rank)  # masking and negative draws
     start, checkpoint, best = 0, out / "last.pt", -math.inf
     if resume is not None:
@@ -304,10 +315,19 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
             torch.cuda.set_rng_state(saved[rank % len(saved)]["cuda"], device)  # dropout on the GPU
         start, best = state["step"], state.get("best_score", best)
         print(f"resumed from {resume} at step {start}")
+    if config.cuda_graph:  # the recorded step reads the learning rate and AdamW's step counts on the GPU
+        for group in optimizer.param_groups:
+            group["lr"], group["capturable"] = torch.tensor(float(group["lr"]), device=device), True
+        for parameter_state in optimizer.state.values():  # a checkpoint of a run without it keeps them on the host
+            parameter_state["step"] = parameter_state["step"].to(device, torch.float32)
     # Objectives left out leave parameters without gradients, which DDP must be told about.
     runner = model if world == 1 else DDP(model, find_unused_parameters=set(config.model.objectives) != set(OBJECTIVES))
     log = MetricsLog(out / "metrics.jsonl")
     total = config.optim.max_steps
+    graphed = None
+    if config.cuda_graph:
+        graphed = CudaGraphStep(lambda *batch: train_step(runner, model, optimizer, batch, generator,
+                                                          config.optim.grad_clip), [generator])
 
     def save(step):  # called on every rank: each one's random state goes into the checkpoint
         rng = [{"generator": generator.get_state(), "torch": torch.get_rng_state(),
@@ -344,11 +364,16 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
         lr = learning_rate(step, base_lr=config.optim.lr, warmup_steps=config.optim.warmup_steps,
                            total_steps=total, min_lr=config.optim.min_lr)
         for group in optimizer.param_groups:
-            group["lr"] = lr
-        images, input_ids, attention_mask = images.to(device), input_ids.to(device), attention_mask.to(device)
-        image_ids = image_ids.to(device) if config.image_id_positives else None
-        losses = train_step(runner, model, optimizer, (images, input_ids, attention_mask), generator,
-                            config.optim.grad_clip, image_ids)
+            if config.cuda_graph:
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+        batch = (images.to(device), input_ids.to(device), attention_mask.to(device))
+        if graphed is not None:
+            losses = graphed(*batch)
+        else:
+            image_ids = image_ids.to(device) if config.image_id_positives else None
+            losses = train_step(runner, model, optimizer, batch, generator, config.optim.grad_clip, image_ids)
         # The losses reach the host once per step, after the whole step is queued: each read waits
         # for the GPU. A non-finite loss has updated the weights by then, but nothing is saved after
         # it, and averaged over the ranks it stops every rank at the same step.

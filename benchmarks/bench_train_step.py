@@ -3,8 +3,9 @@ gradient clipping, AdamW, EMA of the target network) with vlfast's ops as auto r
 fused kernels, except where auto picks a torch path: vlfast.ops.available()) against every op's
 plain-torch reference (VLFAST_BACKEND, what `train.py --ops` sets): same model, same random batch.
 On CUDA also fused_cuda_graph: the fused step recorded once as a CUDA graph and replayed
-(vlfast.training.capture_cuda_graph), which the fused step allows because it never waits for the
-GPU; the reference cannot be recorded (ALBEF's negative sampling reads each draw on the host).
+(vlfast.training.CudaGraphStep, as `train.py cuda_graph=true` runs it), which the fused step
+allows because it never waits for the GPU; the reference cannot be recorded (ALBEF's negative
+sampling reads each draw on the host).
 
     pytest benchmarks/bench_train_step.py --benchmark-enable --benchmark-json=train_step.json
 
@@ -28,7 +29,7 @@ import torch
 
 from timing import timed
 from train import OptimConfig, default_model, train_step
-from vlfast.training import capture_cuda_graph
+from vlfast.training import CudaGraphStep
 from vlfast.data.synthetic import SPECIAL_TOKENS, WORDS
 from vlfast.models import Mamo, MamoConfig, TextConfig, VisionConfig
 
@@ -67,11 +68,16 @@ def build_step(config_name: str, device: str, implementation: str = "fused"):
     attention_mask = (torch.arange(TEXT_LENGTH, device=device) < lengths).long()
     input_ids = input_ids.masked_fill(attention_mask == 0, 0)
     generator = torch.Generator(device).manual_seed(0)
+    batch_tensors = (images, input_ids, attention_mask)
 
-    def step():
-        train_step(model, model, optimizer, (images, input_ids, attention_mask), generator, OptimConfig.grad_clip)
+    def step(*tensors):
+        return train_step(model, model, optimizer, tensors, generator, OptimConfig.grad_clip)
 
-    return (capture_cuda_graph(step, [generator]) if graphed else step), batch
+    if graphed:  # the eager warm-up calls and the recording happen here, before any timing
+        step = CudaGraphStep(step, [generator])
+        for _ in range(step.warmup + 1):
+            step(*batch_tensors)
+    return (lambda: step(*batch_tensors)), batch
 
 
 @functools.lru_cache(maxsize=None)

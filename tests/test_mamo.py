@@ -9,7 +9,7 @@ from vlfast.data.synthetic import SPECIAL_TOKENS, WORDS
 from vlfast.models import Mamo, MamoConfig, TextConfig, VisionConfig
 from vlfast.models.mamo import _masked_positions, _patches_at
 from vlfast.ops import random_masking, random_masking_reference
-from vlfast.training import capture_cuda_graph
+from vlfast.training import CudaGraphStep
 
 WIDTH = 64
 VOCAB = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *WORDS])}
@@ -125,33 +125,44 @@ def test_the_fused_step_never_waits_for_the_gpu(monkeypatch, backend):
     torch.cuda.synchronize()  # a kernel's error shows here, not in the next test
 
 
-def graphed_tiny_step(lr):
-    """(replay, model, the losses the replays write into). Only the replay function holds the
-    optimizer and the batch, as in bench_train_step: capture_cuda_graph must keep them alive."""
+def tiny_step_on_gpu(lr, graphed):
+    """(step, model, batch): train.py's step on the tiny model, eager or a CudaGraphStep. Only
+    the step holds the optimizer, as in bench_train_step: a CudaGraphStep must keep it alive."""
     model = tiny().cuda()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, capturable=True)
-    data = [x.cuda() for x in batch()]
     generator = torch.Generator("cuda").manual_seed(0)
-    losses = {}
 
-    def step():
-        step_losses = train_step(model, model, optimizer, data, generator, 5.0)
-        losses.update({name: value.detach() for name, value in step_losses.items()})
+    def step(*data):
+        return train_step(model, model, optimizer, data, generator, 5.0)
 
-    return capture_cuda_graph(step, [generator]), model, losses
+    return (CudaGraphStep(step, [generator]) if graphed else step), model, [x.cuda() for x in batch()]
 
 
 @pytest.mark.cuda
-def test_the_fused_step_replays_as_a_cuda_graph():
-    replay, model, losses = graphed_tiny_step(lr=1e-3)
-    overwrite = [torch.randn(n, device="cuda") for n in (100, 10_000, 1_000_000)]  # into any block freed under the graph
+def test_a_graphed_step_equals_the_eager_step():
+    runs = []
+    for graphed in (False, True):
+        step, model, data = tiny_step_on_gpu(1e-3, graphed)
+        runs.append(([{k: v.item() for k, v in step(*data).items()} for _ in range(6)], model))
+    (eager, eager_model), (graph, graph_model) = runs
+    for calls in range(6):  # 2 eager warm-up calls, the recording, 3 replays: the same draws and updates
+        for name in eager[calls]:
+            assert graph[calls][name] == pytest.approx(eager[calls][name], rel=1e-4, abs=1e-5), (calls, name)
+    for a, b in zip(eager_model.parameters(), graph_model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_a_graphed_step_learns_and_moves_the_target():
+    step, model, data = tiny_step_on_gpu(1e-3, graphed=True)
+    step(*data)  # the warm-up, then the recording: freed blocks the graph still used would be reused below
+    step(*data)
+    step(*data)
+    overwrite = [torch.randn(n, device="cuda") for n in (100, 10_000, 1_000_000)]
     target_before = [p.clone() for p in model.target.parameters()]
     online_before = [p.clone() for p in model.visual_encoder.parameters()]
-    history = []
-    for _ in range(20):
-        replay()
-        history.append({name: value.item() for name, value in losses.items()})
-    assert all(math.isfinite(v) for step in history for v in step.values()), history
+    history = [{name: value.item() for name, value in step(*data).items()} for _ in range(20)]
+    assert all(math.isfinite(v) for losses in history for v in losses.values()), history
     assert sum(h["loss"] for h in history[-5:]) < sum(h["loss"] for h in history[:5]), history
     assert all(not torch.equal(a, b) for a, b in zip(online_before, model.visual_encoder.parameters()))
     assert all(not torch.equal(a, b) for a, b in zip(target_before, model.target.parameters()))
@@ -160,11 +171,12 @@ def test_the_fused_step_replays_as_a_cuda_graph():
 
 @pytest.mark.cuda
 def test_each_replay_draws_new_masks_and_negatives():
-    replay, model, losses = graphed_tiny_step(lr=0.0)  # the weights stay: only the draws change the losses
+    step, model, data = tiny_step_on_gpu(0.0, graphed=True)  # the weights stay: only the draws change the losses
+    for _ in range(3):
+        step(*data)
     weights = [p.clone() for p in model.parameters() if p.requires_grad]
-    replay()
-    first = {name: value.item() for name, value in losses.items()}
-    replay()
+    first = {name: value.item() for name, value in step(*data).items()}
+    second = {name: value.item() for name, value in step(*data).items()}
     assert all(torch.equal(a, b) for a, b in zip(weights, (p for p in model.parameters() if p.requires_grad)))
     for name in ("mim", "mlm", "itm"):
-        assert losses[name].item() != first[name], name
+        assert second[name] != first[name], name

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.images=24", "data.captions_per_image=1", "optim.batch_size=4",
@@ -69,6 +70,31 @@ def test_a_non_finite_loss_stops_the_run_with_its_step(tmp_path):
     assert "FloatingPointError: step 1: non-finite loss" in result.stderr, result.stderr[-2000:]
     assert "last good checkpoint: none yet" in result.stderr
     assert [line["step"] for line in losses(tmp_path).values()] == [0]  # nothing logged from the bad step
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's refusal; test_cuda_graph_* run it on a GPU")
+def test_cuda_graph_needs_a_gpu(tmp_path):
+    result = run("--out", str(tmp_path), *TINY, "cuda_graph=true")
+    assert result.returncode != 0
+    assert "cuda_graph=true records the step of one process on a GPU" in result.stderr, result.stderr[-2000:]
+    assert "this run: cpu, 1 processes" in result.stderr
+
+
+@pytest.mark.cuda
+def test_cuda_graph_run_resumes_exactly_and_follows_the_eager_run(tmp_path):
+    graph, split, eager = tmp_path / "graph", tmp_path / "split", tmp_path / "eager"
+    common = [*TINY, "data.max_text_length=10"]  # every synthetic caption is longer: both runs see 10 tokens
+    for out, extra in ((graph, []), (split, ["--stop-after", "3"]), (eager, [])):
+        result = run("--out", str(out), *extra, *common, *([] if out == eager else ["cuda_graph=true"]))
+        assert result.returncode == 0, result.stderr[-3000:]
+    result = run("--out", str(split), "--resume", str(split / "last.pt"), *common, "cuda_graph=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    want, got, reference = losses(graph), losses(split), losses(eager)
+    assert sorted(got) == list(range(6))
+    for step in range(6):
+        assert got[step] == want[step], step  # replays after a resume draw and update as the first run did
+        for name, value in reference[step].items():  # the eager run: same draws, same updates
+            assert want[step][name] == pytest.approx(value, rel=1e-3, abs=1e-4), (step, name)
 
 
 def test_bad_config_stops_before_training(tmp_path):

@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 import pytest
 import torch
 
-from vlfast.training import (MetricsLog, capture_cuda_graph, check_finite, learning_rate, load_checkpoint, load_config,
+from vlfast.training import (CudaGraphStep, MetricsLog, check_finite, learning_rate, load_checkpoint, load_config,
                              plot_losses, save_checkpoint)
 
 
@@ -109,38 +109,73 @@ def test_non_finite_loss_stops_with_the_step_and_checkpoint(tmp_path):
         check_finite(7, {"loss": 1.0, "loss_mim": math.nan}, tmp_path / "last.pt")
 
 
-def test_a_recorded_step_keeps_the_tensors_its_graph_uses_alive(monkeypatch):
-    # CUDA's stream and graph calls stubbed: what is tested is capture_cuda_graph's own logic (the
-    # CUDA tests in test_mamo.py record and replay a real step).
+@pytest.fixture
+def cuda_calls(monkeypatch):
+    """CUDA's stream and graph calls stubbed, recorded in order: CudaGraphStep's own logic on a CPU
+    (the CUDA tests in test_mamo.py record and replay a real step)."""
+    calls = []
+
     class Graph:
         def register_generator_state(self, generator):
-            pass
+            calls.append("register")
 
         def replay(self):
             calls.append("replay")
+
+    @contextlib.contextmanager
+    def recording(graph):
+        calls.append("record")
+        yield
 
     stream = types.SimpleNamespace(wait_stream=lambda other: None)
     monkeypatch.setattr(torch.cuda, "Stream", lambda: stream)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda: stream)
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
-    monkeypatch.setattr(torch.cuda, "graph", lambda graph: contextlib.nullcontext())
-    calls = []
+    monkeypatch.setattr(torch.cuda, "graph", recording)
+    return calls
 
+
+def test_a_graphed_step_runs_eagerly_then_records_once_then_replays(cuda_calls):
+    seen = []
+
+    def step(x, y):
+        seen.append((x.tolist(), y.tolist()))
+        cuda_calls.append("step")
+        loss = (x.sum() * y.sum()).requires_grad_()
+        return {"loss": loss * 2}
+
+    graphed = CudaGraphStep(step, [torch.Generator()], warmup=2)
+    for value in range(5):
+        out = graphed(torch.full((2,), float(value)), torch.ones(3))
+    assert cuda_calls == ["step", "step", "register", "record", "step", "replay", "replay", "replay"]
+    assert [x for x, _ in seen] == [[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]]  # each call's batch reached the step
+    assert not out["loss"].requires_grad  # detached: no autograd history kept into the next call
+    assert graphed.inputs[0].tolist() == [4.0, 4.0]  # the last batch was copied in for the replay
+    with pytest.raises(ValueError, match=r"input 1 is torch.float32 \(4,\), but the recorded step takes torch.float32 \(3,\)"):
+        graphed(torch.zeros(2), torch.ones(4))
+    with pytest.raises(ValueError, match="recorded with 2 input tensors, got 1"):
+        graphed(torch.zeros(2))
+    with pytest.raises(ValueError, match="warmup must be >= 1"):
+        CudaGraphStep(step, warmup=0)
+
+
+def test_a_graphed_step_keeps_the_tensors_its_graph_uses_alive(cuda_calls):
     def record():
         weights = torch.zeros(3)  # only the step refers to it, as the model and optimizer in bench_train_step
 
-        def step():
-            weights.add_(1)
-            calls.append("step")
+        def step(x):
+            weights.add_(x)
+            cuda_calls.append("step")
 
-        return capture_cuda_graph(step, warmup=2), weakref.ref(weights)
+        graphed = CudaGraphStep(step, warmup=1)
+        graphed(torch.ones(3))
+        graphed(torch.ones(3))
+        return graphed, weakref.ref(weights)
 
-    replay, weights = record()
+    graphed, weights = record()
     gc.collect()
-    assert weights() is not None and calls == ["step"] * 3  # 2 warm-up steps, then the recorded one
-    replay()
-    assert calls[-1] == "replay"
-    del replay
+    assert weights() is not None and cuda_calls == ["step", "record", "step", "replay"]
+    del graphed
     gc.collect()
     assert weights() is None

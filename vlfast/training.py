@@ -169,38 +169,71 @@ def plot_losses(records: List[dict], path, keys: Optional[List[str]] = None) -> 
     return path
 
 
-def capture_cuda_graph(step: Callable[[], None], generators: Sequence[torch.Generator] = (),
-                       warmup: int = 3) -> Callable[[], None]:
-    """``step``, a whole training step on tensors that stay in place (forward, backward, optimizer,
-    EMA), recorded once as a CUDA graph: the returned function replays it with one launch, so the
-    host's per-kernel cost (Python, dispatch, launch) is paid once instead of every step.
+class CudaGraphStep:
+    """A training step on the GPU recorded once as a CUDA graph and then replayed with one launch
+    per call, so the host's per-kernel cost (Python, dispatch, launch: about half of a ViT-B +
+    BERT step on an H200, README) is paid once:
 
-    The step must never wait for the GPU (no ``.item()``, no boolean-mask indexing: vlfast's ops
-    and Mamo's forward qualify, ALBEF's per-row multinomial does not), its optimizer must keep its
-    step count on the GPU (``AdamW(..., capturable=True)``), and every ``torch.Generator`` it draws
-    from besides the default one goes in ``generators`` (each replay then draws new numbers).
-    Before recording, ``warmup`` real steps run (lazy setup: cuBLAS, Triton compiles, optimizer
-    state), so the weights have moved by then. Host-side values are frozen at capture: the
-    learning rate, MomentumModel's decay and count. New data is copied into the step's input
-    tensors before a replay. The graph reads and writes the memory of the tensors the step uses:
-    the returned function holds ``step`` (and so what it refers to) to keep them alive; a step
-    that keeps outputs between calls should keep them detached, or the autograd graph of a
-    warm-up step stays alive into the capture.
+        graphed = CudaGraphStep(lambda *batch: train_step(model, model, optimizer, batch, generator, 5.0),
+                                [generator])
+        for images, input_ids, attention_mask in batches:
+            losses = graphed(images, input_ids, attention_mask)
+
+    Each call copies its tensors into the ones the step reads (every call needs the first call's
+    shapes and dtypes: pad texts to one length, keep batches full) and returns what ``step``
+    returned, a dict of tensors (e.g. the losses) detached, which the next call overwrites. The
+    first ``warmup`` calls run ``step`` eagerly on a side stream (lazy setup: cuBLAS, Triton
+    compiles, optimizer state); the next one records it and replays it. Every call is a real step.
+
+    ``step`` must never make the host wait for the GPU (no ``.item()``, no boolean-mask indexing:
+    vlfast's ops and Mamo's forward qualify, ALBEF's per-row multinomial does not); its optimizer
+    must keep its step count on the GPU (``AdamW(..., capturable=True)``), a learning rate that
+    changes must be a GPU tensor updated in place (``group["lr"].fill_(lr)``), and every
+    ``torch.Generator`` it draws from besides the default one goes in ``generators`` (each replay
+    draws new numbers). Host-side state that ``step`` changes (MomentumModel's update count)
+    changes in the eager and recording calls only. The object holds ``step`` and the input
+    tensors, whose memory the graph reads and writes, for as long as it lives.
     """
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    for generator in generators:
-        graph.register_generator_state(generator)
-    with torch.cuda.graph(graph):
-        step()
 
-    def replay() -> None:
-        graph.replay()
+    def __init__(self, step: Callable[..., Optional[dict]], generators: Sequence[torch.Generator] = (),
+                 warmup: int = 2):
+        if warmup < 1:
+            raise ValueError(f"warmup must be >= 1 (CUDA graphs record only after an eager step), got {warmup}")
+        self.step, self.generators, self.warmup = step, tuple(generators), warmup
+        self.calls, self.inputs, self.outputs, self.graph = 0, None, None, None
 
-    replay.step = step  # freed with the graph, not before: the graph's kernels point into its tensors
-    return replay
+    def __call__(self, *inputs: torch.Tensor) -> Optional[dict]:
+        self._copy_in(inputs)
+        if self.calls < self.warmup:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.outputs = self._run()
+            torch.cuda.current_stream().wait_stream(side)
+        else:
+            if self.graph is None:
+                self.graph = torch.cuda.CUDAGraph()
+                for generator in self.generators:
+                    self.graph.register_generator_state(generator)
+                with torch.cuda.graph(self.graph):
+                    self.outputs = self._run()
+            self.graph.replay()
+        self.calls += 1
+        return self.outputs
+
+    def _run(self) -> Optional[dict]:
+        # Detached: an output's autograd history would keep this step's graph alive into the next.
+        outputs = self.step(*self.inputs)
+        return None if outputs is None else {name: value.detach() for name, value in outputs.items()}
+
+    def _copy_in(self, inputs) -> None:
+        if self.inputs is None:
+            self.inputs = [x.clone() for x in inputs]
+            return
+        if len(inputs) != len(self.inputs):
+            raise ValueError(f"the step was recorded with {len(self.inputs)} input tensors, got {len(inputs)}")
+        for index, (mine, new) in enumerate(zip(self.inputs, inputs)):
+            if new.shape != mine.shape or new.dtype != mine.dtype:
+                raise ValueError(f"input {index} is {new.dtype} {tuple(new.shape)}, but the recorded step takes "
+                                 f"{mine.dtype} {tuple(mine.shape)}: every call needs the first call's shapes and dtypes")
+            mine.copy_(new, non_blocking=True)
