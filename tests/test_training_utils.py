@@ -123,8 +123,8 @@ def cuda_calls(monkeypatch):
             calls.append("replay")
 
     @contextlib.contextmanager
-    def recording(graph):
-        calls.append("record")
+    def recording(graph, capture_error_mode):
+        calls.append(f"record ({capture_error_mode})")
         yield
 
     stream = types.SimpleNamespace(wait_stream=lambda other: None)
@@ -148,7 +148,7 @@ def test_a_graphed_step_runs_eagerly_then_records_once_then_replays(cuda_calls):
     graphed = CudaGraphStep(step, [torch.Generator()], warmup=2)
     for value in range(5):
         out = graphed(torch.full((2,), float(value)), torch.ones(3))
-    assert cuda_calls == ["step", "step", "register", "record", "step", "replay", "replay", "replay"]
+    assert cuda_calls == ["step", "step", "register", "record (thread_local)", "step", "replay", "replay", "replay"]
     assert [x for x, _ in seen] == [[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]]  # each call's batch reached the step
     assert not out["loss"].requires_grad  # detached: no autograd history kept into the next call
     assert graphed.inputs[0].tolist() == [4.0, 4.0]  # the last batch was copied in for the replay
@@ -175,7 +175,7 @@ def test_a_graphed_step_keeps_the_tensors_its_graph_uses_alive(cuda_calls):
 
     graphed, weights = record()
     gc.collect()
-    assert weights() is not None and cuda_calls == ["step", "record", "step", "replay"]
+    assert weights() is not None and cuda_calls == ["step", "record (thread_local)", "step", "replay"]
     del graphed
     gc.collect()
     assert weights() is None

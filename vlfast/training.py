@@ -215,7 +215,9 @@ class CudaGraphStep:
                 self.graph = torch.cuda.CUDAGraph()
                 for generator in self.generators:
                     self.graph.register_generator_state(generator)
-                with torch.cuda.graph(self.graph):
+                # thread_local: CUDA calls of other threads, such as a DataLoader's pin-memory thread,
+                # stay allowed while this thread records.
+                with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                     self.outputs = self._run()
             self.graph.replay()
         self.calls += 1
