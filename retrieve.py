@@ -40,6 +40,9 @@ def checkpoint_config(checkpoint: Path, config_file=None, overrides=()):
     state = load_checkpoint(checkpoint)
     config = load_config(TrainConfig, config_file, overrides, base=state["config"])
     check_settings(config.retrieval.k_test, config.retrieval.score)
+    # Evaluation pads captions to the longest, and fine-tuning's image-id positives are read on the
+    # host: neither runs a recorded CUDA graph, whatever the pretraining did.
+    config.cuda_graph = False
     return state, config
 
 
@@ -93,7 +96,6 @@ def finetune_config(args, world: int) -> TrainConfig:
     if config.retrieval.finetune_epochs < 1:
         raise ValueError(f"retrieval.finetune_epochs must be at least 1, got {config.retrieval.finetune_epochs}")
     config.model.objectives, config.image_id_positives = ("itc", "itm"), True
-    config.cuda_graph = False  # with image_id_positives, itc_loss reads the ids on the host: no graph
     config.init.checkpoint, config.init.vision = str(args.checkpoint), None
     steps_per_epoch = BatchOrder(len(make_dataset(config, "train")), config, 0, world=world).per_epoch
     config.optim.lr, config.optim.min_lr = config.retrieval.finetune_lr, config.retrieval.finetune_lr / 100

@@ -281,10 +281,11 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
     mode) scores the model; the best-scoring weights are kept in best.pt.
     Returns (checkpoint path, the step it holds)."""
     rank, world, device = setup_distributed()
-    if config.cuda_graph and (device.type != "cuda" or world > 1 or config.image_id_positives):
+    ops = os.environ.get("VLFAST_BACKEND", "auto")
+    if config.cuda_graph and (device.type != "cuda" or world > 1 or config.image_id_positives or ops == "reference"):
         raise ValueError(f"cuda_graph=true records the step of one process on a GPU, without image_id_positives "
-                         f"(itc_loss then reads the ids on the host); this run: {device.type}, {world} processes, "
-                         f"image_id_positives={config.image_id_positives}")
+                         f"and --ops reference (both read values on the host mid-step); this run: {device.type}, "
+                         f"{world} processes, image_id_positives={config.image_id_positives}, --ops {ops}")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     dataset, collate, model = build(config, out)
@@ -315,11 +316,13 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
             torch.cuda.set_rng_state(saved[rank % len(saved)]["cuda"], device)  # dropout on the GPU
         start, best = state["step"], state.get("best_score", best)
         print(f"resumed from {resume} at step {start}")
-    if config.cuda_graph:  # the recorded step reads the learning rate and AdamW's step counts on the GPU
-        for group in optimizer.param_groups:
-            group["lr"], group["capturable"] = torch.tensor(float(group["lr"]), device=device), True
-        for parameter_state in optimizer.state.values():  # a checkpoint of a run without it keeps them on the host
-            parameter_state["step"] = parameter_state["step"].to(device, torch.float32)
+    # A recorded step reads the learning rate and AdamW's step counts on the GPU; a resumed
+    # optimizer comes with the setting of the run that saved it, so both are set here.
+    for group in optimizer.param_groups:
+        group["capturable"] = config.cuda_graph
+        group["lr"] = torch.tensor(float(group["lr"]), device=device) if config.cuda_graph else float(group["lr"])
+    for parameter_state in optimizer.state.values():
+        parameter_state["step"] = parameter_state["step"].to(device if config.cuda_graph else "cpu", torch.float32)
     # Objectives left out leave parameters without gradients, which DDP must be told about.
     runner = model if world == 1 else DDP(model, find_unused_parameters=set(config.model.objectives) != set(OBJECTIVES))
     log = MetricsLog(out / "metrics.jsonl")

@@ -141,9 +141,11 @@ def tiny_step_on_gpu(lr, graphed):
 @pytest.mark.cuda
 def test_a_graphed_step_equals_the_eager_step():
     runs = []
+    orders = [torch.randperm(6) for _ in range(6)]  # a new batch each call: replays must read it
     for graphed in (False, True):
         step, model, data = tiny_step_on_gpu(1e-3, graphed)
-        runs.append(([{k: v.item() for k, v in step(*data).items()} for _ in range(6)], model))
+        runs.append(([{k: v.item() for k, v in step(*(x[order.cuda()] for x in data)).items()} for order in orders],
+                     model))
     (eager, eager_model), (graph, graph_model) = runs
     for calls in range(6):  # 2 eager warm-up calls, the recording, 3 replays: the same draws and updates
         for name in eager[calls]:

@@ -77,7 +77,20 @@ def test_cuda_graph_needs_a_gpu(tmp_path):
     result = run("--out", str(tmp_path), *TINY, "cuda_graph=true")
     assert result.returncode != 0
     assert "cuda_graph=true records the step of one process on a GPU" in result.stderr, result.stderr[-2000:]
-    assert "this run: cpu, 1 processes" in result.stderr
+    assert "this run: cpu, 1 processes, image_id_positives=False, --ops auto" in result.stderr
+
+
+def test_a_cuda_graph_checkpoint_resumes_without_one(tmp_path):
+    # Its optimizer was saved capturable with a tensor learning rate (what cuda_graph=true sets):
+    # made so here by hand, as a CPU cannot record a graph.
+    assert run("--out", str(tmp_path), "--stop-after", "2", *TINY).returncode == 0
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    for group in state["optimizer"]["param_groups"]:
+        group["capturable"], group["lr"] = True, torch.tensor(group["lr"])
+    torch.save(state, tmp_path / "graphed.pt")
+    result = run("--out", str(tmp_path), "--resume", str(tmp_path / "graphed.pt"), *TINY)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(losses(tmp_path)) == list(range(6))
 
 
 @pytest.mark.cuda
@@ -95,6 +108,10 @@ def test_cuda_graph_run_resumes_exactly_and_follows_the_eager_run(tmp_path):
         assert got[step] == want[step], step  # replays after a resume draw and update as the first run did
         for name, value in reference[step].items():  # the eager run: same draws, same updates
             assert want[step][name] == pytest.approx(value, rel=1e-3, abs=1e-4), (step, name)
+    eager_weights = torch.load(eager / "last.pt", weights_only=True)["model"]
+    for name, value in torch.load(graph / "last.pt", weights_only=True)["model"].items():
+        # tight enough to see a learning rate frozen at the recorded step (1e-4 per step here)
+        torch.testing.assert_close(value, eager_weights[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_bad_config_stops_before_training(tmp_path):

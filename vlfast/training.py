@@ -179,11 +179,12 @@ class CudaGraphStep:
         for images, input_ids, attention_mask in batches:
             losses = graphed(images, input_ids, attention_mask)
 
-    Each call copies its tensors into the ones the step reads (every call needs the first call's
-    shapes and dtypes: pad texts to one length, keep batches full) and returns what ``step``
-    returned, a dict of tensors (e.g. the losses) detached, which the next call overwrites. The
-    first ``warmup`` calls run ``step`` eagerly on a side stream (lazy setup: cuBLAS, Triton
-    compiles, optimizer state); the next one records it and replays it. Every call is a real step.
+    Each call copies its tensors (on the GPU) into the ones the step reads (every call needs the
+    first call's shapes and dtypes: pad texts to one length, keep batches full) and returns what
+    ``step`` returned, a dict of tensors (e.g. the losses) detached, which the next call
+    overwrites. The first ``warmup`` calls run ``step`` eagerly on a side stream (lazy setup:
+    cuBLAS, Triton compiles, optimizer state); the next one records it and replays it. Every call
+    is a real step.
 
     ``step`` must never make the host wait for the GPU (no ``.item()``, no boolean-mask indexing:
     vlfast's ops and Mamo's forward qualify, ALBEF's per-row multinomial does not); its optimizer
@@ -200,25 +201,26 @@ class CudaGraphStep:
         if warmup < 1:
             raise ValueError(f"warmup must be >= 1 (CUDA graphs record only after an eager step), got {warmup}")
         self.step, self.generators, self.warmup = step, tuple(generators), warmup
-        self.calls, self.inputs, self.outputs, self.graph = 0, None, None, None
+        self.calls, self.inputs, self.outputs, self.side, self.graph = 0, None, None, None, None
 
     def __call__(self, *inputs: torch.Tensor) -> Optional[dict]:
         self._copy_in(inputs)
         if self.calls < self.warmup:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+            self.side = self.side or torch.cuda.Stream()  # one stream: its cached blocks serve the next call
+            self.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side):
                 self.outputs = self._run()
-            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.current_stream().wait_stream(self.side)
         else:
             if self.graph is None:
-                self.graph = torch.cuda.CUDAGraph()
+                graph = torch.cuda.CUDAGraph()
                 for generator in self.generators:
-                    self.graph.register_generator_state(generator)
+                    graph.register_generator_state(generator)
                 # thread_local: CUDA calls of other threads, such as a DataLoader's pin-memory thread,
                 # stay allowed while this thread records.
-                with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                     self.outputs = self._run()
+                self.graph = graph
             self.graph.replay()
         self.calls += 1
         return self.outputs
@@ -234,8 +236,9 @@ class CudaGraphStep:
             return
         if len(inputs) != len(self.inputs):
             raise ValueError(f"the step was recorded with {len(self.inputs)} input tensors, got {len(inputs)}")
-        for index, (mine, new) in enumerate(zip(self.inputs, inputs)):
+        for index, (mine, new) in enumerate(zip(self.inputs, inputs)):  # all checked before any is overwritten
             if new.shape != mine.shape or new.dtype != mine.dtype:
                 raise ValueError(f"input {index} is {new.dtype} {tuple(new.shape)}, but the recorded step takes "
                                  f"{mine.dtype} {tuple(mine.shape)}: every call needs the first call's shapes and dtypes")
+        for mine, new in zip(self.inputs, inputs):
             mine.copy_(new, non_blocking=True)
