@@ -432,6 +432,7 @@ def main():
     checkpoint, step = train(config, Path(args.out), Path(args.resume) if args.resume else None, args.stop_after,
                              args.time_limit * 60 if args.time_limit else None)
     if dist.is_initialized():
+        dist.barrier()  # no rank tears its connections down while another still uses them
         dist.destroy_process_group()
     if int(os.environ.get("RANK", "0")) != 0:
         return

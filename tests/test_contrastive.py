@@ -240,6 +240,7 @@ def _distributed_worker(rank, world, init_file, backend, batch, result_dir):
         parameter.grad /= world
     torch.distributed.all_reduce(out.loss.detach_())
     torch.save({"loss": out.loss / world, "projection": projection.grad, "tau": tau.grad}, f"{result_dir}/{rank}.pt")
+    torch.distributed.barrier()  # no rank tears its connections down while the other still uses them
     torch.distributed.destroy_process_group()
 
 

@@ -84,6 +84,7 @@ def _two_ranks(rank, init_file, out):
     model, emb = embeddings()
     i2t, t2i = two_stage_scores(model, emb, k=3, score="itm+itc")
     torch.save({"i2t": i2t, "t2i": t2i}, f"{out}.{rank}")
+    dist.barrier()  # no rank tears its connections down while the other still uses them
     dist.destroy_process_group()
 
 
