@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 from transformers import BertTokenizerFast
 
+from vlfast._extension import backend as ops_backend
 from vlfast.data import KarpathyDataset, SyntheticImageText, write_vocab
 from vlfast.data.karpathy import test_transform
 from vlfast.data.synthetic import transform as synthetic_transform
@@ -281,11 +282,11 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
     mode) scores the model; the best-scoring weights are kept in best.pt.
     Returns (checkpoint path, the step it holds)."""
     rank, world, device = setup_distributed()
-    ops = os.environ.get("VLFAST_BACKEND", "auto")
-    if config.cuda_graph and (device.type != "cuda" or world > 1 or config.image_id_positives or ops == "reference"):
+    if config.cuda_graph and (device.type != "cuda" or world > 1 or config.image_id_positives
+                              or ops_backend() == "reference"):
         raise ValueError(f"cuda_graph=true records the step of one process on a GPU, without image_id_positives "
                          f"and --ops reference (both read values on the host mid-step); this run: {device.type}, "
-                         f"{world} processes, image_id_positives={config.image_id_positives}, --ops {ops}")
+                         f"{world} processes, image_id_positives={config.image_id_positives}, --ops {ops_backend()}")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     dataset, collate, model = build(config, out)
