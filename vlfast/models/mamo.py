@@ -82,12 +82,15 @@ class Mamo(nn.Module):
         self.target.update(self._encoders())
 
     @staticmethod
-    def fuse(bert: BertModel, text: Tensor, text_mask: Tensor, image: Tensor) -> Tuple[Tensor, Tensor]:
-        """(fused text (B, Lt, W), fused image (B, 1 + N, W)): the text stream cross-attends to the
-        image tokens, the image stream, through the same layers, to the text."""
-        fused_text = bert(attention_mask=text_mask, mode="fusion", text_states=text, image=image)
-        fused_image = bert(mode="fusion", text_states=image, image=text, image_mask=text_mask)
-        return fused_text, fused_image
+    def fuse_text(bert: BertModel, text: Tensor, text_mask: Tensor, image: Tensor) -> Tensor:
+        """Fused text (B, Lt, W): the text stream cross-attends to the image tokens."""
+        return bert(attention_mask=text_mask, mode="fusion", text_states=text, image=image)
+
+    @staticmethod
+    def fuse_image(bert: BertModel, image: Tensor, text: Tensor, text_mask: Tensor) -> Tensor:
+        """Fused image (B, 1 + N, W): the image stream, through the same layers, cross-attends to the text.
+        Each objective runs only the stream its loss reads: the other would cost a stack of layers for nothing."""
+        return bert(mode="fusion", text_states=image, image=text, image_mask=text_mask)
 
     def embed_image(self, images: Tensor) -> Tuple[Tensor, Tensor]:
         """(image tokens (B, 1 + N, W), the L2-normalised ITC feature (B, embed_dim))."""
@@ -101,8 +104,7 @@ class Mamo(nn.Module):
 
     def itm_logits(self, image: Tensor, text: Tensor, attention_mask: Tensor) -> Tensor:
         """(B, 2) ITM logits of the pairs (image tokens[b], text states[b]); column 1 is "match"."""
-        fused = self.text_encoder.bert(attention_mask=attention_mask, mode="fusion", text_states=text, image=image)
-        return self.itm_head(fused[:, 0])
+        return self.itm_head(self.fuse_text(self.text_encoder.bert, text, attention_mask, image)[:, 0])
 
     def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor,
                 generator: Optional[torch.Generator] = None, image_ids: Optional[Tensor] = None) -> Dict[str, Tensor]:
@@ -119,7 +121,8 @@ class Mamo(nn.Module):
                 target = self.target.model
                 target_image = target["visual_encoder"].forward_features(images)
                 target_text = target["bert"](input_ids, attention_mask, mode="text")
-                target_fused_text, target_fused_image = self.fuse(target["bert"], target_text, attention_mask, target_image)
+                target_fused_text = self.fuse_text(target["bert"], target_text, attention_mask, target_image)
+                target_fused_image = self.fuse_image(target["bert"], target_image, target_text, attention_mask)
 
         if objectives & {"itc", "itm"}:
             with torch.no_grad():
@@ -141,7 +144,7 @@ class Mamo(nn.Module):
         if objectives & {"mrm", "mim"}:  # f(I', T): the image encoder sees only the visible patches
             visible, masking = self.visual_encoder.forward_masked(images, self.config.image_mask_ratio, generator)
             restored = unmask(visible[:, 1:], masking.ids_restore, self.image_mask_token)
-            _, fused_image = self.fuse(bert, text, attention_mask, torch.cat([visible[:, :1], restored], dim=1))
+            fused_image = self.fuse_image(bert, torch.cat([visible[:, :1], restored], dim=1), text, attention_mask)
             masked = _masked_positions(masking)
             predicted = _patches_at(fused_image, masked)
             if "mim" in objectives:
@@ -153,7 +156,7 @@ class Mamo(nn.Module):
             masked_ids, labels = mask_tokens(input_ids, vocab_size=self.config.text.vocab_size,
                                              mask_token_id=self.mask_token_id, special_ids=self.special_ids,
                                              probability=self.config.text_mask_ratio, generator=generator)
-            fused_text, _ = self.fuse(bert, bert(masked_ids, attention_mask, mode="text"), attention_mask, image)
+            fused_text = self.fuse_text(bert, bert(masked_ids, attention_mask, mode="text"), attention_mask, image)
             # Every token goes through the heads and the unchosen ones weigh 0 (ALBEF's MLM does the
             # same): selecting the chosen ones, a random number, would wait for the GPU to count them.
             if "mlm" in objectives:
