@@ -4,7 +4,8 @@ over the reference implementation of the same shape. A GPU row with GB/s or TFLO
 roofline fraction: over the copy bandwidth or bf16 matmul rate that bench_ceilings.py measured in
 the same run (files named <card>-<date>-<bench>.json share the run <card>-<date>), its rate taken
 over the GPU's busy time where that was measured (timing.busy_seconds), else over the median,
-which also holds the host's overhead.
+which also holds the host's overhead. A training step's TFLOP/s over the matmul rate is its MFU,
+over the wall-clock median.
 
     python benchmarks/report.py benchmarks/results/*.json > benchmarks/results/README.md
 """
@@ -37,16 +38,20 @@ def run_of(row):
 
 
 def roofline(row, all_rows):
-    """The row's GB/s or TFLOP/s over its run's measured ceiling, as '77%'; '' where none applies."""
-    if not row["gpu"] or row["function"] in CEILINGS.values() or "MFU" in row["extra"]:
+    """The row's GB/s or TFLOP/s over its run's measured ceiling, as 'roofline 77%'; a training
+    step's (a row with samples/s) as 'MFU 7.0%', over its wall-clock median: model-FLOP
+    utilisation counts the time a user waits, the host's overhead included. '' where none applies."""
+    if not row["gpu"] or row["function"] in CEILINGS.values() or "MFU" in row["extra"]:  # older runs stored MFU
         return ""
     for unit, ceiling_function in CEILINGS.items():
         ceilings = [other["extra"][unit] for other in all_rows
                     if other["function"] == ceiling_function and other["gpu"] and run_of(other) == run_of(row)]
         if unit in row["extra"] and ceilings:
+            if "samples/s" in row["extra"]:
+                return f"MFU {row['extra'][unit] / ceilings[0]:.1%}"
             busy = row["extra"].get("GPU_busy_ms", 0) / 1e3
             rate = row["extra"][unit] * (row["median"] / busy if busy else 1)
-            return f"{rate / ceilings[0]:.0%}"
+            return f"roofline {rate / ceilings[0]:.0%}"
     return ""
 
 
@@ -69,7 +74,7 @@ def table(selected, all_rows):
         reference = reference_median(row, all_rows)
         speedup = f"{reference / row['median']:.2f}×" if reference else ""
         measured = ", ".join([f"{k} {row['extra'][k]}" for k in SHOWN_EXTRA if k in row["extra"]]
-                             + [f"roofline {fraction}" for fraction in [roofline(row, all_rows)] if fraction])
+                             + [fraction for fraction in [roofline(row, all_rows)] if fraction])
         params = ", ".join(f"{k}={v}" for k, v in row["params"].items())
         command = f"`pytest {row['bench_file']} --benchmark-enable`"
         lines.append(f"| {row['device']} | {row['function']} | {params} | {row['median'] * 1e3:.3f} ms | {measured} "

@@ -34,6 +34,8 @@ def test_gpu_rows_get_the_roofline_of_their_own_run(tmp_path):
                                       bench("bench_attn", 1e-3, {}, {"TFLOP/s": 150.0}),
                                       bench("bench_op", 1e-3, {"implementation": "vlfast"}, {"GB/s": 10.0}, device="cpu")])
     write("Card-2026-01-01-busy.json", [bench("bench_busy", 1e-3, {}, {"GB/s": 400.0, "GPU_busy_ms": 0.2})])
+    write("Card-2026-01-01-step.json", [bench("bench_step", 0.1, {}, {"samples/s": 640.0, "TFLOP/s": 42.0,
+                                                                       "GPU_busy_ms": 50.0})])
     write("Card-2026-02-02-op.json", [bench("bench_op", 1e-3, {"implementation": "vlfast"}, {"GB/s": 2000.0})])
     table = subprocess.run([sys.executable, str(RESULTS.parent / "report.py"), *sorted(map(str, tmp_path.glob("*.json")))],
                            capture_output=True, text=True, check=True).stdout
@@ -41,6 +43,7 @@ def test_gpu_rows_get_the_roofline_of_their_own_run(tmp_path):
     assert any("GB/s 1000.0" in row and "roofline 25%" in row for row in rows)
     assert any("TFLOP/s 150.0" in row and "roofline 25%" in row for row in rows)
     assert any("GB/s 400.0" in row and "roofline 50%" in row for row in rows)  # its bytes over 0.2 ms of GPU time
+    assert any("TFLOP/s 42.0" in row and "MFU 7.0%" in row and "roofline" not in row for row in rows)  # wall clock
     assert not any("GB/s 2000.0" in row and "roofline" in row for row in rows)  # another run: no ceiling measured
     assert not any("GB/s 10.0" in row and "roofline" in row for row in rows)  # CPU rows have none
     assert not any("bench_copy_bandwidth" in row and "roofline" in row for row in rows)
