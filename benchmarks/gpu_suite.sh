@@ -91,19 +91,27 @@ else
     selection=(-k cuda)
     timing=(--benchmark-max-time=0.25 --benchmark-min-rounds=5)
 fi
-# One JSON per file, the ceilings first and the long training step last: each file's numbers
-# are kept (and published) even if a later one fails or the lease runs out.
-for bench in ceilings ema patch_gather contrastive dropout_add_layer_norm attention train_step; do
-    json="$results/$name-$bench.json"
-    $python -m pytest -q -p no:cacheprovider "benchmarks/bench_$bench.py" --benchmark-enable "${timing[@]}" \
-        "${selection[@]}" "${per_test_limit[@]}" --benchmark-json="$json" --benchmark-columns=median,rounds || fail "bench_$bench"
+# One JSON per file, each kept (and published) as soon as it is written, so a run cut short or a
+# failed file still leaves the others. Order by what a lease most needs: the ceilings (the MFU
+# and roofline of every later row), the training step and its profile, then the per-op files.
+run_bench() {  # run_bench NAME: benchmarks/bench_NAME.py into $results/$name-NAME.json
+    local json="$results/$name-$1.json"
+    $python -m pytest -q -p no:cacheprovider "benchmarks/bench_$1.py" --benchmark-enable "${timing[@]}" \
+        "${selection[@]}" "${per_test_limit[@]}" --benchmark-json="$json" --benchmark-columns=median,rounds || fail "bench_$1"
     [[ -s $json ]] && publish "$json"
-done
+}
+run_bench ceilings
+run_bench train_step
 step "profile of the training step (launch cost, GPU busy time, top operators)"
 # Printed here (a lease's suite.log holds it) and kept beside the results.
 profile_args=(--steps 2)
 [[ $dry_run == 1 ]] && profile_args=(--config tiny --steps 1)
 $python benchmarks/profile_train_step.py "${profile_args[@]}" 2>&1 | tee "$results/$name-profile.txt" || fail profile
+publish "$results/$name-profile.txt"
+step "per-op benchmarks"
+for bench in ema patch_gather contrastive dropout_add_layer_norm attention; do
+    run_bench $bench
+done
 
 step "results"
 $python benchmarks/report.py "$results/$name"-*.json > "$results/$name.md" || fail report
