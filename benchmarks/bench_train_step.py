@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from timing import timed
-from train import OptimConfig, default_model, train_step
+from train import OptimConfig, default_model, make_optimizer, train_step
 from vlfast.training import CudaGraphStep
 from vlfast.data.synthetic import SPECIAL_TOKENS, WORDS
 from vlfast.models import Mamo, MamoConfig, TextConfig, VisionConfig
@@ -61,7 +61,7 @@ def build_step(config_name: str, device: str, implementation: str = "fused"):
     with torch.device(device):  # initialised where it runs: ViT-B + BERT-base take seconds on the host
         model = Mamo(config, mask_token_id=4, special_ids=[0, 2, 3])
     graphed = implementation.endswith("cuda_graph")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.02, capturable=graphed)
+    optimizer = make_optimizer(model, lr=1e-4, weight_decay=0.02, cuda_graph=graphed)
     images = torch.randn(batch, 3, config.vision.image_size, config.vision.image_size, device=device)
     input_ids = torch.randint(5, config.text.vocab_size, (batch, TEXT_LENGTH), device=device)
     input_ids[:, 0] = 2  # [CLS]

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from train import train_step
+from train import make_optimizer, train_step
 from vlfast.data import SyntheticImageText
 from vlfast.data.synthetic import SPECIAL_TOKENS, WORDS
 from vlfast.models import Mamo, MamoConfig, TextConfig, VisionConfig
@@ -112,7 +112,7 @@ def test_the_fused_step_never_waits_for_the_gpu(monkeypatch, backend):
     GPU runs this one, and the step can be recorded as a CUDA graph."""
     monkeypatch.setenv("VLFAST_BACKEND", backend)
     model = tiny().cuda()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = make_optimizer(model, lr=1e-3, weight_decay=0.02)  # train.py's
     data = [x.cuda() for x in batch()]
     generator = torch.Generator("cuda").manual_seed(0)
     train_step(model, model, optimizer, data, generator, 5.0)  # first calls: Triton compiles, optimizer state
@@ -126,10 +126,11 @@ def test_the_fused_step_never_waits_for_the_gpu(monkeypatch, backend):
 
 
 def tiny_step_on_gpu(lr, graphed):
-    """(step, model, batch): train.py's step on the tiny model, eager or a CudaGraphStep. Only
-    the step holds the optimizer, as in bench_train_step: a CudaGraphStep must keep it alive."""
+    """(step, model, batch): train.py's step and optimizer on the tiny model, eager or a
+    CudaGraphStep. Only the step holds the optimizer, as in bench_train_step: a CudaGraphStep
+    must keep it alive."""
     model = tiny().cuda()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, capturable=True)
+    optimizer = make_optimizer(model, lr=lr, weight_decay=0.02, cuda_graph=True)
     generator = torch.Generator("cuda").manual_seed(0)
 
     def step(*data):
