@@ -84,24 +84,27 @@ step "benchmarks"
 name="$card-$(date -u +%F)"
 if [[ $dry_run == 1 ]]; then
     results=$(mktemp -d)
-    selection=(-k "cpu and not vit_b16 and not bert_base and not 256")
+    selection="cpu and not vit_b16 and not bert_base and not 256"
     timing=(--benchmark-max-time=0.01 --benchmark-min-rounds=1 --benchmark-warmup=off)
 else
     results=benchmarks/results
-    selection=(-k cuda)
+    selection=cuda
     timing=(--benchmark-max-time=0.25 --benchmark-min-rounds=5)
 fi
-# One JSON per file, each kept (and published) as soon as it is written, so a run cut short or a
-# failed file still leaves the others. Order by what a lease most needs: the ceilings (the MFU
-# and roofline of every later row), the training step and its profile, then the per-op files.
-run_bench() {  # run_bench NAME: benchmarks/bench_NAME.py into $results/$name-NAME.json
-    local json="$results/$name-$1.json"
+# One JSON per pytest run, each kept (and published) as soon as it is written (pytest-benchmark
+# writes at the end of a run), so a run cut short or a failed file still leaves the others.
+# Order by what a lease most needs: the ceilings (the MFU and roofline of every later row), the
+# training step's paired ratios (the target), its single-path rows (MFU, memory) and its profile,
+# then the per-op files.
+run_bench() {  # run_bench FILE [OUTPUT SELECTION]: benchmarks/bench_FILE.py into $results/$name-OUTPUT.json
+    local json="$results/$name-${2:-$1}.json" select="$selection${3:+ and ($3)}"
     $python -m pytest -q -p no:cacheprovider "benchmarks/bench_$1.py" --benchmark-enable "${timing[@]}" \
-        "${selection[@]}" "${per_test_limit[@]}" --benchmark-json="$json" --benchmark-columns=median,rounds || fail "bench_$1"
+        -k "$select" "${per_test_limit[@]}" --benchmark-json="$json" --benchmark-columns=median,rounds || fail "bench_${2:-$1}"
     [[ -s $json ]] && publish "$json"
 }
 run_bench ceilings
-run_bench train_step
+run_bench train_step train_step_paired paired
+run_bench train_step train_step "not paired"
 step "profile of the training step (launch cost, GPU busy time, top operators)"
 # Printed here (a lease's suite.log holds it) and kept beside the results.
 profile_args=(--steps 2)
