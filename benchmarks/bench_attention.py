@@ -1,19 +1,20 @@
-"""vlfast.ops.attention against SDPA (same mask) and eager attention (ALBEF's xbert), forward +
-backward, at the shapes of a ViT-B/16 + BERT-base VLP model.
+"""vlfast.ops.attention against SDPA (same mask) and eager attention (ALBEF's xbert), forward and
+forward + backward, at the shapes of a ViT-B/16 + BERT-base VLP model.
 
     pytest benchmarks/bench_attention.py --benchmark-enable --benchmark-json=attention.json
 
 CUDA: bf16, B = 64, H = 12, Dh = 64; "triton" times the Triton kernels, which vlfast runs only
 under VLFAST_BACKEND=fused since they measured slower than SDPA on an H200 (README). CPU: fp32,
 B = 4 (vlfast runs SDPA there).
-extra_info["TFLOP/s"] counts 3.5 × the forward's 4·B·H·Lq·Lk·Dh (backward = 2.5 × forward).
+extra_info["TFLOP/s"] counts the forward's 4·B·H·Lq·Lk·Dh, 3.5 times that with the backward
+(backward = 2.5 × forward).
 """
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import CUDA, DEVICES
-from timing import timed
+from timing import PASSES, timed
 from vlfast.ops import attention, attention_reference
 
 SHAPES = {  # name: (Lq, Lk, padded)
@@ -33,9 +34,10 @@ if CUDA:
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("passes", PASSES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-def bench_attention(benchmark, implementation, shape, device):
+def bench_attention(benchmark, implementation, shape, passes, device):
     if implementation == "triton" and device == "cpu":
         pytest.skip("the Triton row is the GPU's (on the CPU Triton runs only in its interpreter)")
     queries, keys, padded = SHAPES[shape]
@@ -52,9 +54,11 @@ def bench_attention(benchmark, implementation, shape, device):
     run = IMPLEMENTATIONS[implementation]
 
     def step():
-        torch.autograd.grad(run(q, k, v, mask), (q, k, v), grad)
+        out = run(q, k, v, mask)
+        if passes == "forward_backward":
+            torch.autograd.grad(out, (q, k, v), grad)
 
     timed(benchmark, device, step)
     if benchmark.stats:
-        flops = 3.5 * 4 * batch * heads * queries * keys * dim
+        flops = (1 if passes == "forward" else 3.5) * 4 * batch * heads * queries * keys * dim
         benchmark.extra_info["TFLOP/s"] = round(flops / benchmark.stats.stats.median / 1e12, 2)

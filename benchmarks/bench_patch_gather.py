@@ -1,20 +1,20 @@
-"""random_masking / unmask against MAE's code (models_mae.py), forward + backward.
+"""random_masking / unmask against MAE's code (models_mae.py), forward and forward + backward.
 
     pytest benchmarks/bench_patch_gather.py --benchmark-enable --benchmark-json=patch_gather.json
 
 ViT-B/16 at 224 px: N = 196 patches, D = 768, mask ratio 0.75 (L = 49), B = 64 and 256, fp32 on
 the CPU and bf16 on CUDA, a shared (1, N, D) position embedding that receives gradients.
-extra_info["GB/s"] counts the bytes the op must move at least, forward and backward:
-masking reads and writes the kept rows (2·B·L·D), its backward reads them and writes the
-(B, N, D) token gradient, then reads that once more for the position-embedding gradient;
-unmask reads the kept rows and writes (B, N, D), its backward reads the (B, N, D) gradient three
-times (visible rows, mask token, position embedding) and writes the kept rows' gradient.
+extra_info["GB/s"] counts the bytes the op must move at least: masking's forward reads and
+writes the kept rows (2·B·L·D), its backward reads them and writes the (B, N, D) token gradient,
+then reads that once more for the position-embedding gradient; unmask's forward reads the kept
+rows and writes (B, N, D), its backward reads the (B, N, D) gradient three times (visible rows,
+mask token, position embedding) and writes the kept rows' gradient.
 """
 import pytest
 import torch
 
 from conftest import DEVICES
-from timing import timed
+from timing import PASSES, timed
 from vlfast.ops import random_masking, random_masking_reference, unmask, unmask_reference
 
 PATCHES, DIM, MASK_RATIO = 196, 768, 0.75
@@ -30,9 +30,10 @@ def inputs(batch, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("passes", PASSES)
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("implementation", ["vlfast", "mae"])
-def bench_random_masking(benchmark, implementation, batch, device):
+def bench_random_masking(benchmark, implementation, batch, passes, device):
     masking = {"vlfast": random_masking, "mae": random_masking_reference}[implementation]
     tokens, pos_embed = inputs(batch, device)
     grad = torch.randn(batch, KEPT, DIM, device=device, dtype=tokens.dtype)
@@ -40,16 +41,18 @@ def bench_random_masking(benchmark, implementation, batch, device):
 
     def step():
         visible = masking(tokens, MASK_RATIO, pos_embed=pos_embed, generator=generator).visible
-        torch.autograd.grad(visible, (tokens, pos_embed), grad)
+        if passes == "forward_backward":
+            torch.autograd.grad(visible, (tokens, pos_embed), grad)
 
     rows = batch * DIM * tokens.element_size()
-    timed(benchmark, device, step, bytes_moved=rows * (2 * KEPT + KEPT + 2 * PATCHES))
+    timed(benchmark, device, step, bytes_moved=rows * (2 * KEPT + (passes == "forward_backward") * (KEPT + 2 * PATCHES)))
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("passes", PASSES)
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("implementation", ["vlfast", "mae"])
-def bench_unmask(benchmark, implementation, batch, device):
+def bench_unmask(benchmark, implementation, batch, passes, device):
     restore = {"vlfast": unmask, "mae": unmask_reference}[implementation]
     tokens, pos_embed = inputs(batch, device)
     visible = tokens[:, :KEPT].detach().clone().requires_grad_()
@@ -59,10 +62,11 @@ def bench_unmask(benchmark, implementation, batch, device):
 
     def step():
         out = restore(visible, ids_restore, mask_token, pos_embed=pos_embed)
-        torch.autograd.grad(out, (visible, mask_token, pos_embed), grad)
+        if passes == "forward_backward":
+            torch.autograd.grad(out, (visible, mask_token, pos_embed), grad)
 
     rows = batch * DIM * tokens.element_size()
-    timed(benchmark, device, step, bytes_moved=rows * (KEPT + PATCHES + 3 * PATCHES + KEPT))
+    timed(benchmark, device, step, bytes_moved=rows * (KEPT + PATCHES + (passes == "forward_backward") * (3 * PATCHES + KEPT)))
 
 
 @pytest.mark.parametrize("device", DEVICES)

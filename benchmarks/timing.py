@@ -5,6 +5,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
+PASSES = ("forward", "forward_backward")  # an op's forward as training runs it (autograd records), or with its backward
 BUSY = {"cuda": (ProfilerActivity.CUDA, DeviceType.CUDA, "self_device_time_total"),
         "cpu": (ProfilerActivity.CPU, DeviceType.CPU, "self_cpu_time_total")}
 
