@@ -13,17 +13,24 @@
 #                                              # build, so the Triton kernels are still measured)
 #   bash benchmarks/gpu_suite.sh --dry-run     # on a CPU: same steps, CPU-only build, tiny sizes,
 #                                              # results to a temporary folder (CI runs this)
+#   bash benchmarks/gpu_suite.sh --part step   # the CUDA tests, the ceilings, the training step and its
+#                                              # profile (about 8 minutes on an H200, estimated)
+#   bash benchmarks/gpu_suite.sh --part ops    # the ceilings and the per-op files (no tests): with
+#                                              # --part step, the whole suite in two calls of a lease
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
-dry_run=0 keep_going=0
-for argument in "$@"; do
-    case $argument in
+dry_run=0 keep_going=0 part=all
+while (( $# )); do
+    case $1 in
         --dry-run) dry_run=1 ;;
         --keep-going) keep_going=1 ;;
-        *) echo "gpu_suite.sh: unknown argument $argument" >&2; exit 2 ;;
+        --part) part=${2:-}; shift ;;
+        *) echo "gpu_suite.sh: unknown argument $1" >&2; exit 2 ;;
     esac
+    shift
 done
+[[ $part == all || $part == step || $part == ops ]] || { echo "gpu_suite.sh: --part must be step or ops, got '$part'" >&2; exit 2; }
 python=${PYTHON:-python3}
 failed=()
 
@@ -70,6 +77,7 @@ elif ! build 1; then
 fi
 $python -m vlfast || fail "import"
 
+if [[ $part != ops ]]; then
 step "CUDA tests"
 # On a CPU every cuda test skips: the step still proves collection and markers work. pytest-xdist,
 # when installed, spreads the tests (mostly Triton compiles, CPU-bound) over the cores;
@@ -79,6 +87,7 @@ $python -c "import xdist" 2>/dev/null && parallel=(-n "$(( $(nproc) < 12 ? $(npr
 $python -c "import pytest_timeout" 2>/dev/null && per_test_limit=(--timeout=180)
 $python -m pytest -q -m cuda -p no:cacheprovider -rfE --tb=short "${parallel[@]}" "${per_test_limit[@]}" tests \
     || fail "CUDA tests"
+fi
 
 step "benchmarks"
 name="$card-$(date -u +%F)"
@@ -103,18 +112,23 @@ run_bench() {  # run_bench FILE [OUTPUT SELECTION]: benchmarks/bench_FILE.py int
     [[ -s $json ]] && publish "$json"
 }
 run_bench ceilings
-run_bench train_step train_step_paired paired
-run_bench train_step train_step "not paired"
-step "profile of the training step (launch cost, GPU busy time, top operators)"
-# Printed here (a lease's suite.log holds it) and kept beside the results.
-profile_args=(--steps 2)
-[[ $dry_run == 1 ]] && profile_args=(--config tiny --steps 1)
-$python benchmarks/profile_train_step.py "${profile_args[@]}" 2>&1 | tee "$results/$name-profile.txt" || fail profile
-publish "$results/$name-profile.txt"
-step "per-op benchmarks"
-for bench in ema patch_gather contrastive dropout_add_layer_norm attention; do
-    run_bench $bench
-done
+if [[ $part != ops ]]; then
+    # Single-path rows (samples/s, MFU, memory) not at 256 px: its paired row has the ratio.
+    run_bench train_step train_step_paired paired
+    run_bench train_step train_step "not paired and not 256"
+    step "profile of the training step (launch cost, GPU busy time, top operators)"
+    # Printed here (a lease's suite.log holds it) and kept beside the results.
+    profile_args=(--steps 2)
+    [[ $dry_run == 1 ]] && profile_args=(--config tiny --steps 1)
+    $python benchmarks/profile_train_step.py "${profile_args[@]}" 2>&1 | tee "$results/$name-profile.txt" || fail profile
+    publish "$results/$name-profile.txt"
+fi
+if [[ $part != step ]]; then
+    step "per-op benchmarks"
+    for bench in ema patch_gather contrastive dropout_add_layer_norm attention; do
+        run_bench $bench
+    done
+fi
 
 step "results"
 $python benchmarks/report.py "$results/$name"-*.json > "$results/$name.md" || fail report
