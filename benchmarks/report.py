@@ -8,12 +8,21 @@ which also holds the host's overhead. A training step's TFLOP/s over the matmul 
 over the wall-clock median.
 
     python benchmarks/report.py benchmarks/results/*.json > benchmarks/results/README.md
+    python benchmarks/report.py --headline benchmarks/results/*.json   # README's Benchmarks table
+    python benchmarks/report.py --readme README.md benchmarks/results/*.json  # ...written into README.md
+
+--headline prints one table: each op's default path against the code it replaces, forward +
+backward, from the newest run of each benchmark file on each device, the training step by its
+paired ratio.
 """
+import argparse
 import json
 import sys
 from pathlib import Path
 
 REFERENCES = ("albef_loop", "mae", "eager", "reference", "hugging_face")  # implementations the ops replace: the ratio's denominators
+DEFAULT_PATHS = ("vlfast", "fused")  # what vlfast runs by default: the headline's rows
+UNPAIRED_STEPS = ("bench_train_step",)  # its paired rows give the step's ratio
 SHOWN_EXTRA = ("reference/fused", "reference/fused_cuda_graph", "samples/s", "GB/s", "TFLOP/s", "MFU", "GPU_busy_ms", "peak_memory_MiB")
 
 
@@ -55,7 +64,8 @@ def roofline(row, all_rows):
     return ""
 
 
-def reference_median(row, all_rows):
+def reference_row(row, all_rows):
+    """The row of the same file, function and shape whose implementation is a reference, or None."""
     if "implementation" not in row["params"]:
         return None
     same_shape = {k: v for k, v in row["params"].items() if k != "implementation"}
@@ -63,8 +73,45 @@ def reference_median(row, all_rows):
         if (other["file"] == row["file"] and other["function"] == row["function"] and other["gpu"] == row["gpu"]
                 and other["params"].get("implementation") in REFERENCES
                 and {k: v for k, v in other["params"].items() if k != "implementation"} == same_shape):
-            return other["median"]
+            return other
     return None
+
+
+def reference_median(row, all_rows):
+    reference = reference_row(row, all_rows)
+    return reference["median"] if reference else None
+
+
+def headline(all_rows) -> str:
+    newest = {}  # (device, benchmark file) -> the date of its newest run
+    for row in all_rows:
+        key = (row["device"], row["bench_file"])
+        newest[key] = max(newest.get(key, ""), run_of(row)[-10:])
+    lines = ["| device | benchmark | parameters | vlfast | reference | speed-up | run | rerun with |",
+             "|---|---|---|---|---|---|---|---|"]
+    for gpu in (True, False):
+        for row in all_rows:
+            if (row["gpu"] != gpu or run_of(row)[-10:] != newest[(row["device"], row["bench_file"])]
+                    or row["params"].get("passes", "forward_backward") != "forward_backward"):
+                continue
+            params = {k: v for k, v in row["params"].items() if k not in ("implementation", "passes")}
+            implementation = row["params"].get("implementation")
+            paired = [(k, v) for k, v in row["extra"].items() if k.startswith("reference/")]
+            if paired:  # the training step: both paths in each round, the ratio to quote
+                (name, ratio), = paired
+                vlfast, reference, speedup = f"{name.split('/')[1]} step", "reference step", f"{ratio:.2f}× (paired)"
+            elif implementation in DEFAULT_PATHS and row["function"] not in UNPAIRED_STEPS:
+                other = reference_row(row, all_rows)
+                if other is None:
+                    continue
+                vlfast = f"{row['median'] * 1e3:.3f} ms"
+                reference = f"{other['params']['implementation']} {other['median'] * 1e3:.3f} ms"
+                speedup = f"{other['median'] / row['median']:.2f}×"
+            else:
+                continue
+            lines.append(f"| {row['device']} | {row['function']} | {', '.join(f'{k}={v}' for k, v in params.items())} "
+                         f"| {vlfast} | {reference} | {speedup} | {run_of(row)} | `pytest {row['bench_file']} --benchmark-enable` |")
+    return "\n".join(lines)
 
 
 def table(selected, all_rows):
@@ -82,8 +129,26 @@ def table(selected, all_rows):
     return "\n".join(lines)
 
 
-def main(paths):
+HEADLINE_START, HEADLINE_END = "<!-- headline: start -->\n", "\n<!-- headline: end -->"
+
+
+def write_headline(readme: Path, table: str) -> None:
+    """Replace the table between README's headline markers."""
+    text = readme.read_text()
+    if HEADLINE_START not in text or HEADLINE_END not in text:
+        sys.exit(f"{readme} has no {HEADLINE_START.strip()} ... {HEADLINE_END.strip()} block")
+    before, rest = text.split(HEADLINE_START, 1)
+    readme.write_text(before + HEADLINE_START + table + HEADLINE_END + rest.split(HEADLINE_END, 1)[1])
+
+
+def main(paths, headline_only=False, readme=None):
     all_rows = [row for path in sorted(paths) for row in rows(path)]
+    if readme:
+        write_headline(Path(readme), headline(all_rows))
+        return
+    if headline_only:
+        print(headline(all_rows))
+        return
     print("# Benchmark results\n")
     print(f"Generated by `python benchmarks/report.py` from {', '.join(sorted(Path(p).name for p in paths))}.\n")
     for title, gpu in (("GPU", True), ("CPU", False)):
@@ -94,6 +159,9 @@ def main(paths):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
-        sys.exit("usage: python benchmarks/report.py RESULTS.json [...]")
-    main(sys.argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--headline", action="store_true", help="print the headline table only")
+    parser.add_argument("--readme", help="write the headline table into this file, between its markers")
+    parser.add_argument("files", nargs="+", metavar="RESULTS.json")
+    args = parser.parse_args()
+    main(args.files, args.headline, args.readme)

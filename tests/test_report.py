@@ -21,8 +21,29 @@ def test_results_table_is_generated_from_the_committed_results():
     assert "| cpu: " in generated and "× |" in generated
 
 
-def bench(name, median, params, extra, device="cuda"):
-    return {"fullname": f"benchmarks/bench_x.py::{name}", "name": f"{name}[...]", "stats": {"median": median},
+def test_readme_headline_is_generated_from_the_committed_results():
+    files = sorted(str(p) for p in RESULTS.glob("*.json"))
+    generated = subprocess.run([sys.executable, "benchmarks/report.py", "--headline", *files], cwd=RESULTS.parents[1],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    readme = (RESULTS.parents[1] / "README.md").read_text()
+    assert readme.split("<!-- headline: start -->\n")[1].split("\n<!-- headline: end -->")[0] == generated
+    assert "| cpu: " in generated and "(paired)" in generated
+
+
+def test_readme_option_rewrites_only_the_headline_block(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- headline: start -->\nold table\n<!-- headline: end -->\nrest\n")
+    (tmp_path / "Card-2026-01-01-op.json").write_text(json.dumps({"benchmarks": [
+        bench("bench_op", 1e-3, {"implementation": "vlfast"}, {}), bench("bench_op", 2e-3, {"implementation": "reference"}, {})]}))
+    subprocess.run([sys.executable, str(RESULTS.parent / "report.py"), "--readme", str(readme),
+                    str(tmp_path / "Card-2026-01-01-op.json")], check=True)
+    text = readme.read_text()
+    assert text.startswith("intro\n<!-- headline: start -->\n| device |") and text.endswith("\n<!-- headline: end -->\nrest\n")
+    assert "2.00×" in text and "old table" not in text
+
+
+def bench(name, median, params, extra, device="cuda", file="bench_x.py"):
+    return {"fullname": f"benchmarks/{file}::{name}", "name": f"{name}[...]", "stats": {"median": median},
             "params": {**params, "device": device}, "extra_info": {**extra, "card": "Card"}}
 
 
@@ -47,6 +68,28 @@ def test_gpu_rows_get_the_roofline_of_their_own_run(tmp_path):
     assert not any("GB/s 2000.0" in row and "roofline" in row for row in rows)  # another run: no ceiling measured
     assert not any("GB/s 10.0" in row and "roofline" in row for row in rows)  # CPU rows have none
     assert not any("bench_copy_bandwidth" in row and "roofline" in row for row in rows)
+
+
+def test_headline_shows_the_newest_run_of_each_file_forward_backward_and_the_paired_step(tmp_path):
+    write = lambda name, benchmarks: (tmp_path / name).write_text(json.dumps({"benchmarks": benchmarks}))
+    op = lambda implementation, median, passes: bench("bench_op", median, {"implementation": implementation,
+                                                                          "passes": passes}, {})
+    write("Card-2026-01-01-op.json", [op("vlfast", 1e-3, "forward_backward"), op("reference", 9e-3, "forward_backward")])
+    write("Card-2026-02-02-op.json", [op("vlfast", 1e-3, "forward_backward"), op("reference", 3e-3, "forward_backward"),
+                                      op("vlfast", 1e-3, "forward"), op("reference", 5e-3, "forward")])
+    step = lambda name, median, implementation, extra: bench(name, median, {"implementation": implementation}, extra,
+                                                             file="bench_step.py")
+    write("Card-2026-01-01-step.json", [step("bench_train_step", 0.1, "fused", {}),
+                                        step("bench_train_step", 0.2, "reference", {}),
+                                        step("bench_train_step_paired", 0.3, "fused", {"reference/fused": 1.5})])
+    table = subprocess.run([sys.executable, str(RESULTS.parent / "report.py"), "--headline",
+                            *sorted(map(str, tmp_path.glob("*.json")))], capture_output=True, text=True, check=True).stdout
+    rows = [line for line in table.splitlines() if line.startswith("| Card")]
+    assert len(rows) == 2, table  # the op's newest forward + backward row, the step's paired row
+    op_row, = [row for row in rows if "bench_op" in row]
+    assert "3.00×" in op_row and "Card-2026-02-02" in op_row and "reference 3.000 ms" in op_row
+    step_row, = [row for row in rows if "bench_train_step" in row]
+    assert "bench_train_step_paired" in step_row and "1.50× (paired)" in step_row
 
 
 def test_busy_seconds_counts_the_device_time_of_each_call(monkeypatch):
