@@ -77,12 +77,9 @@ def reference_row(row, all_rows):
     return None
 
 
-def reference_median(row, all_rows):
-    reference = reference_row(row, all_rows)
-    return reference["median"] if reference else None
-
-
 def headline(all_rows) -> str:
+    """README's table (module docstring): a row per op and shape of vlfast's default path, from
+    the newest run of each benchmark file on each device."""
     newest = {}  # (device, benchmark file) -> the date of its newest run
     for row in all_rows:
         key = (row["device"], row["bench_file"])
@@ -118,8 +115,8 @@ def table(selected, all_rows):
     lines = ["| device | benchmark | parameters | median | measured | vs reference | rerun with |",
              "|---|---|---|---|---|---|---|"]
     for row in selected:
-        reference = reference_median(row, all_rows)
-        speedup = f"{reference / row['median']:.2f}×" if reference else ""
+        reference = reference_row(row, all_rows)
+        speedup = f"{reference['median'] / row['median']:.2f}×" if reference else ""
         measured = ", ".join([f"{k} {row['extra'][k]}" for k in SHOWN_EXTRA if k in row["extra"]]
                              + [fraction for fraction in [roofline(row, all_rows)] if fraction])
         params = ", ".join(f"{k}={v}" for k, v in row["params"].items())
