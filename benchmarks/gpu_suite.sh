@@ -77,16 +77,15 @@ elif ! build 1; then
 fi
 $python -m vlfast || fail "import"
 
-if [[ $part != ops ]]; then
-step "CUDA tests"
-# On a CPU every cuda test skips: the step still proves collection and markers work. pytest-xdist,
-# when installed, spreads the tests (mostly Triton compiles, CPU-bound) over the cores;
-# pytest-timeout, when installed, ends a hung test or benchmark so the rest still run.
+# pytest-xdist, when installed, spreads the CUDA tests (mostly Triton compiles, CPU-bound) over
+# the cores; pytest-timeout, when installed, ends a hung test or benchmark so the rest still run.
 parallel=() per_test_limit=()
 $python -c "import xdist" 2>/dev/null && parallel=(-n "$(( $(nproc) < 12 ? $(nproc) : 12 ))")
 $python -c "import pytest_timeout" 2>/dev/null && per_test_limit=(--timeout=180)
-$python -m pytest -q -m cuda -p no:cacheprovider -rfE --tb=short "${parallel[@]}" "${per_test_limit[@]}" tests \
-    || fail "CUDA tests"
+if [[ $part != ops ]]; then
+    step "CUDA tests"  # on a CPU every cuda test skips: the step still proves collection and markers work
+    $python -m pytest -q -m cuda -p no:cacheprovider -rfE --tb=short "${parallel[@]}" "${per_test_limit[@]}" tests \
+        || fail "CUDA tests"
 fi
 
 step "benchmarks"
