@@ -95,7 +95,6 @@ def test_objectives_are_switchable_and_checked():
         Mamo(config, mask_token_id=4, special_ids=[0])
 
 
-
 @pytest.mark.parametrize("masking_op", [random_masking, random_masking_reference])
 @pytest.mark.parametrize("patches, ratio", [(7, 0.5), (16, 0.75), (13, 0.1), (1, 0.0)])
 def test_masked_patch_rows_are_boolean_indexing_without_its_sync(masking_op, patches, ratio):

@@ -46,6 +46,14 @@ def comparable_weights(checkpoint):
     return weights
 
 
+def assert_same_weights(got_checkpoint, want_checkpoint):
+    """Tight enough to see a learning rate frozen at a recorded step (1e-4 per step in TINY)."""
+    got, want = comparable_weights(got_checkpoint), comparable_weights(want_checkpoint)
+    assert got.keys() == want.keys()
+    for name, value in got.items():
+        torch.testing.assert_close(value, want[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_a_stopped_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert run("--out", str(straight), *TINY, "data.num_workers=0").returncode == 0  # loader workers change nothing
@@ -125,11 +133,7 @@ def test_cuda_graph_run_resumes_exactly_and_follows_the_eager_run(tmp_path):
             assert want[step][name] == pytest.approx(value, rel=1e-3, abs=1e-4), (step, name)
     # The eager run's AdamW reads a float learning rate, the graphed run's a GPU tensor: the
     # same step up to rounding, which the key biases would amplify.
-    eager_weights, graph_weights = comparable_weights(eager / "last.pt"), comparable_weights(graph / "last.pt")
-    assert graph_weights.keys() == eager_weights.keys()
-    for name, value in graph_weights.items():
-        # tight enough to see a learning rate frozen at the recorded step (1e-4 per step here)
-        torch.testing.assert_close(value, eager_weights[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_weights(graph / "last.pt", eager / "last.pt")
 
 
 def test_bad_config_stops_before_training(tmp_path):
@@ -149,10 +153,7 @@ def test_two_processes_equal_one_on_the_same_global_batch(tmp_path):
     want, got = losses(tmp_path / "one"), losses(tmp_path / "two")
     for step in range(3):
         assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5), step
-    weights_one, weights_two = comparable_weights(tmp_path / "one" / "last.pt"), comparable_weights(tmp_path / "two" / "last.pt")
-    assert weights_two.keys() == weights_one.keys()
-    for name, value in weights_one.items():
-        torch.testing.assert_close(weights_two[name], value, rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_weights(tmp_path / "two" / "last.pt", tmp_path / "one" / "last.pt")
 
 
 def test_karpathy_data_and_pretrained_timm_and_hf_weights(tmp_path):

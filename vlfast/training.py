@@ -193,8 +193,9 @@ class CudaGraphStep:
     ``torch.Generator`` it draws from besides the default one goes in ``generators`` (each replay
     draws new numbers). Host-side state that ``step`` changes (MomentumModel's update count)
     changes in the eager and recording calls only, so numbers read from it stay at their recorded
-    values (an EMA decay with MomentumModel's warmup_power: record a constant decay, as Mamo's). The object holds ``step`` and the input
-    tensors, whose memory the graph reads and writes, for as long as it lives.
+    values (an EMA decay with MomentumModel's warmup_power: record a constant decay, as Mamo's).
+    The object holds ``step`` and the input tensors, whose memory the graph reads and writes, for
+    as long as it lives.
     """
 
     def __init__(self, step: Callable[..., Optional[dict]], generators: Sequence[torch.Generator] = (),
