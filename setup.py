@@ -31,7 +31,7 @@ def build_cuda() -> bool:
 
 
 def extension():
-    sources = ["csrc/vlfast.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     # at::parallel_for is an OpenMP pragma in ATen's headers: without -fopenmp it runs serially.
     compile_args = {"cxx": ["-O3", "-fopenmp"]}
     link_args = ["-fopenmp"]

@@ -17,7 +17,7 @@ TORCH_LIBRARY(vlfast, m) {
   // out[b, n] = (rows[b, j] if j < L else fill) + pos_embed[b or 0, n], j = ids_restore[b, n]:
   // the patches back at their positions, fill (zeros if None) at the masked ones.
   m.def("unmask_rows(Tensor rows, Tensor ids_restore, Tensor? fill, Tensor? pos_embed) -> Tensor");
-  // (LayerNorm(dropout(x, p) + residual), row mean, row 1/std) over (rows, D); the mask comes from
+  // (LayerNorm(dropout(x, p) + residual), row mean, row 1/std) over the rows of (..., D); the mask comes from
   // Philox at element index under seed, so the backward regenerates it. CUDA: a Triton kernel.
   m.def("dropout_add_layer_norm(Tensor x, Tensor residual, Tensor weight, Tensor bias, float p, float eps, "
         "Tensor seed) -> (Tensor, Tensor, Tensor)");

@@ -13,9 +13,9 @@ from vlfast.ops import dropout_add_layer_norm, dropout_add_layer_norm_reference
 from vlfast.ops.dropout_add_layer_norm import _draw_seed, triton, triton_backward, triton_forward
 
 needs_extension = pytest.mark.skipif(_extension.LOAD_ERROR is not None, reason="vlfast._C not built")
-# (rows, D): one element, D below a block of 32 elements, odd sizes (rows start mid-block),
-# BERT-base's width.
-SHAPES = [(1, 1), (3, 5), (7, 33), (5, 768)]
+# (..., D): one element, D below a block of 32 elements, odd sizes (rows start mid-block),
+# BERT-base's width, a (B, L, D) batch as the models pass it.
+SHAPES = [(1, 1), (3, 5), (7, 33), (5, 768), (2, 7, 33)]
 # (x, residual): one dtype, and autocast's bf16 dense output onto an fp32 residual stream.
 DTYPE_PAIRS = [(torch.float64, torch.float64), (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                (torch.float16, torch.float16), (torch.bfloat16, torch.float32)]
@@ -87,6 +87,7 @@ def test_kernel_equals_layer_norm_of_the_philox_mask(device, x_dtype, residual_d
     out, mean, rstd = torch.ops.vlfast.dropout_add_layer_norm(x, residual, weight, bias, p, 1e-5,
                                                               torch.tensor([seed], device=device))
     assert out.dtype == residual_dtype and mean.dtype == rstd.dtype == (torch.float64 if x_dtype == torch.float64 else torch.float32)
+    assert out.shape == shape and mean.shape == rstd.shape == (x.numel() // shape[-1],)
     keep = keep_mask(shape, p, seed)
     leaves = [t.detach().double().requires_grad_() for t in (x, residual, weight, bias)]
     want = oracle(*leaves, p, 1e-5, keep)
@@ -179,7 +180,7 @@ def test_masks_keep_one_minus_p_at_every_block_position_and_differ_between_seeds
 @pytest.mark.skipif(triton is None, reason="Triton not installed")
 @pytest.mark.parametrize("x_dtype, residual_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float32),
                                                      (torch.float16, torch.float16), (torch.bfloat16, torch.float32)])
-@pytest.mark.parametrize("shape, p", [((7, 33), 0.1), ((37, 100), 0.5), ((5, 24), 0.0)])
+@pytest.mark.parametrize("shape, p", [((7, 33), 0.1), ((37, 100), 0.5), ((2, 5, 24), 0.0)])
 def test_triton_kernel_draws_the_cpu_mask_and_equals_it(x_dtype, residual_dtype, shape, p):
     """The GPU kernel, run by the Triton interpreter (TRITON_INTERPRET=1 from conftest without a GPU)."""
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
@@ -226,6 +227,18 @@ def test_gradcheck_and_opcheck():
     for args in [(x, residual, weight, bias, 0.3, 1e-5, seed), (x.float(), residual.float(), weight.float(), bias.float(), 0.0, 1e-12, seed),
                  (x.bfloat16(), residual.float(), weight.float(), bias.float(), 0.5, 1e-5, seed)]:
         torch.library.opcheck(torch.ops.vlfast.dropout_add_layer_norm.default, args)
+
+
+@needs_extension
+def test_a_second_derivative_raises_when_taken():
+    """create_graph=True works (the gradients' graph is recorded); differentiating through the
+    backward kernel raises."""
+    x, residual, weight, bias = make_inputs((3, 8), torch.float32, torch.float32, "cpu")
+    out = torch.ops.vlfast.dropout_add_layer_norm(x, residual, weight, bias, 0.1, 1e-5, torch.tensor([5]))[0]
+    grad_x, _ = torch.autograd.grad((out * out).sum(), (x, residual), create_graph=True)
+    assert grad_x.requires_grad
+    with pytest.raises(NotImplementedError, match="dropout_add_layer_norm has no second derivative"):
+        grad_x.sum().backward()
 
 
 def bad_cases():

@@ -53,33 +53,47 @@ void philox_scalar(uint64_t first_block, int64_t blocks, uint64_t key, uint32_t*
 #if defined(__GNUC__) && defined(__x86_64__)
 // The same rounds, a block's eight counters in one AVX2 register. _mm256_mul_epu32 multiplies the
 // even 32-bit lanes into 64-bit products, so the odd lanes are shifted down for a second multiply
-// and the halves blended back into (high words, low words).
-__attribute__((target("avx2"))) void philox_avx2(uint64_t first_block, int64_t blocks, uint64_t key, uint32_t* words) {
+// and the halves blended back into (high words, low words). Two blocks go through the rounds
+// side by side: one block's rounds are a chain of dependent multiplies that leaves the core idle.
+__attribute__((target("avx2"))) inline void philox_round(__m256i& c0, __m256i& c1, __m256i& c2, __m256i& c3,
+                                                         __m256i k0, __m256i k1) {
   const __m256i round_a = _mm256_set1_epi32(static_cast<int>(kRoundA)), round_b = _mm256_set1_epi32(static_cast<int>(kRoundB));
+  const __m256i a_even = _mm256_mul_epu32(round_a, c0), a_odd = _mm256_mul_epu32(round_a, _mm256_srli_epi64(c0, 32));
+  const __m256i b_even = _mm256_mul_epu32(round_b, c2), b_odd = _mm256_mul_epu32(round_b, _mm256_srli_epi64(c2, 32));
+  const __m256i a_hi = _mm256_blend_epi32(_mm256_srli_epi64(a_even, 32), a_odd, 0xAA);
+  const __m256i b_hi = _mm256_blend_epi32(_mm256_srli_epi64(b_even, 32), b_odd, 0xAA);
+  c0 = _mm256_xor_si256(_mm256_xor_si256(b_hi, c1), k0);
+  c2 = _mm256_xor_si256(_mm256_xor_si256(a_hi, c3), k1);
+  c1 = _mm256_blend_epi32(b_even, _mm256_slli_epi64(b_odd, 32), 0xAA);
+  c3 = _mm256_blend_epi32(a_even, _mm256_slli_epi64(a_odd, 32), 0xAA);
+}
+
+__attribute__((target("avx2"))) void philox_avx2(uint64_t first_block, int64_t blocks, uint64_t key, uint32_t* words) {
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  for (int64_t i = 0; i < blocks; ++i) {
-    const uint64_t counter = 8 * (first_block + i);  // a multiple of 8: the lanes share its high word
-    __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(counter))), lane);
-    __m256i c1 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(counter >> 32)));
-    __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
+  for (int64_t i = 0; i < blocks; i += 2) {
+    const int64_t pair = std::min<int64_t>(2, blocks - i);  // the last block may go alone
+    __m256i c0[2], c1[2], c2[2], c3[2];
+    for (int j = 0; j < 2; ++j) {
+      const uint64_t counter = 8 * (first_block + i + j);  // a multiple of 8: the lanes share its high word
+      c0[j] = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(counter))), lane);
+      c1[j] = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(counter >> 32)));
+      c2[j] = c3[j] = _mm256_setzero_si256();
+    }
     uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
     for (int round = 0; round < 10; ++round) {
-      const __m256i a_even = _mm256_mul_epu32(round_a, c0), a_odd = _mm256_mul_epu32(round_a, _mm256_srli_epi64(c0, 32));
-      const __m256i b_even = _mm256_mul_epu32(round_b, c2), b_odd = _mm256_mul_epu32(round_b, _mm256_srli_epi64(c2, 32));
-      const __m256i a_hi = _mm256_blend_epi32(_mm256_srli_epi64(a_even, 32), a_odd, 0xAA);
-      const __m256i b_hi = _mm256_blend_epi32(_mm256_srli_epi64(b_even, 32), b_odd, 0xAA);
-      c0 = _mm256_xor_si256(_mm256_xor_si256(b_hi, c1), _mm256_set1_epi32(static_cast<int>(k0)));
-      c2 = _mm256_xor_si256(_mm256_xor_si256(a_hi, c3), _mm256_set1_epi32(static_cast<int>(k1)));
-      c1 = _mm256_blend_epi32(b_even, _mm256_slli_epi64(b_odd, 32), 0xAA);
-      c3 = _mm256_blend_epi32(a_even, _mm256_slli_epi64(a_odd, 32), 0xAA);
+      const __m256i key0 = _mm256_set1_epi32(static_cast<int>(k0)), key1 = _mm256_set1_epi32(static_cast<int>(k1));
+      philox_round(c0[0], c1[0], c2[0], c3[0], key0, key1);
+      philox_round(c0[1], c1[1], c2[1], c3[1], key0, key1);
       k0 += kKeyA;
       k1 += kKeyB;
     }
-    __m256i* block = reinterpret_cast<__m256i*>(words + 32 * i);
-    _mm256_storeu_si256(block, c0);
-    _mm256_storeu_si256(block + 1, c1);
-    _mm256_storeu_si256(block + 2, c2);
-    _mm256_storeu_si256(block + 3, c3);
+    for (int j = 0; j < pair; ++j) {
+      __m256i* block = reinterpret_cast<__m256i*>(words + 32 * (i + j));
+      _mm256_storeu_si256(block, c0[j]);
+      _mm256_storeu_si256(block + 1, c1[j]);
+      _mm256_storeu_si256(block + 2, c2[j]);
+      _mm256_storeu_si256(block + 3, c3[j]);
+    }
   }
 }
 #endif
@@ -111,28 +125,15 @@ struct DropoutMask {
     words.resize(32 * blocks);
     philox4x32_10(first_block, blocks, seed, words.data());
     const uint32_t* __restrict w = words.data() + (first & 31);
-    for (int64_t i = 0; i < count; ++i) factor[i] = (w[i] >> 1) >= threshold ? scale : A(0);
+    const int32_t keep_from = static_cast<int32_t>(threshold);  // (word >> 1) < 2³¹: a signed compare, which SSE2 has
+#pragma omp simd
+    for (int64_t i = 0; i < count; ++i) factor[i] = static_cast<int32_t>(w[i] >> 1) >= keep_from ? scale : A(0);
   }
 };
 
-// Sums with eight independent partial sums, which the compiler vectorises (one running sum
-// cannot be: float addition does not reassociate).
-template <typename A, typename F>
-A lane_sum(int64_t count, F term) {
-  constexpr int kLanes = 8;
-  A lanes[kLanes] = {};
-  int64_t d = 0;
-  for (; d + kLanes <= count; d += kLanes) {
-    for (int j = 0; j < kLanes; ++j) lanes[j] += term(d + j);
-  }
-  for (; d < count; ++d) lanes[0] += term(d);
-  A total = 0;
-  for (int j = 0; j < kLanes; ++j) total += lanes[j];
-  return total;
-}
-
 void check_rows(const at::Tensor& x, const at::Tensor& residual, double p, const at::Tensor& seed) {
-  TORCH_CHECK_VALUE(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous (rows, D) tensor, got ", x.sizes());
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) > 0 && x.is_contiguous(), "x must be a contiguous (..., D) tensor, D >= 1, got ",
+                    x.sizes());
   TORCH_CHECK_VALUE(residual.sizes() == x.sizes() && residual.is_contiguous(),
                     "residual must be a contiguous tensor of x's shape ", x.sizes(), ", got ", residual.sizes());
   TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0, "p must be in [0, 1], got ", p);
@@ -142,8 +143,8 @@ void check_rows(const at::Tensor& x, const at::Tensor& residual, double p, const
 
 // weight or bias: (D,), contiguous, in residual's dtype.
 void check_affine(const at::Tensor& t, const char* name, const at::Tensor& residual) {
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == residual.size(1) && t.is_contiguous(), name,
-                    " must be a contiguous (", residual.size(1), ",) tensor, got ", t.sizes());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == residual.size(-1) && t.is_contiguous(), name,
+                    " must be a contiguous (", residual.size(-1), ",) tensor, got ", t.sizes());
   TORCH_CHECK_TYPE(t.scalar_type() == residual.scalar_type(), name, " must have residual's dtype ",
                    residual.scalar_type(), ", got ", t.scalar_type());
 }
@@ -151,6 +152,74 @@ void check_affine(const at::Tensor& t, const char* name, const at::Tensor& resid
 template <typename A>
 A dropout_scale(double p) {
   return p < 1.0 ? static_cast<A>(1.0 / (1.0 - p)) : A(0);
+}
+
+// GCC builds the row functions twice, for AVX2 + FMA and for the baseline, and picks one at load
+// time: a wheel cannot assume AVX2, and SSE2 alone left these loops about 1.3x slower.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define VLFAST_ROW_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define VLFAST_ROW_CLONES
+#endif
+
+// A row's sum in kLanes partial sums, which the compiler keeps in vector registers: one running
+// sum, even vectorised, makes every add wait for the last (float addition does not reassociate).
+template <typename A, typename F>
+inline A row_sum(int64_t dim, F term) {
+  constexpr int64_t kLanes = 16;
+  A lanes[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= dim; d += kLanes) {
+#pragma omp simd
+    for (int64_t j = 0; j < kLanes; ++j) lanes[j] += term(d + j);
+  }
+  A total = 0;
+  for (; d < dim; ++d) total += term(d);
+  for (int64_t j = 0; j < kLanes; ++j) total += lanes[j];
+  return total;
+}
+
+// The row functions recompute h = x·factor + residual in every pass instead of storing it: a
+// scratch row at an arbitrary address made some processes 2-4x slower (loads that alias a
+// pending store modulo 4 KiB wait for it), and the recomputation is one multiply-add.
+
+// One row: out = LayerNorm(h); returns (mean, 1/std).
+template <typename X, typename R, typename A>
+VLFAST_ROW_CLONES std::pair<A, A> forward_row(int64_t dim, const X* __restrict x, const R* __restrict residual,
+                                              const A* __restrict factor, const R* __restrict w,
+                                              const R* __restrict b, A eps, R* __restrict out) {
+  auto h = [&](int64_t d) { return static_cast<A>(x[d]) * factor[d] + static_cast<A>(residual[d]); };
+  const A mu = row_sum<A>(dim, h) / dim;
+  // A second pass: no cancellation, unlike E[h²] - mu².
+  const A var = row_sum<A>(dim, [&](int64_t d) { return (h(d) - mu) * (h(d) - mu); }) / dim;
+  const A inv = A(1) / std::sqrt(var + eps);
+#pragma omp simd
+  for (int64_t d = 0; d < dim; ++d) out[d] = static_cast<R>((h(d) - mu) * inv * static_cast<A>(w[d]) + static_cast<A>(b[d]));
+  return {mu, inv};
+}
+
+// One row of the backward: grad x and grad residual, and the row's terms added to its chunk's
+// weight and bias gradients.
+template <typename X, typename R, typename A>
+VLFAST_ROW_CLONES void backward_row(int64_t dim, const X* __restrict x, const R* __restrict residual,
+                                    const R* __restrict dy, const A* __restrict factor, const R* __restrict w, A mu,
+                                    A inv, A* __restrict gw_part, A* __restrict gb_part, X* __restrict gx,
+                                    R* __restrict gres) {
+  auto xhat = [&](int64_t d) { return (static_cast<A>(x[d]) * factor[d] + static_cast<A>(residual[d]) - mu) * inv; };
+  auto g = [&](int64_t d) { return static_cast<A>(dy[d]) * static_cast<A>(w[d]); };  // dy · weight
+  const A mean_g = row_sum<A>(dim, g) / dim;
+  const A mean_g_xhat = row_sum<A>(dim, [&](int64_t d) { return g(d) * xhat(d); }) / dim;
+#pragma omp simd
+  for (int64_t d = 0; d < dim; ++d) {
+    const A dh = inv * (g(d) - mean_g - xhat(d) * mean_g_xhat);
+    gres[d] = static_cast<R>(dh);
+    gx[d] = static_cast<X>(dh * factor[d]);
+  }
+#pragma omp simd
+  for (int64_t d = 0; d < dim; ++d) {
+    gw_part[d] += static_cast<A>(dy[d]) * xhat(d);
+    gb_part[d] += static_cast<A>(dy[d]);
+  }
 }
 
 #define VLFAST_DISPATCH_X_R(X_DTYPE, R_DTYPE, ...)                                                      \
@@ -175,7 +244,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x, 
   check_affine(weight, "weight", residual);
   check_affine(bias, "bias", residual);
   TORCH_CHECK_VALUE(eps > 0.0, "eps must be positive, got ", eps);
-  const int64_t rows = x.size(0), dim = x.size(1);
+  const int64_t dim = x.size(-1), rows = x.numel() / dim;
   const DropoutMask mask(seed, p);
   at::Tensor out = at::empty_like(residual);
   at::Tensor mean = at::empty({rows}, x.options().dtype(stats_dtype(x, residual)));
@@ -187,20 +256,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x, 
     A *mean_data = mean.data_ptr<A>(), *rstd_data = rstd.data_ptr<A>();
     const A scale = dropout_scale<A>(p);
     at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(dim, 1)), [&](int64_t lo, int64_t hi) {
-      std::vector<A> factor(dim), h(dim);
+      std::vector<A> factor(dim);
       std::vector<uint32_t> words;
       for (int64_t r = lo; r < hi; ++r) {
         mask.fill(r * dim, dim, scale, factor.data(), words);
-        const X* xr = x_data + r * dim;
-        const R* rr = res_data + r * dim;
-        for (int64_t d = 0; d < dim; ++d) h[d] = static_cast<A>(xr[d]) * factor[d] + static_cast<A>(rr[d]);
-        const A mu = lane_sum<A>(dim, [&](int64_t d) { return h[d]; }) / dim;
-        const A var = lane_sum<A>(dim, [&](int64_t d) { return (h[d] - mu) * (h[d] - mu); }) / dim;
-        const A inv = A(1) / std::sqrt(var + static_cast<A>(eps));
-        R* o = out_data + r * dim;
-        for (int64_t d = 0; d < dim; ++d) {
-          o[d] = static_cast<R>((h[d] - mu) * inv * static_cast<A>(w[d]) + static_cast<A>(b[d]));
-        }
+        const auto [mu, inv] = forward_row(dim, x_data + r * dim, res_data + r * dim, factor.data(), w, b,
+                                           static_cast<A>(eps), out_data + r * dim);
         mean_data[r] = mu;
         rstd_data[r] = inv;
       }
@@ -217,7 +278,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   check_affine(weight, "weight", residual);
   TORCH_CHECK_VALUE(grad.sizes() == x.sizes() && grad.scalar_type() == residual.scalar_type() && grad.is_contiguous(),
                     "grad must be contiguous, of x's shape and residual's dtype");
-  const int64_t rows = x.size(0), dim = x.size(1);
+  const int64_t dim = x.size(-1), rows = x.numel() / dim;
   TORCH_CHECK_VALUE(mean.numel() == rows && rstd.numel() == rows && mean.scalar_type() == stats_dtype(x, residual) &&
                         rstd.scalar_type() == mean.scalar_type(),
                     "mean and rstd must be the forward's (rows,) statistics");
@@ -235,37 +296,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     A *gw_parts = grad_weight_parts.data_ptr<A>(), *gb_parts = grad_bias_parts.data_ptr<A>();
     const A scale = dropout_scale<A>(p);
     at::parallel_for(0, chunks, 1, [&](int64_t chunk_lo, int64_t chunk_hi) {
-      std::vector<A> factor_buffer(dim), xhat_buffer(dim), g_buffer(dim);
+      std::vector<A> factor(dim);
       std::vector<uint32_t> words;
-      A* __restrict factor = factor_buffer.data();
-      A* __restrict xhat = xhat_buffer.data();
-      A* __restrict g = g_buffer.data();  // dy · weight
       for (int64_t chunk = chunk_lo; chunk < chunk_hi; ++chunk) {
         A* __restrict gw_part = gw_parts + chunk * dim;
         A* __restrict gb_part = gb_parts + chunk * dim;
         for (int64_t r = chunk * kRowsPerChunk; r < std::min(rows, (chunk + 1) * kRowsPerChunk); ++r) {
-          mask.fill(r * dim, dim, scale, factor, words);
-          const X* __restrict xr = x_data + r * dim;
-          const R* __restrict rr = res_data + r * dim;
-          const R* __restrict dy = g_data + r * dim;
-          const A mu = mean_data[r], inv = rstd_data[r];
-          for (int64_t d = 0; d < dim; ++d) {
-            xhat[d] = (static_cast<A>(xr[d]) * factor[d] + static_cast<A>(rr[d]) - mu) * inv;
-          }
-          for (int64_t d = 0; d < dim; ++d) g[d] = static_cast<A>(dy[d]) * static_cast<A>(w[d]);
-          for (int64_t d = 0; d < dim; ++d) {
-            gw_part[d] += static_cast<A>(dy[d]) * xhat[d];
-            gb_part[d] += static_cast<A>(dy[d]);
-          }
-          const A mean_g = lane_sum<A>(dim, [&](int64_t d) { return g[d]; }) / dim;
-          const A mean_g_xhat = lane_sum<A>(dim, [&](int64_t d) { return g[d] * xhat[d]; }) / dim;
-          X* __restrict gx = gx_data + r * dim;
-          R* __restrict gres = gr_data + r * dim;
-          for (int64_t d = 0; d < dim; ++d) {
-            const A dh = inv * (g[d] - mean_g - xhat[d] * mean_g_xhat);
-            gres[d] = static_cast<R>(dh);
-            gx[d] = static_cast<X>(dh * factor[d]);
-          }
+          mask.fill(r * dim, dim, scale, factor.data(), words);
+          backward_row(dim, x_data + r * dim, res_data + r * dim, g_data + r * dim, factor.data(), w, mean_data[r],
+                       rstd_data[r], gw_part, gb_part, gx_data + r * dim, gr_data + r * dim);
         }
       }
     });

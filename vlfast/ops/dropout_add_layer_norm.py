@@ -54,7 +54,7 @@ def dropout_add_layer_norm(x: Tensor, residual: Tensor, weight: Tensor, bias: Te
     RuntimeError for what it does not take: fp64, rows wider than MAX_TRITON_WIDTH (16384), or
     a build without vlfast._C.
     """
-    dim = _check(x, residual, weight, bias, p, eps)
+    _check(x, residual, weight, bias, p, eps)
     p = float(p) if training else 0.0
     if x.device.type == "cuda":  # Triton only when asked for (module docstring)
         takes = triton is not None and has_kernel("dropout_add_layer_norm", "cuda") and _triton_takes(x, residual)
@@ -65,9 +65,9 @@ def dropout_add_layer_norm(x: Tensor, residual: Tensor, weight: Tensor, bias: Te
         return dropout_add_layer_norm_reference(x, residual, weight, bias, p, eps=eps, training=training)
     dtype = torch.promote_types(x.dtype, residual.dtype)
     out, _, _ = torch.ops.vlfast.dropout_add_layer_norm(
-        x.reshape(-1, dim).contiguous(), residual.to(dtype).reshape(-1, dim).contiguous(),
-        weight.to(dtype).contiguous(), bias.to(dtype).contiguous(), p, float(eps), _draw_seed(p, x.device))
-    return out.view(x.shape)
+        x.contiguous(), residual.to(dtype).contiguous(), weight.to(dtype).contiguous(), bias.to(dtype).contiguous(),
+        p, float(eps), _draw_seed(p, x.device))
+    return out
 
 
 def dropout_add_layer_norm_reference(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor, p: float, *,
@@ -91,7 +91,7 @@ def _draw_seed(p: float, device: torch.device) -> Tensor:
     return torch.randint(2 ** 62, (1,), device=device)
 
 
-def _check(x, residual, weight, bias, p, eps) -> int:
+def _check(x, residual, weight, bias, p, eps) -> None:
     for name, t in (("x", x), ("residual", residual), ("weight", weight), ("bias", bias)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
@@ -111,7 +111,6 @@ def _check(x, residual, weight, bias, p, eps) -> int:
         raise ValueError(f"p must be a float in [0, 1], got {p!r}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise ValueError(f"eps must be a positive float, got {eps!r}")
-    return dim
 
 
 def _accumulate_dtype(*tensors: Tensor) -> torch.dtype:
@@ -130,8 +129,8 @@ def _check_triton_inputs(x: Tensor, residual: Tensor, weight: Tensor, seed: Tens
     if not _triton_takes(x, residual):
         raise ValueError(f"the Triton kernel takes D <= {MAX_TRITON_WIDTH} and no fp64, got D={x.shape[-1]}, "
                          f"{x.dtype} and {residual.dtype}: call vlfast.ops.dropout_add_layer_norm")
-    if x.ndim != 2 or residual.shape != x.shape or weight.shape != x.shape[1:]:
-        raise ValueError(f"x and residual must be (rows, D) and weight (D,), got {tuple(x.shape)}, "
+    if x.ndim == 0 or residual.shape != x.shape or weight.shape != x.shape[-1:]:
+        raise ValueError(f"x and residual must be (..., D) and weight (D,), got {tuple(x.shape)}, "
                          f"{tuple(residual.shape)}, {tuple(weight.shape)}")
     if not (x.is_contiguous() and residual.is_contiguous() and weight.is_contiguous()):
         raise ValueError("x, residual and weight must be contiguous")
@@ -152,7 +151,8 @@ def triton_forward(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor, p:
     _check_triton_inputs(x, residual, weight, seed)
     if bias.shape != weight.shape or bias.dtype != weight.dtype or not bias.is_contiguous():
         raise ValueError("bias must be a contiguous tensor of weight's shape and dtype")
-    rows, dim = x.shape
+    dim = x.shape[-1]
+    rows = x.numel() // dim
     out = torch.empty_like(residual)
     mean = torch.empty(rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
@@ -165,7 +165,8 @@ def triton_forward(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor, p:
 def triton_backward(grad: Tensor, x: Tensor, residual: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
                     p: float, seed: Tensor):
     _check_triton_inputs(x, residual, weight, seed)
-    rows, dim = x.shape
+    dim = x.shape[-1]
+    rows = x.numel() // dim
     programs = 8 if os.environ.get("TRITON_INTERPRET") == "1" or x.device.type != "cuda" else \
         4 * torch.cuda.get_device_properties(x.device).multi_processor_count
     rows_per_program = max(1, triton.cdiv(rows, programs))
@@ -179,33 +180,17 @@ def triton_backward(grad: Tensor, x: Tensor, residual: Tensor, weight: Tensor, m
     return grad_x, grad_residual, grad_weight, grad_bias
 
 
-def _setup(ctx, inputs, output) -> None:
-    x, residual, weight, bias, p, eps, seed = inputs
-    _, mean, rstd = output
-    ctx.mark_non_differentiable(mean, rstd)
-    ctx.save_for_backward(x, residual, weight, mean, rstd, seed)
-    ctx.p = p
-
-
-def _backward(ctx, grad, _grad_mean, _grad_rstd):
-    x, residual, weight, mean, rstd, seed = ctx.saved_tensors
-    grads = torch.ops.vlfast.dropout_add_layer_norm_backward(grad.contiguous(), x, residual, weight, mean, rstd,
-                                                             ctx.p, seed)
-    return (*grads, None, None, None)
-
-
 if _extension.LOAD_ERROR is None:
 
     @torch.library.register_fake("vlfast::dropout_add_layer_norm")
     def _forward_fake(x, residual, weight, bias, p, eps, seed):
-        stats = x.new_empty(x.shape[0], dtype=_accumulate_dtype(x, residual))
+        stats = x.new_empty(x.numel() // x.shape[-1], dtype=_accumulate_dtype(x, residual))
         return torch.empty_like(residual), stats, torch.empty_like(stats)
 
     @torch.library.register_fake("vlfast::dropout_add_layer_norm_backward")
     def _backward_fake(grad, x, residual, weight, mean, rstd, p, seed):
         return torch.empty_like(x), torch.empty_like(residual), torch.empty_like(weight), torch.empty_like(weight)
 
-    torch.library.register_autograd("vlfast::dropout_add_layer_norm", _backward, setup_context=_setup)
     torch.library.register_autograd("vlfast::dropout_add_layer_norm_backward",
                                     no_double_backward("dropout_add_layer_norm"))
     if triton is not None:
