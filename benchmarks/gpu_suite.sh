@@ -13,8 +13,9 @@
 #                                              # build, so the Triton kernels are still measured)
 #   bash benchmarks/gpu_suite.sh --dry-run     # on a CPU: same steps, CPU-only build, tiny sizes,
 #                                              # results to a temporary folder (CI runs this)
-#   bash benchmarks/gpu_suite.sh --part step   # the CUDA tests, the ceilings, the training step and its
-#                                              # profile (about 8 minutes on an H200, estimated)
+#   bash benchmarks/gpu_suite.sh --part step   # the CUDA tests, the ceilings, the training step, its
+#                                              # profile and its per-op ablation (about 8 minutes on
+#                                              # an H200, estimated)
 #   bash benchmarks/gpu_suite.sh --part ops    # the ceilings and the per-op files (no tests): with
 #                                              # --part step, the whole suite in two calls of a lease
 set -uo pipefail
@@ -102,8 +103,8 @@ fi
 # One JSON per pytest run, each kept (and published) as soon as it is written (pytest-benchmark
 # writes at the end of a run), so a run cut short or a failed file still leaves the others.
 # Order by what a lease most needs: the ceilings (the MFU and roofline of every later row), the
-# training step's paired ratios (the target), its single-path rows (MFU, memory) and its profile,
-# then the per-op files.
+# training step's paired ratios (the target), its single-path rows (MFU, memory), its profile and
+# ablation, then the per-op files.
 run_bench() {  # run_bench FILE [OUTPUT SELECTION]: benchmarks/bench_FILE.py into $results/$name-OUTPUT.json
     local json="$results/$name-${2:-$1}.json" select="$selection${3:+ and ($3)}"
     $python -m pytest -q -p no:cacheprovider "benchmarks/bench_$1.py" --benchmark-enable "${timing[@]}" \
@@ -121,6 +122,11 @@ if [[ $part != ops ]]; then
     [[ $dry_run == 1 ]] && profile_args=(--config tiny --steps 1)
     $python benchmarks/profile_train_step.py "${profile_args[@]}" 2>&1 | tee "$results/$name-profile.txt" || fail profile
     publish "$results/$name-profile.txt"
+    step "each op on its reference inside the fused step (which op gives or costs what)"
+    ablate_args=(--ablate 4)
+    [[ $dry_run == 1 ]] && ablate_args=(--config tiny --ablate 1)
+    $python benchmarks/profile_train_step.py "${ablate_args[@]}" 2>&1 | tee "$results/$name-ablation.txt" || fail ablation
+    publish "$results/$name-ablation.txt"
 fi
 if [[ $part != step ]]; then
     step "per-op benchmarks"

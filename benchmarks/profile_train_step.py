@@ -2,6 +2,7 @@
 
     python benchmarks/profile_train_step.py                      # CUDA: ViT-B/16 + BERT-base, b64
     python benchmarks/profile_train_step.py --config tiny --steps 2
+    python benchmarks/profile_train_step.py --config tiny --ablate 16
 
 Prints what host work costs on this machine: one launch from Python (an in-place add on one
 element; on CUDA also a one-element Triton kernel), the forward and backward of x·2 with torch's
@@ -14,10 +15,14 @@ on CUDA, the kernels with the most GPU time and the places where the step makes 
 for the GPU. A step whose wall time is far over its GPU busy time is bound by launches and
 Python, and only fewer launches or less host work make it faster. The step is
 bench_train_step.py's (same model, batch and seeds).
+--ablate N instead times, for each op, the fused step with that op alone on its reference
+(VLFAST_REFERENCE_OPS) against the fused step: N rounds of one each, the median ratio. Above 1,
+the fused op makes the step faster by that factor; below 1, slower.
 """
 import argparse
 import collections
 import os
+import statistics
 import sys
 import time
 import warnings
@@ -29,6 +34,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from bench_train_step import BACKENDS, CONFIGS, build_step, implementations  # noqa: E402
 from timing import device_events, device_seconds  # noqa: E402
+from vlfast._extension import KERNELS  # noqa: E402
 from vlfast.ops import dropout_add_layer_norm  # noqa: E402
 
 try:
@@ -126,6 +132,28 @@ def profile_step(config, device, implementation, steps):
               + "".join(f"\n  {count} at {where}" for where, count in syncs.most_common(10)))
 
 
+def ablation(config, device, rounds):
+    """One model, its step run with and without VLFAST_REFERENCE_OPS=op in turn (which goes first
+    alternates), after two warm-up rounds; the per-round ratios' median for each op."""
+    os.environ["VLFAST_BACKEND"] = "auto"
+    step, _ = build_step(config, device)
+    print(f"\n## {config} ({device}): the step with one op on its reference / the fused step, median of {rounds} rounds")
+    for op in KERNELS:
+        ratios = []
+        for round_ in range(rounds + 2):
+            seconds = {}
+            for reference in ((False, True) if round_ % 2 else (True, False)):
+                os.environ["VLFAST_REFERENCE_OPS"] = op if reference else ""
+                start = time.perf_counter()
+                step()
+                synchronize(device)
+                seconds[reference] = time.perf_counter() - start
+            if round_ >= 2:
+                ratios.append(seconds[True] / seconds[False])
+        print(f"{op}: {statistics.median(ratios):.3f}", flush=True)
+    del os.environ["VLFAST_REFERENCE_OPS"]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", choices=CONFIGS, default=None,
@@ -133,6 +161,8 @@ def main():
     parser.add_argument("--ops", choices=[*BACKENDS, "all"], default="all",
                         help="all: fused, reference and, on CUDA, fused_cuda_graph")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--ablate", type=int, default=0, metavar="ROUNDS",
+                        help="time each op on its reference inside the fused step instead (module docstring)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = args.config or ("vit_b16_bert_base_224_b64" if device == "cuda" else "tiny")
@@ -141,6 +171,8 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           + (torch.cuda.get_device_name() if device == "cuda" else "CPU only")
           + "".join(f", {k}={v}" for k, v in os.environ.items() if k.startswith(("CUDA_LAUNCH", "TORCH_", "PYTORCH_"))))
+    if args.ablate:
+        return ablation(config, device, args.ablate)
     host_costs(device)
     if args.ops not in ("all", *implementations(device)):
         parser.error(f"--ops {args.ops} needs CUDA")

@@ -56,6 +56,6 @@ def timed(benchmark, device: str, step, bytes_moved: int = 0, warmup: int = 1, b
     if device == "cuda":
         benchmark.extra_info["peak_memory_MiB"] = round(torch.cuda.max_memory_allocated() / 2**20)
         benchmark.extra_info["card"] = torch.cuda.get_device_name()
-        if benchmark.stats and busy:  # about half a second of calls, at least one
-            calls = max(1, min(50, int(0.5 / benchmark.stats.stats.median)))
+        if benchmark.stats and busy:  # about a fifth of a second of calls, at least one
+            calls = max(1, min(50, int(0.2 / benchmark.stats.stats.median)))
             benchmark.extra_info["GPU_busy_ms"] = round(busy_seconds(step, device, calls) * 1e3, 4)

@@ -307,10 +307,23 @@ def test_backend_switch(monkeypatch):
     monkeypatch.setenv("VLFAST_BACKEND", "reference")
     assert not _extension.use_fused("ema_update_", "cpu")
     monkeypatch.setenv("VLFAST_BACKEND", "fused")
+    monkeypatch.setitem(_extension.KERNELS, "no_such_op", "no_such_kernel")
     with pytest.raises(RuntimeError, match="no cpu kernel for no_such_op.*python setup.py build_ext --inplace"):
         _extension.use_fused("no_such_op", "cpu")
     monkeypatch.setenv("VLFAST_BACKEND", "fast")
     with pytest.raises(ValueError, match="VLFAST_BACKEND must be auto, fused or reference, got 'fast'"):
+        ema_update_([torch.zeros(1)], [torch.ones(1)], 0.5)
+
+
+def test_reference_ops_switch_one_op(monkeypatch):
+    monkeypatch.setenv("VLFAST_BACKEND", "auto")
+    monkeypatch.setenv("VLFAST_REFERENCE_OPS", " attention,unmask ")
+    assert _extension.triton_path("attention", "cuda", True) == "reference"
+    assert _extension.triton_path("itc_loss", "cuda", True) == "triton"
+    assert not _extension.use_fused("unmask", "cpu")
+    assert _extension.use_fused("ema_update_", "cpu") == _extension.has_kernel("ema_update_", "cpu")
+    monkeypatch.setenv("VLFAST_REFERENCE_OPS", "attention,dropout")
+    with pytest.raises(ValueError, match=r"VLFAST_REFERENCE_OPS names no op \['dropout'\]; the ops: ema_update_, "):
         ema_update_([torch.zeros(1)], [torch.ones(1)], 0.5)
 
 

@@ -3,15 +3,21 @@
 VLFAST_BACKEND=auto (default) runs the fused kernel where one is built for the device, except
 where an op runs its own torch path by choice (TORCH_BY_DEFAULT: measured faster, or Triton on
 the CPU), =fused requires the kernel (an error names what is missing), =reference forces the
-plain-torch reference.
+plain-torch reference. VLFAST_REFERENCE_OPS (comma-separated op names) forces the reference for
+those ops alone, to find what one op gives or costs inside a model.
 """
 import functools
 import os
 import warnings
+from typing import Optional
 
 import torch
 
 BUILD_COMMAND = "python setup.py build_ext --inplace"
+# Public op -> the torch.ops.vlfast kernel behind it.
+KERNELS = {"ema_update_": "ema_update_", "random_masking": "gather_rows", "unmask": "unmask_rows",
+           "itc_loss": "itc_rows", "attention": "attention_forward",
+           "dropout_add_layer_norm": "dropout_add_layer_norm"}
 # (op, device type) where auto runs the op's own torch path although a kernel is built: Triton
 # runs on the CPU only in the interpreter, and on the GPU these two measured slower than torch at
 # VLP shapes (their modules say by how much); VLFAST_BACKEND=fused runs the kernel there.
@@ -39,21 +45,28 @@ def has_kernel(op: str, device_type: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"vlfast::{op}", device_type.upper())
 
 
-def backend() -> str:
+def backend(op: Optional[str] = None) -> str:
+    """VLFAST_BACKEND, or "reference" for an op that VLFAST_REFERENCE_OPS names."""
     value = os.environ.get("VLFAST_BACKEND", "auto")
     if value not in ("auto", "fused", "reference"):
         raise ValueError(f"VLFAST_BACKEND must be auto, fused or reference, got {value!r}")
-    return value
+    listed = os.environ.get("VLFAST_REFERENCE_OPS")
+    if not listed:
+        return value
+    listed = {name.strip() for name in listed.split(",")} - {""}
+    if listed - KERNELS.keys():
+        raise ValueError(f"VLFAST_REFERENCE_OPS names no op {sorted(listed - KERNELS.keys())}; the ops: {', '.join(KERNELS)}")
+    return "reference" if op in listed else value
 
 
 def use_fused(op: str, device_type: str) -> bool:
-    """For ops with C++/CUDA kernels in vlfast._C."""
-    backend_name = backend()
+    """For ops with C++/CUDA kernels in vlfast._C; op is a public op's name (KERNELS)."""
+    backend_name = backend(op)
     if backend_name == "reference":
         return False
     if backend_name == "auto":
-        return has_kernel(op, device_type)
-    if not has_kernel(op, device_type):
+        return has_kernel(KERNELS[op], device_type)
+    if not has_kernel(KERNELS[op], device_type):
         raise RuntimeError(
             f"VLFAST_BACKEND=fused but vlfast has no {device_type} kernel for {op}"
             + (f" (vlfast._C not loaded: {LOAD_ERROR})" if LOAD_ERROR else "")
@@ -67,7 +80,7 @@ def triton_path(op: str, device_type: str, has_triton_kernel: bool) -> str:
     op's own torch path, where auto chooses it (TORCH_BY_DEFAULT); else "triton" on CUDA, and on
     the CPU only under TRITON_INTERPRET=1 with VLFAST_BACKEND=fused.
     ``has_triton_kernel``: Triton is installed and the kernels take this call."""
-    backend_name = backend()
+    backend_name = backend(op)
     if backend_name == "reference":
         return "reference"
     if backend_name == "auto" and (op, device_type) in TORCH_BY_DEFAULT:

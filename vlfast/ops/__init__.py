@@ -1,15 +1,11 @@
 """The public fused ops. Each module holds the op, its argument checks and its plain-torch reference."""
-from vlfast._extension import TORCH_BY_DEFAULT, has_kernel
+from vlfast._extension import KERNELS, TORCH_BY_DEFAULT, has_kernel
 from vlfast.ops.attention import attention, attention_reference
 from vlfast.ops.contrastive import ContrastiveOutput, itc_loss, itc_loss_reference
 from vlfast.ops.dropout_add_layer_norm import dropout_add_layer_norm, dropout_add_layer_norm_reference
 from vlfast.ops.ema import ema_decay, ema_update_, ema_update_reference
 from vlfast.ops.patch_gather import Masking, random_masking, random_masking_reference, unmask, unmask_reference
 
-# Public op -> the torch.ops.vlfast kernel behind it.
-KERNELS = {"ema_update_": "ema_update_", "random_masking": "gather_rows", "unmask": "unmask_rows",
-           "itc_loss": "itc_rows", "attention": "attention_forward",
-           "dropout_add_layer_norm": "dropout_add_layer_norm"}
 DEVICE_TYPES = ("cpu", "cuda")
 
 

@@ -50,7 +50,7 @@ def random_masking(tokens: Tensor, mask_ratio: float, *, pos_embed: Optional[Ten
     _check_pos_embed(pos_embed, tokens, batch, patches, dim)
     if generator is not None and generator.device.type != tokens.device.type:
         raise ValueError(f"generator is on {generator.device}, tokens on {tokens.device}")
-    if not use_fused("gather_rows", tokens.device.type):
+    if not use_fused("random_masking", tokens.device.type):
         return random_masking_reference(tokens, mask_ratio, pos_embed=pos_embed, generator=generator)
 
     keep = int(patches * (1 - mask_ratio))
@@ -89,7 +89,7 @@ def unmask(visible: Tensor, ids_restore: Tensor, mask_token: Tensor, *, pos_embe
         raise ValueError(f"mask_token must be a float tensor on {visible.device}, got {mask_token.dtype} on {mask_token.device}")
     patches = ids_restore.shape[1]
     _check_pos_embed(pos_embed, visible, batch, patches, dim)
-    if not use_fused("unmask_rows", visible.device.type):
+    if not use_fused("unmask", visible.device.type):
         return unmask_reference(visible, ids_restore, mask_token, pos_embed=pos_embed)
 
     dtype = torch.promote_types(visible.dtype, mask_token.dtype)
