@@ -11,7 +11,9 @@ On the GPU the Triton kernel runs only when VLFAST_BACKEND=fused: by default (au
 Hugging Face's code, measured faster on an H200 at BERT's shapes (fwd+bwd 0.41 against 1.49 ms
 for 2560×768; benchmarks/results/NVIDIA-H200-2026-11-27-dropout_add_layer_norm.json), where the
 op's bytes need about 13 µs at the card's copy bandwidth: the host's launches and Python autograd
-cost more than the kernel saves.
+cost more than the kernel saves. The autograd is C++ since then (csrc/dropout_add_layer_norm_autograd.cpp,
+on every device: torch.library's Python one cost about 110 µs per call on the CPU), not yet
+measured on a card.
 That mask is another draw than torch's dropout (same distribution, tested): with p = 0 or
 training=False the op equals the reference up to rounding, with dropout in distribution.
 """
@@ -191,6 +193,8 @@ if _extension.LOAD_ERROR is None:
     def _backward_fake(grad, x, residual, weight, mean, rstd, p, seed):
         return torch.empty_like(x), torch.empty_like(residual), torch.empty_like(weight), torch.empty_like(weight)
 
+    # The forward's autograd is C++; under create_graph=True it calls the backward op through
+    # this formula, so that a second derivative raises when it is taken.
     torch.library.register_autograd("vlfast::dropout_add_layer_norm_backward",
                                     no_double_backward("dropout_add_layer_norm"))
     if triton is not None:
