@@ -297,10 +297,11 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
     Returns (checkpoint path, the step it holds)."""
     rank, world, device = setup_distributed()
     if config.cuda_graph and (device.type != "cuda" or world > 1 or config.image_id_positives
-                              or ops_backend() == "reference"):
+                              or ops_backend("itc_loss") == "reference"):
         raise ValueError(f"cuda_graph=true records the step of one process on a GPU, without image_id_positives "
-                         f"and --ops reference (both read values on the host mid-step); this run: {device.type}, "
-                         f"{world} processes, image_id_positives={config.image_id_positives}, --ops {ops_backend()}")
+                         f"and itc_loss's reference (--ops reference or VLFAST_REFERENCE_OPS; both read values on "
+                         f"the host mid-step); this run: {device.type}, {world} processes, "
+                         f"image_id_positives={config.image_id_positives}, itc_loss {ops_backend('itc_loss')}")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     dataset, collate, model = build(config, out)

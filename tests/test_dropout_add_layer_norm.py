@@ -210,6 +210,7 @@ def test_triton_launcher_refuses_what_it_cannot_take():
              ((torch.zeros(1, 16385), torch.zeros(1, 16385), torch.ones(16385), torch.ones(16385)), seed, "D <= 16384"),
              ((x.t(), x.t(), torch.ones(2), torch.ones(2)), seed, "contiguous"),
              ((x, x, w.half(), w.half()), seed, "residual's dtype"),
+             ((torch.zeros(2, 0), torch.zeros(2, 0), torch.ones(0), torch.ones(0)), seed, "D >= 1"),
              ((x, x, w, w), seed.int(), "seed must be one int64")]
     for (x_, r_, w_, b_), s_, message in cases:
         with pytest.raises((ValueError, TypeError), match=message):
@@ -231,12 +232,14 @@ def test_gradcheck_and_opcheck():
 
 @needs_extension
 def test_a_second_derivative_raises_when_taken():
-    """create_graph=True works (the gradients' graph is recorded); differentiating through the
+    """create_graph=True gives the same gradients, with a graph; differentiating through the
     backward kernel raises."""
     x, residual, weight, bias = make_inputs((3, 8), torch.float32, torch.float32, "cpu")
     out = torch.ops.vlfast.dropout_add_layer_norm(x, residual, weight, bias, 0.1, 1e-5, torch.tensor([5]))[0]
-    grad_x, _ = torch.autograd.grad((out * out).sum(), (x, residual), create_graph=True)
+    plain = torch.autograd.grad((out * out).sum(), (x, residual), retain_graph=True)
+    grad_x, grad_residual = torch.autograd.grad((out * out).sum(), (x, residual), create_graph=True)
     assert grad_x.requires_grad
+    assert torch.equal(grad_x, plain[0]) and torch.equal(grad_residual, plain[1])
     with pytest.raises(NotImplementedError, match="dropout_add_layer_norm has no second derivative"):
         grad_x.sum().backward()
 

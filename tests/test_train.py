@@ -96,11 +96,12 @@ def test_a_non_finite_loss_stops_the_run_with_its_step(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's refusal; test_cuda_graph_* run it on a GPU")
-def test_cuda_graph_needs_a_gpu(tmp_path):
+def test_cuda_graph_needs_a_gpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLFAST_REFERENCE_OPS", "itc_loss")  # the run's environment: named in the refusal
     result = run("--out", str(tmp_path), *TINY, "cuda_graph=true")
     assert result.returncode != 0
     assert "cuda_graph=true records the step of one process on a GPU" in result.stderr, result.stderr[-2000:]
-    assert "this run: cpu, 1 processes, image_id_positives=False, --ops auto" in result.stderr
+    assert "this run: cpu, 1 processes, image_id_positives=False, itc_loss reference" in result.stderr
 
 
 def test_a_cuda_graph_checkpoint_resumes_without_one(tmp_path):

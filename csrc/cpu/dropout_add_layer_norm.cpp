@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <tuple>
@@ -125,7 +126,9 @@ struct DropoutMask {
     words.resize(32 * blocks);
     philox4x32_10(first_block, blocks, seed, words.data());
     const uint32_t* __restrict w = words.data() + (first & 31);
-    const int32_t keep_from = static_cast<int32_t>(threshold);  // (word >> 1) < 2³¹: a signed compare, which SSE2 has
+    // (word >> 1) < 2³¹ and the threshold at most 2³¹ - 1 (p = 1, as the Triton launcher clamps it;
+    // the scale is 0 there anyway): a signed compare, which SSE2 has.
+    const int32_t keep_from = static_cast<int32_t>(std::min<uint32_t>(threshold, 2147483647u));
 #pragma omp simd
     for (int64_t i = 0; i < count; ++i) factor[i] = static_cast<int32_t>(w[i] >> 1) >= keep_from ? scale : A(0);
   }
@@ -154,10 +157,12 @@ A dropout_scale(double p) {
   return p < 1.0 ? static_cast<A>(1.0 / (1.0 - p)) : A(0);
 }
 
-// GCC builds the row functions twice, for AVX2 + FMA and for the baseline, and picks one at load
-// time: a wheel cannot assume AVX2, and SSE2 alone left these loops about 1.3x slower.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define VLFAST_ROW_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+// GCC 12+ on glibc builds the row functions twice, for AVX2 + FMA and for the baseline, and picks
+// one at load time (an ifunc): a wheel cannot assume AVX2, and SSE2 alone left these loops about
+// 1.3x slower. The two differ in the last bits (FMA contracts). flatten inlines the fp16/bf16
+// conversions and helpers into each clone. Other compilers build the baseline only.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__GLIBC__)
+#define VLFAST_ROW_CLONES __attribute__((flatten, target_clones("arch=x86-64-v3", "default")))
 #else
 #define VLFAST_ROW_CLONES
 #endif

@@ -1,5 +1,5 @@
 """The public fused ops. Each module holds the op, its argument checks and its plain-torch reference."""
-from vlfast._extension import KERNELS, TORCH_BY_DEFAULT, has_kernel
+from vlfast._extension import KERNELS, TORCH_BY_DEFAULT, backend, has_kernel
 from vlfast.ops.attention import attention, attention_reference
 from vlfast.ops.contrastive import ContrastiveOutput, itc_loss, itc_loss_reference
 from vlfast.ops.dropout_add_layer_norm import dropout_add_layer_norm, dropout_add_layer_norm_reference
@@ -10,13 +10,16 @@ DEVICE_TYPES = ("cpu", "cuda")
 
 
 def available() -> dict:
-    """{op: {device type: "fused" | "torch" | "reference"}}: what VLFAST_BACKEND=auto runs on this
-    build. "fused": the kernel (for cuda: compiled in; it still needs a GPU to run). "torch": the
-    op's own torch path (vectorised torch, SDPA, Hugging Face's code) by choice, with or without
-    a kernel: TORCH_BY_DEFAULT, the table the ops consult. "reference": no kernel is built for
-    that device.
+    """{op: {device type: "fused" | "torch" | "reference"}}: what this build runs under the
+    environment's VLFAST_BACKEND and VLFAST_REFERENCE_OPS (auto and none by default). "fused": the
+    kernel (for cuda: compiled in; it still needs a GPU to run). "torch": the op's own torch path
+    (vectorised torch, SDPA, Hugging Face's code) by choice, with or without a kernel:
+    TORCH_BY_DEFAULT, the table the ops consult. "reference": no kernel is built for that device,
+    or the environment asks for the reference.
     """
     def runs(op, kernel, device):
+        if backend(op) == "reference":  # VLFAST_REFERENCE_OPS names it
+            return "reference"
         if (op, device) in TORCH_BY_DEFAULT:
             return "torch"
         return "fused" if has_kernel(kernel, device) else "reference"

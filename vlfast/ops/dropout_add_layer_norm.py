@@ -17,6 +17,7 @@ measured on a card.
 That mask is another draw than torch's dropout (same distribution, tested): with p = 0 or
 training=False the op equals the reference up to rounding, with dropout in distribution.
 """
+import math
 import os
 
 import torch
@@ -131,8 +132,8 @@ def _check_triton_inputs(x: Tensor, residual: Tensor, weight: Tensor, seed: Tens
     if not _triton_takes(x, residual):
         raise ValueError(f"the Triton kernel takes D <= {MAX_TRITON_WIDTH} and no fp64, got D={x.shape[-1]}, "
                          f"{x.dtype} and {residual.dtype}: call vlfast.ops.dropout_add_layer_norm")
-    if x.ndim == 0 or residual.shape != x.shape or weight.shape != x.shape[-1:]:
-        raise ValueError(f"x and residual must be (..., D) and weight (D,), got {tuple(x.shape)}, "
+    if x.ndim == 0 or x.shape[-1] == 0 or residual.shape != x.shape or weight.shape != x.shape[-1:]:
+        raise ValueError(f"x and residual must be (..., D), D >= 1, and weight (D,), got {tuple(x.shape)}, "
                          f"{tuple(residual.shape)}, {tuple(weight.shape)}")
     if not (x.is_contiguous() and residual.is_contiguous() and weight.is_contiguous()):
         raise ValueError("x, residual and weight must be contiguous")
@@ -186,7 +187,7 @@ if _extension.LOAD_ERROR is None:
 
     @torch.library.register_fake("vlfast::dropout_add_layer_norm")
     def _forward_fake(x, residual, weight, bias, p, eps, seed):
-        stats = x.new_empty(x.numel() // x.shape[-1], dtype=_accumulate_dtype(x, residual))
+        stats = x.new_empty(math.prod(x.shape[:-1]), dtype=_accumulate_dtype(x, residual))
         return torch.empty_like(residual), stats, torch.empty_like(stats)
 
     @torch.library.register_fake("vlfast::dropout_add_layer_norm_backward")
