@@ -109,11 +109,14 @@ void philox4x32_10(uint64_t first_block, int64_t blocks, uint64_t key, uint32_t*
 
 struct DropoutMask {
   uint64_t seed;
-  uint32_t threshold;  // an element is kept iff its Philox word >> 1 >= threshold
+  // An element is kept iff its Philox word >> 1 >= threshold. Both sides fit in 31 bits (the
+  // threshold clamped to 2³¹ - 1 at p = 1, whose scale is 0 anyway), so the compare is signed,
+  // which SSE2 has.
+  int32_t threshold;
 
   DropoutMask(const at::Tensor& seed_tensor, double p)
       : seed(static_cast<uint64_t>(seed_tensor.item<int64_t>())),
-        threshold(static_cast<uint32_t>(p * 2147483648.0)) {}  // floor(p·2³¹), as the Triton launcher
+        threshold(static_cast<int32_t>(std::min(p * 2147483648.0, 2147483647.0))) {}  // floor(p·2³¹), as the Triton launcher
 
   // factor[i] = scale where element first + i is kept, else 0; words: scratch for the blocks.
   template <typename A>
@@ -126,11 +129,8 @@ struct DropoutMask {
     words.resize(32 * blocks);
     philox4x32_10(first_block, blocks, seed, words.data());
     const uint32_t* __restrict w = words.data() + (first & 31);
-    // (word >> 1) < 2³¹ and the threshold at most 2³¹ - 1 (p = 1, as the Triton launcher clamps it;
-    // the scale is 0 there anyway): a signed compare, which SSE2 has.
-    const int32_t keep_from = static_cast<int32_t>(std::min<uint32_t>(threshold, 2147483647u));
 #pragma omp simd
-    for (int64_t i = 0; i < count; ++i) factor[i] = static_cast<int32_t>(w[i] >> 1) >= keep_from ? scale : A(0);
+    for (int64_t i = 0; i < count; ++i) factor[i] = static_cast<int32_t>(w[i] >> 1) >= threshold ? scale : A(0);
   }
 };
 
@@ -260,7 +260,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x, 
     R* out_data = out.data_ptr<R>();
     A *mean_data = mean.data_ptr<A>(), *rstd_data = rstd.data_ptr<A>();
     const A scale = dropout_scale<A>(p);
-    at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(dim, 1)), [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / dim), [&](int64_t lo, int64_t hi) {
       std::vector<A> factor(dim);
       std::vector<uint32_t> words;
       for (int64_t r = lo; r < hi; ++r) {
