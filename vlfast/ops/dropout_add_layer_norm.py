@@ -12,7 +12,7 @@ Hugging Face's code, measured faster on an H200 at BERT's shapes (fwd+bwd 0.41 a
 for 2560×768; benchmarks/results/NVIDIA-H200-2026-11-27-dropout_add_layer_norm.json), where the
 op's bytes need about 13 µs at the card's copy bandwidth: the host's launches and Python autograd
 cost more than the kernel saves. The autograd is C++ since then (csrc/dropout_add_layer_norm_autograd.cpp,
-on every device: torch.library's Python one cost about 110 µs per call on the CPU), not yet
+on every device: with torch.library's Python one a 4×8 call cost the CPU's host 258 µs), not yet
 measured on a card.
 That mask is another draw than torch's dropout (same distribution, tested): with p = 0 or
 training=False the op equals the reference up to rounding, with dropout in distribution.
