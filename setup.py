@@ -33,7 +33,9 @@ def build_cuda() -> bool:
 def extension():
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     # at::parallel_for is an OpenMP pragma in ATen's headers: without -fopenmp it runs serially.
-    compile_args = {"cxx": ["-O3", "-fopenmp"]}
+    # -fno-trapping-math lets GCC turn a float compare in a loop (a clamp, a select) into vector
+    # blends; the kernels never read floating-point exception flags.
+    compile_args = {"cxx": ["-O3", "-fopenmp", "-fno-trapping-math"]}
     link_args = ["-fopenmp"]
     if not build_cuda():
         return cpp_extension.CppExtension("vlfast._C", sources, extra_compile_args=compile_args,

@@ -23,4 +23,9 @@ TORCH_LIBRARY(vlfast, m) {
         "Tensor seed) -> (Tensor, Tensor, Tensor)");
   m.def("dropout_add_layer_norm_backward(Tensor grad, Tensor x, Tensor residual, Tensor weight, Tensor mean, "
         "Tensor rstd, float p, Tensor seed) -> (Tensor, Tensor, Tensor, Tensor)");
+  // (softmax(q·kᵀ·scale, key_padding_mask)·v, the probabilities) for (B, H, L, Dh) q, k, v on the
+  // CPU; the backward takes the probabilities instead of recomputing them.
+  m.def("attention_cpu(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float scale) -> (Tensor, Tensor)");
+  m.def("attention_cpu_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor probs, float scale) "
+        "-> (Tensor, Tensor, Tensor)");
 }

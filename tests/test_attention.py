@@ -5,19 +5,26 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICES
+from conftest import DEVICES, poison_allocator
+from vlfast import _extension
 from vlfast.ops import attention, attention_reference
 
 attention_module = importlib.import_module("vlfast.ops.attention")  # the name vlfast.ops.attention is the function
 
 needs_triton = pytest.mark.skipif(attention_module.triton is None, reason="Triton not installed")
-# "sdpa": auto, SDPA on both devices; "triton": the kernels (interpreted on the CPU); "reference": eager.
-PATHS = ["sdpa", pytest.param("triton", marks=needs_triton), "reference"]
+needs_extension = pytest.mark.skipif(_extension.LOAD_ERROR is not None, reason="vlfast._C not built")
+# "auto": the C++ kernel on the CPU, SDPA on CUDA; "sdpa": auto without the C++ kernel (the CPU
+# when vlfast._C is not built; on CUDA the same as auto); "triton": the Triton kernels
+# (interpreted on the CPU); "reference": eager.
+PATHS = [pytest.param("auto", marks=needs_extension), "sdpa", pytest.param("triton", marks=needs_triton), "reference"]
 
 
 @pytest.fixture
 def path(request, monkeypatch):
-    monkeypatch.setenv("VLFAST_BACKEND", {"sdpa": "auto", "triton": "fused", "reference": "reference"}[request.param])
+    backend = {"auto": "auto", "sdpa": "auto", "triton": "fused", "reference": "reference"}[request.param]
+    monkeypatch.setenv("VLFAST_BACKEND", backend)
+    if request.param == "sdpa":
+        monkeypatch.setattr(attention_module, "use_fused", lambda op, device_type: False)
     return request.param
 
 
@@ -39,6 +46,7 @@ def sdpa_in_fp32(q, k, v, mask, scale=None):
 
 
 def assert_matches_sdpa(q, k, v, mask, tol, scale=None):
+    poison_allocator(q.shape, q.dtype, q.device)
     out = attention(q, k, v, key_padding_mask=mask, scale=scale)
     want, inputs32 = sdpa_in_fp32(q, k, v, mask, scale)
     assert out.dtype == q.dtype and out.shape == q.shape
@@ -69,22 +77,24 @@ def test_equals_sdpa_in_fp32(device, path, shape, masked):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("path", [pytest.param("triton", marks=needs_triton)], indirect=True)
+@pytest.mark.parametrize("path", [pytest.param("auto", marks=needs_extension), pytest.param("triton", marks=needs_triton)],
+                         indirect=True)
 @pytest.mark.parametrize("dtype, tol", [(torch.float16, 2e-2), (torch.bfloat16, 5e-2)])
 def test_half_dtypes(device, path, dtype, tol):
-    if device == "cpu" and dtype == torch.bfloat16:
+    if device == "cpu" and path == "triton" and dtype == torch.bfloat16:
         pytest.skip("the Triton interpreter mis-computes bf16 dots (ANCHORS.md): bf16 is checked on a GPU")
     q, k, v, mask = make(2, 2, 33, 40, 64, dtype, device, seed=1)
     assert_matches_sdpa(q, k, v, mask, tol=tol)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_float64_runs_sdpa(device, monkeypatch):
+def test_float64_in_float64(device, monkeypatch):
+    """On CUDA through SDPA (the Triton kernels take no fp64), on the CPU the C++ kernel's fp64 math."""
     q, k, v, mask = make(2, 2, 33, 40, 64, torch.float64, device, seed=1)
     with mock.patch.object(attention_module.F, "scaled_dot_product_attention",
                            wraps=F.scaled_dot_product_attention) as sdpa:
         attention(q, k, v, key_padding_mask=mask)
-    assert sdpa.call_count == 1
+    assert sdpa.call_count == (1 if device == "cuda" or _extension.LOAD_ERROR is not None else 0)
     assert_matches_sdpa(q, k, v, mask, tol=1e-12)
     if device == "cuda":  # the Triton kernels take no fp64: a fused-only run says so
         monkeypatch.setenv("VLFAST_BACKEND", "fused")
@@ -173,3 +183,44 @@ def test_opcheck(device):
     plain = [x.detach() for x in (q, k, v)]
     torch.library.opcheck(torch.ops.vlfast.attention_backward.default,
                           (torch.randn_like(out), *plain, mask, out.detach(), lse, 0.25))
+
+
+@needs_extension
+def test_cpu_kernel_opcheck():
+    q, k, v, mask = make(2, 2, 9, 13, 16, torch.float32, "cpu", seed=6)
+    for args in [(q, k, v, mask, 0.25), (q, k, v, None, 0.25), tuple(x.double() for x in (q, k, v)) + (mask, 0.25)]:
+        torch.library.opcheck(torch.ops.vlfast.attention_cpu.default, args)
+    out, probs = torch.ops.vlfast.attention_cpu(q, k, v, mask, 0.25)
+    assert probs.shape == (2, 2, 9, 16) and probs[..., 13:].eq(0).all()  # rows padded to 8 keys
+    plain = [x.detach() for x in (q, k, v)]
+    torch.library.opcheck(torch.ops.vlfast.attention_cpu_backward.default, (torch.randn_like(out), *plain, probs, 0.25))
+
+
+@needs_extension
+def test_cpu_kernel_second_derivative_raises_when_taken():
+    """create_graph=True gives the same gradients, with a graph; differentiating through the
+    backward kernel raises."""
+    q, k, v, mask = make(2, 2, 5, 7, 16, torch.float32, "cpu", seed=7)
+    out = torch.ops.vlfast.attention_cpu(q, k, v, mask, 0.25)[0]
+    plain = torch.autograd.grad(out.square().sum(), (q, k, v), retain_graph=True)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v), create_graph=True)
+    assert grads[0].requires_grad and all(torch.equal(g, p) for g, p in zip(grads, plain))
+    with pytest.raises(NotImplementedError, match="attention has no second derivative"):
+        grads[0].sum().backward()
+
+
+@needs_extension
+def test_cpu_kernel_bad_inputs():
+    """Direct calls of the op get the C++ checks."""
+    q = torch.zeros(2, 3, 5, 16)
+    op = torch.ops.vlfast.attention_cpu
+    with pytest.raises(ValueError, match=r"q must be \(B, H, Lq >= 1, Dh a multiple of 8\)"):
+        op(torch.zeros(2, 3, 5, 12), torch.zeros(2, 3, 5, 12), torch.zeros(2, 3, 5, 12), None, 1.0)
+    with pytest.raises(ValueError, match=r"k must be \(B=2, H=3, L >= 1, Dh=16\)"):
+        op(q, torch.zeros(2, 1, 5, 16), q, None, 1.0)
+    with pytest.raises(TypeError, match="v must have q's dtype Float"):
+        op(q, q, q.double(), None, 1.0)
+    with pytest.raises(ValueError, match=r"key_padding_mask must be a contiguous bool \(B=2, Lk=5\)"):
+        op(q, q, q, torch.ones(2, 5, dtype=torch.long), 1.0)
+    with pytest.raises(ValueError, match="probs must be the forward's"):
+        torch.ops.vlfast.attention_cpu_backward(q, q, q, q, torch.zeros(2, 3, 5, 5), 1.0)

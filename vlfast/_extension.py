@@ -14,14 +14,15 @@ from typing import Optional
 import torch
 
 BUILD_COMMAND = "python setup.py build_ext --inplace"
-# Public op -> the torch.ops.vlfast kernel behind it.
+# Public op -> the torch.ops.vlfast kernel behind it (attention: the CPU's; its CUDA kernels are
+# Triton's attention_forward/backward, which auto leaves to SDPA, TORCH_BY_DEFAULT).
 KERNELS = {"ema_update_": "ema_update_", "random_masking": "gather_rows", "unmask": "unmask_rows",
-           "itc_loss": "itc_rows", "attention": "attention_forward",
+           "itc_loss": "itc_rows", "attention": "attention_cpu",
            "dropout_add_layer_norm": "dropout_add_layer_norm"}
 # (op, device type) where auto runs the op's own torch path although a kernel is built: Triton
 # runs on the CPU only in the interpreter, and on the GPU these two measured slower than torch at
 # VLP shapes (their modules say by how much); VLFAST_BACKEND=fused runs the kernel there.
-TORCH_BY_DEFAULT = frozenset({("itc_loss", "cpu"), ("attention", "cpu"), ("attention", "cuda"),
+TORCH_BY_DEFAULT = frozenset({("itc_loss", "cpu"), ("attention", "cuda"),
                               ("dropout_add_layer_norm", "cuda")})
 
 try:

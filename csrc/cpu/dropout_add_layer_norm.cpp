@@ -17,6 +17,7 @@
 #endif
 
 #include "accumulate.h"
+#include "vectorize.h"
 
 namespace vlfast {
 namespace {
@@ -157,40 +158,13 @@ A dropout_scale(double p) {
   return p < 1.0 ? static_cast<A>(1.0 / (1.0 - p)) : A(0);
 }
 
-// GCC 12+ on glibc builds the row functions twice, for AVX2 + FMA and for the baseline, and picks
-// one at load time (an ifunc): a wheel cannot assume AVX2, and SSE2 alone left these loops about
-// 1.3x slower. The two differ in the last bits (FMA contracts). flatten inlines the fp16/bf16
-// conversions and helpers into each clone. Other compilers build the baseline only.
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__GLIBC__)
-#define VLFAST_ROW_CLONES __attribute__((flatten, target_clones("arch=x86-64-v3", "default")))
-#else
-#define VLFAST_ROW_CLONES
-#endif
-
-// A row's sum in kLanes partial sums, which the compiler keeps in vector registers: one running
-// sum, even vectorised, makes every add wait for the last (float addition does not reassociate).
-template <typename A, typename F>
-inline A row_sum(int64_t dim, F term) {
-  constexpr int64_t kLanes = 16;
-  A lanes[kLanes] = {};
-  int64_t d = 0;
-  for (; d + kLanes <= dim; d += kLanes) {
-#pragma omp simd
-    for (int64_t j = 0; j < kLanes; ++j) lanes[j] += term(d + j);
-  }
-  A total = 0;
-  for (; d < dim; ++d) total += term(d);
-  for (int64_t j = 0; j < kLanes; ++j) total += lanes[j];
-  return total;
-}
-
 // The row functions recompute h = x·factor + residual in every pass instead of storing it: a
 // scratch row at an arbitrary address made some processes 2-4x slower (loads that alias a
 // pending store modulo 4 KiB wait for it), and the recomputation is one multiply-add.
 
 // One row: out = LayerNorm(h); returns (mean, 1/std).
 template <typename X, typename R, typename A>
-VLFAST_ROW_CLONES std::pair<A, A> forward_row(int64_t dim, const X* __restrict x, const R* __restrict residual,
+VLFAST_CLONES std::pair<A, A> forward_row(int64_t dim, const X* __restrict x, const R* __restrict residual,
                                               const A* __restrict factor, const R* __restrict w,
                                               const R* __restrict b, A eps, R* __restrict out) {
   auto h = [&](int64_t d) { return static_cast<A>(x[d]) * factor[d] + static_cast<A>(residual[d]); };
@@ -206,7 +180,7 @@ VLFAST_ROW_CLONES std::pair<A, A> forward_row(int64_t dim, const X* __restrict x
 // One row of the backward: grad x and grad residual, and the row's terms added to its chunk's
 // weight and bias gradients.
 template <typename X, typename R, typename A>
-VLFAST_ROW_CLONES void backward_row(int64_t dim, const X* __restrict x, const R* __restrict residual,
+VLFAST_CLONES void backward_row(int64_t dim, const X* __restrict x, const R* __restrict residual,
                                     const R* __restrict dy, const A* __restrict factor, const R* __restrict w, A mu,
                                     A inv, A* __restrict gw_part, A* __restrict gb_part, X* __restrict gx,
                                     R* __restrict gres) {

@@ -1,12 +1,16 @@
 """Fused attention with a key-padding mask, for self-attention and cross-attention (Lq ≠ Lk).
 
 A BERT key-padding mask pushes `scaled_dot_product_attention` off its flash kernel, and eager
-attention (ALBEF's xbert) materialises B·H·Lq·Lk scores several times. On CUDA a masked call runs
-flash-attention-style Triton kernels (vlfast.kernels.attention) when VLFAST_BACKEND=fused; by
-default (auto) every call runs SDPA (with the mask, its memory-efficient kernel): measured on an
-H200 at VLP lengths, the Triton path's fwd+bwd took 1.08 ms against SDPA's 0.46 ms (40 padded
-text tokens; benchmarks/results/NVIDIA-H200-2026-11-27-attention.json), times that hardly grow
-with the size there: host overhead, not GPU work, sets them. On the CPU it is SDPA.
+attention (ALBEF's xbert) materialises B·H·Lq·Lk scores several times. On the CPU a C++ kernel
+(csrc/cpu/attention.cpp) takes each (batch, head) whole: at VLP lengths its Lq×Lk scores fit in
+cache, the softmax needs no online rescaling, and the backward reuses the forward's
+probabilities (kept as eager attention keeps them: B·H·Lq·Lk floats, where SDPA keeps O(Lq)).
+On CUDA a masked call runs flash-attention-style Triton kernels (vlfast.kernels.attention) when
+VLFAST_BACKEND=fused; by default (auto) every CUDA call runs SDPA (with the mask, its
+memory-efficient kernel): measured on an H200 at VLP lengths, the Triton path's fwd+bwd took
+1.08 ms against SDPA's 0.46 ms (40 padded text tokens;
+benchmarks/results/NVIDIA-H200-2026-11-27-attention.json), times that hardly grow with the size
+there: host overhead, not GPU work, sets them.
 """
 import os
 from typing import Optional, Tuple
@@ -15,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vlfast._extension import no_double_backward, triton_path
+from vlfast import _extension
+from vlfast._extension import no_double_backward, triton_path, use_fused
 
 try:
     import triton
@@ -33,8 +38,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Optional[Ten
     attn_mask=key_padding_mask[:, None, None, :])``.
 
     Args:
-        q: (B, H, Lq, Dh); k, v: (B, H, Lk, Dh); one float dtype (bf16/fp16 on the GPU's tensor
-            cores, fp32; fp64 runs SDPA). Dh in 16..128, a multiple of 8. Any strides.
+        q: (B, H, Lq, Dh); k, v: (B, H, Lk, Dh); one float dtype (on the GPU bf16/fp16 on its
+            tensor cores, fp32, and fp64 through SDPA; on the CPU fp32 math for fp16/bf16, fp64 in
+            fp64). Dh in 16..128, a multiple of 8. Any strides.
         key_padding_mask: (B, Lk), bool or 0/1; True/1 marks a real token that may be attended
             (the Hugging Face attention_mask convention). None attends to every key.
         scale: defaults to Dh ** -0.5.
@@ -51,6 +57,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Optional[Ten
         return attention_reference(q, k, v, key_padding_mask=mask, scale=scale)
     if path == "triton":
         return torch.ops.vlfast.attention_forward(q, k, v, mask, scale)[0]
+    if q.device.type == "cpu" and use_fused("attention", "cpu"):
+        return torch.ops.vlfast.attention_cpu(q, k, v, mask, scale)[0]
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     attend_all, has_key = _without_empty_rows(mask)
@@ -109,6 +117,31 @@ def _check(q, k, v, key_padding_mask) -> Optional[Tensor]:
     if key_padding_mask.is_floating_point() or key_padding_mask.is_complex():
         raise TypeError(f"key_padding_mask must be bool or 0/1 integers, got {key_padding_mask.dtype}")
     return key_padding_mask.bool().contiguous()
+
+
+def _padded_keys(keys: int) -> int:
+    return -(-keys // 8) * 8  # the CPU kernel's probabilities pad their rows to 8 keys
+
+
+if _extension.LOAD_ERROR is None:
+
+    @torch.library.register_fake("vlfast::attention_cpu")
+    def _attention_cpu_fake(q, k, v, key_padding_mask, scale):
+        math_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        batch, heads, queries, _ = q.shape
+        return (q.new_empty(batch, queries, heads, q.shape[3]).transpose(1, 2),
+                q.new_empty(batch, heads, queries, _padded_keys(k.shape[2]), dtype=math_dtype))
+
+    @torch.library.register_fake("vlfast::attention_cpu_backward")
+    def _attention_cpu_backward_fake(grad_out, q, k, v, probs, scale):
+        def heads(t):
+            return t.new_empty(t.shape[0], t.shape[2], t.shape[1], t.shape[3]).transpose(1, 2)
+
+        return heads(q), heads(k), heads(v)
+
+    # The forward's autograd is C++ (csrc/autograd.cpp); under create_graph=True it calls the
+    # backward op through this formula, so that a second derivative raises when it is taken.
+    torch.library.register_autograd("vlfast::attention_cpu_backward", no_double_backward("attention"))
 
 
 # The Triton path as torch.library custom ops, as for itc_loss (ANCHORS.md: triton_op failed
