@@ -11,7 +11,7 @@ On the GPU the Triton kernel runs only when VLFAST_BACKEND=fused: by default (au
 Hugging Face's code, measured faster on an H200 at BERT's shapes (fwd+bwd 0.41 against 1.49 ms
 for 2560×768; benchmarks/results/NVIDIA-H200-2026-11-27-dropout_add_layer_norm.json), where the
 op's bytes need about 13 µs at the card's copy bandwidth: the host's launches and Python autograd
-cost more than the kernel saves. The autograd is C++ since then (csrc/dropout_add_layer_norm_autograd.cpp,
+cost more than the kernel saves. The autograd is C++ since then (csrc/autograd.cpp,
 on every device: with torch.library's Python one a 4×8 call cost the CPU's host 258 µs), not yet
 measured on a card.
 That mask is another draw than torch's dropout (same distribution, tested): with p = 0 or
