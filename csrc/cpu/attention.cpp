@@ -32,49 +32,51 @@ template <typename T>
 struct Strided {
   const T* data;
   int64_t row, col;
+
+  Strided rows_from(int64_t i) const { return {data + i * row, row, col}; }
 };
 
-// c[i, j] = alpha · Σ_p a(i, p) · b[p·ldb + j] for i < rows (≤ kTileRows), j < Cols.
-template <int64_t Cols, typename T>
-inline void tile(int64_t rows, int64_t depth, Strided<T> a, const T* __restrict b, int64_t ldb, T alpha,
-                 T* __restrict c, int64_t ldc) {
-  T acc[kTileRows][Cols] = {};
-  if (rows == kTileRows) {  // fixed trip counts: acc stays in registers
-    for (int64_t p = 0; p < depth; ++p) {
-      const T* __restrict b_row = b + p * ldb;
-#pragma GCC unroll 4
-      for (int64_t r = 0; r < kTileRows; ++r) {
-        const T a_rp = a.data[r * a.row + p * a.col];
+// c[i, j] = alpha · Σ_p a(i, p) · b[p·ldb + j] for i < Rows, j < Cols. Fixed trip counts keep
+// acc in registers.
+template <int64_t Rows, int64_t Cols, typename T>
+inline void tile(int64_t depth, Strided<T> a, const T* __restrict b, int64_t ldb, T alpha, T* __restrict c,
+                 int64_t ldc) {
+  T acc[Rows][Cols] = {};
+  for (int64_t p = 0; p < depth; ++p) {
+    const T* __restrict b_row = b + p * ldb;
+#pragma GCC unroll 8
+    for (int64_t r = 0; r < Rows; ++r) {
+      const T a_rp = a.data[r * a.row + p * a.col];
 #pragma omp simd
-        for (int64_t j = 0; j < Cols; ++j) acc[r][j] += a_rp * b_row[j];
-      }
-    }
-  } else {
-    for (int64_t p = 0; p < depth; ++p) {
-      const T* __restrict b_row = b + p * ldb;
-      for (int64_t r = 0; r < rows; ++r) {
-        const T a_rp = a.data[r * a.row + p * a.col];
-#pragma omp simd
-        for (int64_t j = 0; j < Cols; ++j) acc[r][j] += a_rp * b_row[j];
-      }
+      for (int64_t j = 0; j < Cols; ++j) acc[r][j] += a_rp * b_row[j];
     }
   }
-  for (int64_t r = 0; r < rows; ++r) {
+#pragma GCC unroll 8
+  for (int64_t r = 0; r < Rows; ++r) {
 #pragma omp simd
     for (int64_t j = 0; j < Cols; ++j) c[r * ldc + j] = alpha * acc[r][j];
   }
+}
+
+// Rows rows of c, all n columns (a multiple of 8).
+template <int64_t Rows, typename T>
+inline void row_block(int64_t n, int64_t depth, Strided<T> a, const T* b, int64_t ldb, T alpha, T* c, int64_t ldc) {
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) tile<Rows, 16>(depth, a, b + j, ldb, alpha, c + j, ldc);
+  if (j < n) tile<Rows, 8>(depth, a, b + j, ldb, alpha, c + j, ldc);
 }
 
 // c (m × n, row stride ldc) = alpha · a (m × depth) · b (depth × n, row stride ldb); n a multiple of 8.
 template <typename T>
 VLFAST_CLONES void matmul(int64_t m, int64_t n, int64_t depth, Strided<T> a, const T* b, int64_t ldb, T alpha, T* c,
                           int64_t ldc) {
-  for (int64_t i = 0; i < m; i += kTileRows) {
-    const int64_t rows = std::min(kTileRows, m - i);
-    const Strided<T> a_rows{a.data + i * a.row, a.row, a.col};
-    int64_t j = 0;
-    for (; j + 16 <= n; j += 16) tile<16>(rows, depth, a_rows, b + j, ldb, alpha, c + i * ldc + j, ldc);
-    if (j < n) tile<8>(rows, depth, a_rows, b + j, ldb, alpha, c + i * ldc + j, ldc);
+  int64_t i = 0;
+  for (; i + kTileRows <= m; i += kTileRows) row_block<kTileRows>(n, depth, a.rows_from(i), b, ldb, alpha, c + i * ldc, ldc);
+  static_assert(kTileRows == 4, "the remainder's cases below");
+  switch (m - i) {
+    case 1: return row_block<1>(n, depth, a.rows_from(i), b, ldb, alpha, c + i * ldc, ldc);
+    case 2: return row_block<2>(n, depth, a.rows_from(i), b, ldb, alpha, c + i * ldc, ldc);
+    case 3: return row_block<3>(n, depth, a.rows_from(i), b, ldb, alpha, c + i * ldc, ldc);
   }
 }
 
