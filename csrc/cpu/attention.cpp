@@ -116,9 +116,7 @@ VLFAST_CLONES void softmax_row(int64_t keys, int64_t padded, const T* __restrict
     std::fill(row, row + padded, T(0));
     return;
   }
-#pragma omp simd
-  for (int64_t j = 0; j < keys; ++j) row[j] = exp_nonpositive(row[j] - max);
-  const T inv = T(1) / row_sum<T>(keys, [&](int64_t j) { return row[j]; });
+  const T inv = T(1) / row_sum<T>(keys, [&](int64_t j) { return row[j] = exp_nonpositive(row[j] - max); });
 #pragma omp simd
   for (int64_t j = 0; j < keys; ++j) row[j] *= inv;
   std::fill(row + keys, row + padded, T(0));
