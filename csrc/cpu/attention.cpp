@@ -12,7 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <bit>
+#include <cstring>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -94,7 +94,9 @@ inline float exp_nonpositive(float x) {
   poly = poly * r + 1.6666665459e-1f;
   poly = poly * r + 5.0000001201e-1f;
   poly = poly * r * r + r + 1.0f;
-  const float two_to_n = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_to_n;
+  std::memcpy(&two_to_n, &bits, sizeof(two_to_n));  // std::bit_cast is C++20; torch < 2.13 builds C++17
   return x < -87.0f ? 0.0f : poly * two_to_n;
 }
 
