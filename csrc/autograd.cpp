@@ -34,14 +34,14 @@ auto call_backward(const c10::TypedOperatorHandle<Signature>& op, Args&&... args
   return call_kernel(op, std::forward<Args>(args)...);
 }
 
-using Stats = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using LayerNormGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 struct DropoutAddLayerNorm : torch::autograd::Function<DropoutAddLayerNorm> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& residual,
                                const at::Tensor& weight, const at::Tensor& bias, double p, double eps,
                                const at::Tensor& seed) {
-    static const auto op = find_op<Stats(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    static const auto op = find_op<Tensor3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                          double, double, const at::Tensor&)>("vlfast::dropout_add_layer_norm");
     auto [out, mean, rstd] = call_kernel(op, x, residual, weight, bias, p, eps, seed);
     ctx->save_for_backward({x, residual, weight, mean, rstd, seed});
@@ -63,7 +63,7 @@ struct DropoutAddLayerNorm : torch::autograd::Function<DropoutAddLayerNorm> {
   }
 };
 
-Stats dropout_add_layer_norm_autograd(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+Tensor3 dropout_add_layer_norm_autograd(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
                                       const at::Tensor& bias, double p, double eps, const at::Tensor& seed) {
   const variable_list outputs = DropoutAddLayerNorm::apply(x, residual, weight, bias, p, eps, seed);
   return {outputs[0], outputs[1], outputs[2]};
@@ -83,7 +83,7 @@ struct AttentionCpu : torch::autograd::Function<AttentionCpu> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto op = find_op<Stats(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    static const auto op = find_op<Tensor3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                          const at::Tensor&, double)>("vlfast::attention_cpu_backward");
     const variable_list saved = ctx->get_saved_variables();
     auto [grad_q, grad_k, grad_v] =

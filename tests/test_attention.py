@@ -22,6 +22,8 @@ PATHS = [pytest.param("auto", marks=needs_extension), "sdpa", pytest.param("trit
 @pytest.fixture
 def path(request, monkeypatch):
     backend = {"auto": "auto", "sdpa": "auto", "triton": "fused", "reference": "reference"}[request.param]
+    if request.param == "auto" and request.node.callspec.params.get("device") == "cuda":
+        pytest.skip("on CUDA auto is the sdpa path")
     monkeypatch.setenv("VLFAST_BACKEND", backend)
     if request.param == "sdpa":
         monkeypatch.setattr(attention_module, "use_fused", lambda op, device_type: False)
@@ -64,6 +66,7 @@ SHAPES = [  # (B, H, Lq, Lk, Dh): self- and cross-attention, lengths off the blo
     (2, 2, 40, 197, 32),
     (1, 2, 197, 7, 128),
     (3, 1, 1, 33, 24),
+    (2, 2, 6, 10, 16),  # 6 queries and 10 keys: the CPU kernel's 2-row edge tiles
 ]
 
 
@@ -111,6 +114,53 @@ def test_strided_inputs_and_scale(device, path):
     assert not q.is_contiguous()
     mask = torch.tensor([[True] * 19, [True] * 5 + [False] * 14], device=device)
     assert_matches_sdpa(q, k, v, mask, tol=2e-5, scale=0.3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_a_head_dim_stride_and_expanded_inputs(device, path):
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(2, 3, 5, 32, generator=g).to(device)[..., ::2].requires_grad_()  # Dh stride 2
+    k = torch.randn(1, 3, 7, 16, generator=g).to(device).expand(2, -1, -1, -1).requires_grad_()  # batch stride 0
+    v = torch.randn(2, 3, 7, 16, generator=g).to(device).requires_grad_()
+    mask = torch.tensor([[True] * 7, [True] * 3 + [False] * 4], device=device)
+    assert_matches_sdpa(q, k, v, mask, tol=2e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_large_scores(device, path):
+    """Scores in the hundreds, where a softmax that does not subtract the row's max overflows and
+    most exponentials underflow. Against fp64, to 1e-4 of each tensor's largest value: at this
+    scale the gradients reach ~200, and SDPA's own fp32 gradients are off by up to 5e-5 of that."""
+    q, k, v, _ = make(2, 2, 9, 21, 16, torch.float32, device, seed=9)
+    out = attention(q, k, v, scale=30.0)
+    want, inputs64 = sdpa_in_fp32(*(x.double() for x in (q, k, v)), None, scale=30.0)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(99)).to(device)
+    got = (out, *torch.autograd.grad(out, (q, k, v), grad))
+    wanted = (want, *torch.autograd.grad(want, inputs64, grad.double()))
+    for name, g, w in zip(["out", "grad q", "grad k", "grad v"], got, wanted):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4 * w.abs().max().item(), msg=name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_a_nan_query_gives_a_nan_row(device, path):
+    q, k, v, mask = make(2, 2, 5, 7, 16, torch.float32, device, seed=10)
+    q = q.detach().clone()
+    q[0, 1, 3, 2] = float("nan")
+    out = attention(q, k, v, key_padding_mask=mask)
+    assert out[0, 1, 3].isnan().all()
+    out[0, 1, 3] = 0
+    assert not out.isnan().any()
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_an_empty_batch(path):
+    q = torch.zeros(0, 2, 5, 16, requires_grad=True)
+    out = attention(q, q, q, key_padding_mask=torch.ones(0, 5, dtype=torch.bool))
+    out.sum().backward()
+    assert out.shape == q.shape and q.grad.shape == q.shape
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -216,9 +266,11 @@ def test_cpu_kernel_bad_inputs():
     op = torch.ops.vlfast.attention_cpu
     with pytest.raises(ValueError, match=r"q must be \(B, H, Lq >= 1, Dh a multiple of 8\)"):
         op(torch.zeros(2, 3, 5, 12), torch.zeros(2, 3, 5, 12), torch.zeros(2, 3, 5, 12), None, 1.0)
-    with pytest.raises(ValueError, match=r"k must be \(B=2, H=3, L >= 1, Dh=16\)"):
+    with pytest.raises(ValueError, match=r"k must be \(B=2, H=3, Lk >= 1, Dh=16\)"):
         op(q, torch.zeros(2, 1, 5, 16), q, None, 1.0)
-    with pytest.raises(TypeError, match="v must have q's dtype Float"):
+    with pytest.raises(ValueError, match=r"v must have k's shape \[2, 3, 5, 16\], got \[2, 3, 1, 16\]"):
+        op(q, q, torch.zeros(2, 3, 1, 16), None, 1.0)
+    with pytest.raises(TypeError, match="k and v must have q's dtype Float"):
         op(q, q, q.double(), None, 1.0)
     with pytest.raises(ValueError, match=r"key_padding_mask must be a contiguous bool \(B=2, Lk=5\)"):
         op(q, q, q, torch.ones(2, 5, dtype=torch.long), 1.0)

@@ -71,7 +71,8 @@ template <typename T>
 VLFAST_CLONES void matmul(int64_t m, int64_t n, int64_t depth, Strided<T> a, const T* b, int64_t ldb, T alpha, T* c,
                           int64_t ldc) {
   int64_t i = 0;
-  for (; i + kTileRows <= m; i += kTileRows) row_block<kTileRows>(n, depth, a.rows_from(i), b, ldb, alpha, c + i * ldc, ldc);
+  for (; i + kTileRows <= m; i += kTileRows)
+    row_block<kTileRows>(n, depth, a.rows_from(i), b, ldb, alpha, c + i * ldc, ldc);
   static_assert(kTileRows == 4, "the remainder's cases below");
   switch (m - i) {
     case 1: return row_block<1>(n, depth, a.rows_from(i), b, ldb, alpha, c + i * ldc, ldc);
@@ -82,11 +83,12 @@ VLFAST_CLONES void matmul(int64_t m, int64_t n, int64_t depth, Strided<T> a, con
 
 // exp(x) for x ≤ 0 (a score minus its row's max), Cephes' expf polynomial after the reduction
 // x = n·ln2 + r: plain arithmetic the AVX2 clone vectorises, unlike std::exp. Relative error
-// about 2e-7; 0 below -87 (a masked key's -inf included), where exp is under 2e-38.
+// about 2e-7; 0 below -87 (a masked key's -inf included), where exp is under 2e-38. n comes from
+// the clamped x, so that its conversion to int is defined for any x; r from x, so a NaN stays NaN.
 inline float exp_nonpositive(float x) {
-  const float clamped = std::max(x, -87.0f);
+  const float clamped = x > -87.0f ? x : -87.0f;
   const float n = std::floor(clamped * 1.44269504088896341f + 0.5f);
-  const float r = clamped - n * 0.693359375f + n * 2.12194440e-4f;
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
   float poly = 1.9875691500e-4f;
   poly = poly * r + 1.3981999507e-3f;
   poly = poly * r + 8.3334519073e-3f;
@@ -96,15 +98,16 @@ inline float exp_nonpositive(float x) {
   poly = poly * r * r + r + 1.0f;
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float two_to_n;
-  std::memcpy(&two_to_n, &bits, sizeof(two_to_n));  // std::bit_cast is C++20; torch < 2.13 builds C++17
+  // Not std::bit_cast, which is C++20: torch 2.11 (the lent GPU machines') builds extensions as C++17.
+  std::memcpy(&two_to_n, &bits, sizeof(two_to_n));
   return x < -87.0f ? 0.0f : poly * two_to_n;
 }
 
 inline double exp_nonpositive(double x) { return std::exp(x); }
 
-// One row of scores (keys of them, in place) -> probabilities. bias: 0 for a key to attend to,
-// -inf for a masked one (nullptr: none masked). The padding gets 0, and so does a row with no
-// key to attend to.
+// One row of scores (keys of them, in place) -> probabilities, for a row with a key to attend
+// to. bias: 0 for a key to attend to, -inf for a masked one (nullptr: none masked). The padding
+// gets 0. A NaN score makes the row NaN, as in torch's softmax.
 template <typename T>
 VLFAST_CLONES void softmax_row(int64_t keys, int64_t padded, const T* __restrict bias, T* __restrict row) {
   if (bias != nullptr) {
@@ -114,10 +117,6 @@ VLFAST_CLONES void softmax_row(int64_t keys, int64_t padded, const T* __restrict
   T max = -std::numeric_limits<T>::infinity();
 #pragma omp simd reduction(max : max)
   for (int64_t j = 0; j < keys; ++j) max = row[j] > max ? row[j] : max;
-  if (max == -std::numeric_limits<T>::infinity()) {
-    std::fill(row, row + padded, T(0));
-    return;
-  }
   const T inv = T(1) / row_sum<T>(keys, [&](int64_t j) { return row[j] = exp_nonpositive(row[j] - max); });
 #pragma omp simd
   for (int64_t j = 0; j < keys; ++j) row[j] *= inv;
@@ -152,12 +151,16 @@ struct Heads {
   T* at(int64_t b, int64_t h) const { return data + b * batch + h * head; }
 };
 
-void check_heads(const at::Tensor& t, const char* name, const at::Tensor& q) {
-  TORCH_CHECK_VALUE(t.dim() == 4 && t.size(0) == q.size(0) && t.size(1) == q.size(1) && t.size(3) == q.size(3) &&
-                        t.size(2) > 0,
-                    name, " must be (B=", q.size(0), ", H=", q.size(1), ", L >= 1, Dh=", q.size(3), "), got ", t.sizes());
-  TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), name, " must have q's dtype ", q.scalar_type(), ", got ",
-                   t.scalar_type());
+// q (B, H, Lq, Dh), k and v (B, H, Lk, Dh): one dtype, lengths >= 1, Dh a multiple of 8.
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK_VALUE(q.dim() == 4 && q.size(2) > 0 && q.size(3) > 0 && q.size(3) % 8 == 0,
+                    "q must be (B, H, Lq >= 1, Dh a multiple of 8), got ", q.sizes());
+  TORCH_CHECK_VALUE(k.dim() == 4 && k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(2) > 0 &&
+                        k.size(3) == q.size(3),
+                    "k must be (B=", q.size(0), ", H=", q.size(1), ", Lk >= 1, Dh=", q.size(3), "), got ", k.sizes());
+  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "v must have k's shape ", k.sizes(), ", got ", v.sizes());
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+                   "k and v must have q's dtype ", q.scalar_type(), ", got ", k.scalar_type(), " and ", v.scalar_type());
 }
 
 // The kernels' operand: fp32 math for fp16/bf16 (converted once), unit stride along Dh.
@@ -174,10 +177,7 @@ at::Tensor new_heads(const at::Tensor& like, int64_t length) {
 // (output in q's dtype, probabilities (B, H, Lq, Lk padded to 8) in the math dtype).
 std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                                const std::optional<at::Tensor>& key_padding_mask, double scale) {
-  TORCH_CHECK_VALUE(q_in.dim() == 4 && q_in.size(2) > 0 && q_in.size(3) % 8 == 0 && q_in.size(3) > 0,
-                    "q must be (B, H, Lq >= 1, Dh a multiple of 8), got ", q_in.sizes());
-  check_heads(k_in, "k", q_in);
-  check_heads(v_in, "v", k_in);
+  check_qkv(q_in, k_in, v_in);
   const int64_t batch = q_in.size(0), heads = q_in.size(1), queries = q_in.size(2), keys = k_in.size(2),
                 dim = q_in.size(3), padded = padded_keys(keys);
   const bool* mask = nullptr;
@@ -200,12 +200,20 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q_in, const at:
       for (int64_t bh = lo; bh < hi; ++bh) {
         const int64_t b = bh / heads, h = bh % heads;
         T* p = ph.at(b, h);
-        if (mask != nullptr)
-          for (int64_t j = 0; j < keys; ++j) bias[j] = mask[b * keys + j] ? T(0) : -std::numeric_limits<T>::infinity();
-        transpose_rows(keys, dim, kh.at(b, h), kh.row, padded, k_t.data());
-        matmul<T>(queries, padded, dim, {qh.at(b, h), qh.row, 1}, k_t.data(), padded, static_cast<T>(scale), p, padded);
-        for (int64_t i = 0; i < queries; ++i)
-          softmax_row(keys, padded, mask == nullptr ? nullptr : bias.data(), p + i * padded);
+        const bool* attend = mask == nullptr ? nullptr : mask + b * keys;
+        const T* key_bias = nullptr;
+        if (attend != nullptr) {
+          for (int64_t j = 0; j < keys; ++j) bias[j] = attend[j] ? T(0) : -std::numeric_limits<T>::infinity();
+          key_bias = bias.data();
+        }
+        if (attend != nullptr && std::none_of(attend, attend + keys, [](bool a) { return a; })) {
+          std::fill(p, p + queries * padded, T(0));  // no key to attend to: output 0, gradients 0
+        } else {
+          transpose_rows(keys, dim, kh.at(b, h), kh.row, padded, k_t.data());
+          matmul<T>(queries, padded, dim, {qh.at(b, h), qh.row, 1}, k_t.data(), padded, static_cast<T>(scale), p,
+                    padded);
+          for (int64_t i = 0; i < queries; ++i) softmax_row(keys, padded, key_bias, p + i * padded);
+        }
         matmul<T>(queries, dim, keys, {p, padded, 1}, vh.at(b, h), vh.row, T(1), oh.at(b, h), oh.row);
       }
     });
@@ -217,10 +225,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q_in, const at:
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& q_in,
                                                             const at::Tensor& k_in, const at::Tensor& v_in,
                                                             const at::Tensor& probs, double scale) {
-  TORCH_CHECK_VALUE(q_in.dim() == 4 && q_in.size(2) > 0 && q_in.size(3) % 8 == 0 && q_in.size(3) > 0,
-                    "q must be (B, H, Lq >= 1, Dh a multiple of 8), got ", q_in.sizes());
-  check_heads(k_in, "k", q_in);
-  check_heads(v_in, "v", k_in);
+  check_qkv(q_in, k_in, v_in);
   TORCH_CHECK_VALUE(grad_out_in.sizes() == q_in.sizes() && grad_out_in.scalar_type() == q_in.scalar_type(),
                     "grad_out must have q's shape and dtype");
   const int64_t batch = q_in.size(0), heads = q_in.size(1), queries = q_in.size(2), keys = k_in.size(2),
@@ -241,9 +246,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& gr
       for (int64_t bh = lo; bh < hi; ++bh) {
         const int64_t b = bh / heads, h = bh % heads;
         const T *p = ph.at(b, h), *dout = doh.at(b, h);
-        matmul<T>(keys, dim, queries, {p, 1, padded}, dout, doh.row, T(1), dvh.at(b, h), dvh.row);  // dv = pᵀ·do
+        // dv = pᵀ·do; dp = do·vᵀ into ds, then ds = p·(dp - Σ p·dp)·scale; dq = ds·k; dk = dsᵀ·q.
+        matmul<T>(keys, dim, queries, {p, 1, padded}, dout, doh.row, T(1), dvh.at(b, h), dvh.row);
         transpose_rows(keys, dim, vh.at(b, h), vh.row, padded, v_t.data());
-        matmul<T>(queries, padded, dim, {dout, doh.row, 1}, v_t.data(), padded, T(1), ds.data(), padded);  // dp = do·vᵀ
+        matmul<T>(queries, padded, dim, {dout, doh.row, 1}, v_t.data(), padded, T(1), ds.data(), padded);
         for (int64_t i = 0; i < queries; ++i)
           softmax_backward_row(keys, p + i * padded, static_cast<T>(scale), ds.data() + i * padded);
         matmul<T>(queries, dim, keys, {ds.data(), padded, 1}, kh.at(b, h), kh.row, T(1), dqh.at(b, h), dqh.row);

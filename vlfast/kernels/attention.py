@@ -66,7 +66,7 @@ def attention_forward(Q, K, V, MASK, OUT, LSE,
         acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         row_max = new_max
 
-    has_key = exp_sum > 0
+    has_key = exp_sum != 0  # a row with a key sums to >= 1; a NaN score makes it NaN, and the row too
     out = tl.where(has_key[:, None], acc / tl.where(has_key, exp_sum, 1.0)[:, None], 0.0)
     lse = tl.where(has_key, row_max + tl.log(tl.where(has_key, exp_sum, 1.0)), float("inf"))
     out_offset = batch_head * LQ * DH

@@ -26,7 +26,7 @@ try:
     import triton
 
     from vlfast.kernels import attention as attention_kernels
-except ImportError:  # a torch build without Triton: SDPA everywhere
+except ImportError:  # a torch build without Triton: no Triton path (the CPU kernel is C++)
     triton = None
 
 HEAD_DIMS = range(16, 129, 8)
