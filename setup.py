@@ -5,6 +5,8 @@
 VLFAST_BUILD_CUDA=auto (default) builds the CUDA sources when torch is a CUDA build and nvcc is
 found (CUDA_HOME or PATH), =1 requires them (fails loudly), =0 skips them (quick CPU-only
 iteration). TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0"; MAX_JOBS bounds the parallel compiles.
+VLFAST_CPU_BASELINE=1 builds the C++ CPU kernels for the baseline x86-64 only, without the AVX2
+versions picked at load time (to test the code a CPU without AVX2 runs).
 """
 import glob
 import os
@@ -36,6 +38,8 @@ def extension():
     # -fno-trapping-math lets GCC turn a float compare in a loop (a clamp, a select) into vector
     # blends; the kernels never read floating-point exception flags.
     compile_args = {"cxx": ["-O3", "-fopenmp", "-fno-trapping-math"]}
+    if os.environ.get("VLFAST_CPU_BASELINE") == "1":  # csrc/cpu/vectorize.h: no AVX2 clones
+        compile_args["cxx"].append("-DVLFAST_BASELINE_ONLY")
     link_args = ["-fopenmp"]
     if not build_cuda():
         return cpp_extension.CppExtension("vlfast._C", sources, extra_compile_args=compile_args,

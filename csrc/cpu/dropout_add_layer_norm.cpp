@@ -52,7 +52,7 @@ void philox_scalar(uint64_t first_block, int64_t blocks, uint64_t key, uint32_t*
   }
 }
 
-#if defined(__GNUC__) && defined(__x86_64__)
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(VLFAST_BASELINE_ONLY)
 // The same rounds, a block's eight counters in one AVX2 register. _mm256_mul_epu32 multiplies the
 // even 32-bit lanes into 64-bit products, so the odd lanes are shifted down for a second multiply
 // and the halves blended back into (high words, low words). Two blocks go through the rounds
@@ -101,7 +101,7 @@ __attribute__((target("avx2"))) void philox_avx2(uint64_t first_block, int64_t b
 #endif
 
 void philox4x32_10(uint64_t first_block, int64_t blocks, uint64_t key, uint32_t* words) {
-#if defined(__GNUC__) && defined(__x86_64__)
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(VLFAST_BASELINE_ONLY)
   static const bool avx2 = __builtin_cpu_supports("avx2");
   if (avx2) return philox_avx2(first_block, blocks, key, words);
 #endif

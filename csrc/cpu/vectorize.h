@@ -4,11 +4,14 @@
 // and picks one at load time (an ifunc): a wheel cannot assume AVX2, and SSE2 alone left the
 // row loops of dropout_add_layer_norm about 1.3x slower. The two clones differ in the last bits
 // (FMA contracts). flatten inlines the helpers (fp16/bf16 conversions, tiles) into each clone.
-// Other compilers build the baseline only.
+// Other compilers build the baseline only, and so does VLFAST_CPU_BASELINE=1 (setup.py, which
+// also leaves out dropout_add_layer_norm's AVX2 Philox): CI tests with it the code that an AVX2
+// machine never picks.
 #pragma once
 #include <cstdint>
 
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__GLIBC__)
+#if !defined(VLFAST_BASELINE_ONLY) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && \
+    defined(__x86_64__) && defined(__GLIBC__)
 #define VLFAST_CLONES __attribute__((flatten, target_clones("arch=x86-64-v3", "default")))
 #else
 #define VLFAST_CLONES
