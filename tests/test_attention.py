@@ -272,6 +272,8 @@ def test_cpu_kernel_bad_inputs():
         op(q, q, torch.zeros(2, 3, 1, 16), None, 1.0)
     with pytest.raises(TypeError, match="k and v must have q's dtype Float"):
         op(q, q, q.double(), None, 1.0)
+    with pytest.raises(TypeError, match="q must be a float tensor, got Long"):
+        op(q.long(), q.long(), q.long(), None, 1.0)
     with pytest.raises(ValueError, match=r"key_padding_mask must be a contiguous bool \(B=2, Lk=5\)"):
         op(q, q, q, torch.ones(2, 5, dtype=torch.long), 1.0)
     with pytest.raises(ValueError, match="probs must be the forward's"):

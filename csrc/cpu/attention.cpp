@@ -2,8 +2,8 @@
 // few hundred tokens). Each (batch, head) holds its whole Lq×Lk block of scores, so the softmax
 // is exact in one pass, with no online rescaling, and the forward keeps the probabilities for the
 // backward, as eager attention does, where SDPA's flash kernel recomputes them from q and k.
-// The products are register tiles written as plain loops, which the AVX2 clone vectorises; at
-// these sizes a BLAS call per product costs about what the product does.
+// The products are register tiles written as plain loops, which the AVX2 clone vectorises (torch
+// does not export its CPU BLAS wrapper to extensions).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -159,6 +159,7 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
                         k.size(3) == q.size(3),
                     "k must be (B=", q.size(0), ", H=", q.size(1), ", Lk >= 1, Dh=", q.size(3), "), got ", k.sizes());
   TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "v must have k's shape ", k.sizes(), ", got ", v.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(q.scalar_type()), "q must be a float tensor, got ", q.scalar_type());
   TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
                    "k and v must have q's dtype ", q.scalar_type(), ", got ", k.scalar_type(), " and ", v.scalar_type());
 }
