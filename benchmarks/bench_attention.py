@@ -5,7 +5,8 @@ forward + backward, at the shapes of a ViT-B/16 + BERT-base VLP model.
 
 CUDA: bf16, B = 64, H = 12, Dh = 64; "triton" times the Triton kernels, which vlfast runs only
 under VLFAST_BACKEND=fused since they measured slower than SDPA on an H200 (README). CPU: fp32,
-B = 4 (vlfast runs its C++ kernel there).
+B = 4 (vlfast runs its C++ kernel there up to 768² scores per head, SDPA beyond; "cpu_kernel"
+times the kernel beyond).
 extra_info["TFLOP/s"] counts the forward's 4·B·H·Lq·Lk·Dh, 3.5 times that with the backward
 (backward = 2.5 × forward).
 """
@@ -16,12 +17,14 @@ import torch.nn.functional as F
 from conftest import CUDA, DEVICES
 from timing import PASSES, timed
 from vlfast.ops import attention, attention_reference
+from vlfast.ops.attention import CPU_KERNEL_MAX_SCORES
 
 SHAPES = {  # name: (Lq, Lk, padded)
     "vit_self_197": (197, 197, False),
     "text_self_40_padded": (40, 40, True),
     "cross_40x197": (40, 197, False),
     "cross_40x577": (40, 577, False),
+    "self_1024": (1024, 1024, False),  # past VLP lengths: where the CPU's auto leaves its kernel for SDPA
 }
 IMPLEMENTATIONS = {
     "vlfast": lambda q, k, v, mask: attention(q, k, v, key_padding_mask=mask),
@@ -31,6 +34,9 @@ IMPLEMENTATIONS = {
 }
 if CUDA:
     IMPLEMENTATIONS["triton"] = lambda q, k, v, mask: torch.ops.vlfast.attention_forward(q, k, v, mask, q.shape[-1] ** -0.5)[0]
+if hasattr(torch.ops.vlfast, "attention_cpu"):  # the CPU kernel where auto runs SDPA instead (long sequences)
+    IMPLEMENTATIONS["cpu_kernel"] = lambda q, k, v, mask: torch.ops.vlfast.attention_cpu(
+        q, k, v, mask, q.shape[-1] ** -0.5)[0]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -41,6 +47,8 @@ def bench_attention(benchmark, implementation, shape, passes, device):
     if implementation == "triton" and device == "cpu":
         pytest.skip("the Triton row is the GPU's (on the CPU Triton runs only in its interpreter)")
     queries, keys, padded = SHAPES[shape]
+    if implementation == "cpu_kernel" and (device == "cuda" or queries * keys <= CPU_KERNEL_MAX_SCORES):
+        pytest.skip("the CPU kernel's own row is for CPU shapes where auto runs SDPA (elsewhere vlfast's row is it)")
     batch, heads, dim = (64, 12, 64) if device == "cuda" else (4, 12, 64)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     generator = torch.Generator().manual_seed(0)

@@ -236,6 +236,19 @@ def test_opcheck(device):
 
 
 @needs_extension
+def test_auto_leaves_long_sequences_to_sdpa_on_the_cpu(monkeypatch):
+    q, k, v, mask = make(2, 2, 7, 9, 16, torch.float32, "cpu", seed=11)
+    with mock.patch.object(attention_module.F, "scaled_dot_product_attention",
+                           wraps=F.scaled_dot_product_attention) as sdpa:
+        monkeypatch.setattr(attention_module, "CPU_KERNEL_MAX_SCORES", 7 * 9)
+        attention(q, k, v, key_padding_mask=mask)
+        assert sdpa.call_count == 0
+        monkeypatch.setattr(attention_module, "CPU_KERNEL_MAX_SCORES", 7 * 9 - 1)
+        attention(q, k, v, key_padding_mask=mask)
+        assert sdpa.call_count == 1
+
+
+@needs_extension
 def test_cpu_kernel_opcheck():
     q, k, v, mask = make(2, 2, 9, 13, 16, torch.float32, "cpu", seed=6)
     for args in [(q, k, v, mask, 0.25), (q, k, v, None, 0.25), tuple(x.double() for x in (q, k, v)) + (mask, 0.25)]:

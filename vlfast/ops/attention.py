@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlfast import _extension
-from vlfast._extension import no_double_backward, triton_path, use_fused
+from vlfast._extension import backend, no_double_backward, triton_path, use_fused
 
 try:
     import triton
@@ -30,6 +30,10 @@ except ImportError:  # a torch build without Triton: no Triton path (the CPU ker
     triton = None
 
 HEAD_DIMS = range(16, 129, 8)
+# Scores per (batch, head) up to which auto runs the CPU kernel. It keeps all Lq×Lk probabilities
+# of a head; past about this many SDPA's tiled kernel was faster, and it keeps O(Lq) memory
+# (forward + backward at 1024 × 1024 tokens: benchmarks/bench_attention.py's self_1024 rows).
+CPU_KERNEL_MAX_SCORES = 768 * 768
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Optional[Tensor] = None,
@@ -46,7 +50,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Optional[Ten
         scale: defaults to Dh ** -0.5.
 
     A batch whose mask is all False (no key to attend to), where SDPA gives NaN, gets output 0
-    and zero gradients. Returns (B, H, Lq, Dh) in q's dtype.
+    and zero gradients. Returns (B, H, Lq, Dh) in q's dtype. On the CPU, auto runs the C++ kernel
+    up to Lq·Lk = CPU_KERNEL_MAX_SCORES (768²) and SDPA beyond; VLFAST_BACKEND=fused runs the
+    kernel at any length.
     """
     mask = _check(q, k, v, key_padding_mask)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -57,7 +63,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Optional[Ten
         return attention_reference(q, k, v, key_padding_mask=mask, scale=scale)
     if path == "triton":
         return torch.ops.vlfast.attention_forward(q, k, v, mask, scale)[0]
-    if q.device.type == "cpu" and use_fused("attention", "cpu"):
+    if q.device.type == "cpu" and use_fused("attention", "cpu") and (
+            q.shape[2] * k.shape[2] <= CPU_KERNEL_MAX_SCORES or backend("attention") == "fused"):
         return torch.ops.vlfast.attention_cpu(q, k, v, mask, scale)[0]
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
