@@ -196,23 +196,30 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q_in, const at:
     using T = scalar_t;
     const Heads<const T> qh(q, q.const_data_ptr<T>()), kh(k, k.const_data_ptr<T>()), vh(v, v.const_data_ptr<T>());
     const Heads<T> oh(out, out.data_ptr<T>()), ph(probs, probs.data_ptr<T>());
+    // Per batch, shared by its heads: the scores' bias (0 for a key to attend to, -inf for a
+    // masked one) and whether any key is left.
+    std::vector<T> bias;
+    std::vector<char> has_key(batch, 1);
+    if (mask != nullptr) {
+      bias.resize(batch * keys);
+      for (int64_t b = 0; b < batch; ++b) {
+        const bool* attend = mask + b * keys;
+        has_key[b] = std::any_of(attend, attend + keys, [](bool a) { return a; });
+        for (int64_t j = 0; j < keys; ++j) bias[b * keys + j] = attend[j] ? T(0) : -std::numeric_limits<T>::infinity();
+      }
+    }
     at::parallel_for(0, batch * heads, 1, [&](int64_t lo, int64_t hi) {
-      std::vector<T> k_t(dim * padded), bias(keys);
+      std::vector<T> k_t(dim * padded);
       for (int64_t bh = lo; bh < hi; ++bh) {
         const int64_t b = bh / heads, h = bh % heads;
         T* p = ph.at(b, h);
-        const bool* attend = mask == nullptr ? nullptr : mask + b * keys;
-        const T* key_bias = nullptr;
-        if (attend != nullptr) {
-          for (int64_t j = 0; j < keys; ++j) bias[j] = attend[j] ? T(0) : -std::numeric_limits<T>::infinity();
-          key_bias = bias.data();
-        }
-        if (attend != nullptr && std::none_of(attend, attend + keys, [](bool a) { return a; })) {
+        if (!has_key[b]) {
           std::fill(p, p + queries * padded, T(0));  // no key to attend to: output 0, gradients 0
         } else {
           transpose_rows(keys, dim, kh.at(b, h), kh.row, padded, k_t.data());
           matmul<T>(queries, padded, dim, {qh.at(b, h), qh.row, 1}, k_t.data(), padded, static_cast<T>(scale), p,
                     padded);
+          const T* key_bias = mask == nullptr ? nullptr : bias.data() + b * keys;
           for (int64_t i = 0; i < queries; ++i) softmax_row(keys, padded, key_bias, p + i * padded);
         }
         matmul<T>(queries, dim, keys, {p, padded, 1}, vh.at(b, h), vh.row, T(1), oh.at(b, h), oh.row);
