@@ -77,3 +77,24 @@ def test_val_split_is_its_own_and_a_saved_render_loads_as_the_item_image(tmp_pat
     Image.fromarray(render(test.scene(2), 32, rng)).save(tmp_path / "scene.png")
     with Image.open(tmp_path / "scene.png") as image:
         torch.testing.assert_close(transform(32)(image.convert("RGB")), test.image(2))
+
+
+def test_a_reader_never_sees_a_half_written_vocabulary(tmp_path):
+    """Every rank of a torchrun run writes the vocabulary into the same folder while the others
+    load it (a rank that read it half-written built a smaller embedding and failed to resume)."""
+    import multiprocessing
+
+    full = (write_vocab(tmp_path) / "vocab.txt").read_text()
+    writer = multiprocessing.get_context("spawn").Process(target=_write_vocab_repeatedly, args=(tmp_path, 3000))
+    writer.start()
+    reads = []
+    while writer.is_alive():
+        reads.append((tmp_path / "vocab.txt").read_text())
+    writer.join()
+    assert writer.exitcode == 0 and len(reads) > 10
+    assert all(read == full for read in reads), sorted({len(read) for read in reads})
+
+
+def _write_vocab_repeatedly(directory, times):
+    for _ in range(times):
+        write_vocab(directory)

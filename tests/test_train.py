@@ -20,10 +20,13 @@ def run(*args, processes=1):
 
 
 def failure(result) -> str:
-    """What a failed run printed: the other ranks' lines (torchrun prefixes them [rankN]:; the
-    first rank to fail is often not rank 0), then the end of stderr."""
-    others = [line for line in result.stderr.splitlines() if line.startswith("[rank") and not line.startswith("[rank0]")]
-    return "\n".join(others[-40:]) + "\n...\n" + result.stderr[-2000:]
+    """What a failed run printed: each rank's last lines (torchrun prefixes them [rankN]:; any rank
+    may be the first to fail), then the end of stderr."""
+    ranks = {}
+    for line in result.stderr.splitlines():
+        if line.startswith("[rank"):
+            ranks.setdefault(line.split("]")[0], []).append(line)
+    return "\n".join(line for lines in ranks.values() for line in lines[-25:]) + "\n...\n" + result.stderr[-2000:]
 
 
 def losses(out):
