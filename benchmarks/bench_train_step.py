@@ -23,12 +23,11 @@ is the one to quote (its peak memory on CUDA holds both models).
 import dataclasses
 import functools
 import statistics
-import time
 
 import pytest
 import torch
 
-from timing import timed
+from timing import in_turn, timed
 from train import OptimConfig, default_model, make_optimizer, train_step
 from vlfast.training import CudaGraphStep
 from vlfast.data.synthetic import SPECIAL_TOKENS, WORDS
@@ -113,6 +112,11 @@ def bench_train_step(benchmark, monkeypatch, implementation, config, device):
         benchmark.extra_info["TFLOP/s"] = round(step_flops(config, device) / seconds / 1e12, 1)
 
 
+def run_with_backend(monkeypatch, name, step):
+    monkeypatch.setenv("VLFAST_BACKEND", BACKENDS[name])
+    step()
+
+
 @pytest.mark.parametrize("implementation", [name for name in BACKENDS if name != "reference"])
 @pytest.mark.parametrize("config, device", CASES)
 def bench_train_step_paired(benchmark, monkeypatch, implementation, config, device):
@@ -120,22 +124,15 @@ def bench_train_step_paired(benchmark, monkeypatch, implementation, config, devi
         pytest.skip("CUDA graphs need CUDA")
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    steps = {}
+    runs = {}
     for name in (implementation, "reference"):
         monkeypatch.setenv("VLFAST_BACKEND", BACKENDS[name])  # the ops read it at each call
-        steps[name], _ = build_step(config, device, name)
+        step, _ = build_step(config, device, name)
+        runs[name] = functools.partial(run_with_backend, monkeypatch, name, step)
     ratios = []
 
     def pair():
-        seconds = {}
-        order = list(steps) if len(ratios) % 2 == 0 else list(steps)[::-1]
-        for name in order:
-            monkeypatch.setenv("VLFAST_BACKEND", BACKENDS[name])
-            start = time.perf_counter()
-            steps[name]()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            seconds[name] = time.perf_counter() - start
+        seconds = in_turn(runs, reverse=len(ratios) % 2 == 1, device=device)
         ratios.append(seconds["reference"] / seconds[implementation])
 
     warmup = 2

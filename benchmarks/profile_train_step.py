@@ -21,6 +21,7 @@ the fused op makes the step faster by that factor; below 1, slower.
 """
 import argparse
 import collections
+import functools
 import os
 import statistics
 import sys
@@ -33,7 +34,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from bench_train_step import BACKENDS, CONFIGS, build_step, implementations  # noqa: E402
-from timing import device_events, device_seconds  # noqa: E402
+from timing import device_events, device_seconds, in_turn  # noqa: E402
 from vlfast._extension import KERNELS  # noqa: E402
 from vlfast.ops import dropout_add_layer_norm  # noqa: E402
 
@@ -138,18 +139,17 @@ def ablation(config, device, rounds):
     os.environ["VLFAST_BACKEND"] = "auto"
     step, _ = build_step(config, device)
     print(f"\n## {config} ({device}): the step with one op on its reference / the fused step, median of {rounds} rounds")
+    def with_reference_ops(ops):
+        os.environ["VLFAST_REFERENCE_OPS"] = ops
+        step()
+
     for op in KERNELS:
+        runs = {"reference": functools.partial(with_reference_ops, op), "fused": functools.partial(with_reference_ops, "")}
         ratios = []
         for round_ in range(rounds + 2):
-            seconds = {}
-            for reference in ((False, True) if round_ % 2 else (True, False)):
-                os.environ["VLFAST_REFERENCE_OPS"] = op if reference else ""
-                start = time.perf_counter()
-                step()
-                synchronize(device)
-                seconds[reference] = time.perf_counter() - start
+            seconds = in_turn(runs, reverse=round_ % 2 == 1, device=device)
             if round_ >= 2:
-                ratios.append(seconds[True] / seconds[False])
+                ratios.append(seconds["reference"] / seconds["fused"])
         print(f"{op}: {statistics.median(ratios):.3f}", flush=True)
     del os.environ["VLFAST_REFERENCE_OPS"]
 

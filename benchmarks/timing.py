@@ -1,6 +1,9 @@
 """The timing loop every benchmark shares: warm up, synchronise inside the timed call on CUDA,
 and record the card, peak memory and GPU busy time (CUDA) and effective bandwidth (when the
-bytes moved are given)."""
+bytes moved are given); and the alternating pairs that compare two steps on a machine whose
+speed drifts."""
+import time
+
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
@@ -59,3 +62,16 @@ def timed(benchmark, device: str, step, bytes_moved: int = 0, warmup: int = 1, b
         if benchmark.stats and busy:  # about a fifth of a second of calls, at least one
             calls = max(1, min(50, int(0.2 / benchmark.stats.stats.median)))
             benchmark.extra_info["GPU_busy_ms"] = round(busy_seconds(step, device, calls) * 1e3, 4)
+
+
+def in_turn(runs: dict, reverse: bool, device: str) -> dict:
+    """Each of ``runs`` (name: call) once, in turn, in reverse order when ``reverse`` (alternate it
+    between rounds, so that neither always runs on the other's warm caches) -> name: wall seconds."""
+    seconds = {}
+    for name in (list(runs)[::-1] if reverse else list(runs)):
+        start = time.perf_counter()
+        runs[name]()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds[name] = time.perf_counter() - start
+    return seconds
