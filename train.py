@@ -429,11 +429,13 @@ def main():
     parser.add_argument("--resume", help="checkpoint to continue from")
     parser.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after this many steps of this run")
     parser.add_argument("--time-limit", type=float, help="stop (with a checkpoint) after this many minutes")
-    parser.add_argument("--ops", choices=["fused", "reference", "auto"], default="auto",
-                        help="vlfast kernels or the plain-torch references everywhere")
+    parser.add_argument("--ops", choices=["fused", "reference", "auto"],
+                        help="vlfast kernels or the plain-torch references everywhere (default: VLFAST_BACKEND, "
+                             "else auto)")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. optim.max_steps=100")
     args = parser.parse_args()
-    os.environ["VLFAST_BACKEND"] = args.ops  # read by every op call
+    if args.ops:
+        os.environ["VLFAST_BACKEND"] = args.ops  # read by every op call
     try:
         config = load_config(TrainConfig, args.config, args.overrides)
     except ValueError as error:

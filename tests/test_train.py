@@ -107,6 +107,18 @@ def test_cuda_graph_needs_a_gpu(tmp_path, monkeypatch):
     assert "this run: cpu, 1 processes, image_id_positives=False, itc_loss reference" in result.stderr
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="reads the backend from the CPU's refusal of cuda_graph")
+@pytest.mark.parametrize("ops, environment, runs", [(None, "reference", "reference"), ("auto", "reference", "auto"),
+                                                    (None, None, "auto")])
+def test_ops_defaults_to_the_environments_backend(tmp_path, monkeypatch, ops, environment, runs):
+    if environment:
+        monkeypatch.setenv("VLFAST_BACKEND", environment)
+    else:
+        monkeypatch.delenv("VLFAST_BACKEND", raising=False)
+    result = run("--out", str(tmp_path), *(["--ops", ops] if ops else []), *TINY, "cuda_graph=true")
+    assert f"itc_loss {runs}" in result.stderr, result.stderr[-2000:]
+
+
 def test_a_cuda_graph_checkpoint_resumes_without_one(tmp_path):
     # Its optimizer was saved capturable with a tensor learning rate (what cuda_graph=true sets):
     # made so here by hand, as a CPU cannot record a graph.

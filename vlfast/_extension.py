@@ -32,7 +32,8 @@ try:
 except (ImportError, OSError) as error:
     LOAD_ERROR = error
     warnings.warn(
-        f"vlfast._C could not be loaded ({error}); every op runs its plain-torch reference. "
+        f"vlfast._C could not be loaded ({error}); the ops whose kernels it holds run their torch paths "
+        f"(Triton kernels still run on a GPU). "
         f"Build the kernels with: {BUILD_COMMAND}",
         stacklevel=2,
     )
