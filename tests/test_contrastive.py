@@ -35,7 +35,9 @@ def features(batch, dim, dtype, device, seed):
     return image.to(device, dtype).requires_grad_(), text.to(device, dtype).requires_grad_()
 
 
-TOLERANCE = {torch.float64: 1e-6, torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 1e-1}
+# Against fp64 on the same rounded inputs: the loss is computed in fp32 at least, so what is left is
+# the gradients' own rounding to the input dtype (worst seen: 7e-4 of the largest in fp16, 3.4e-3 in bf16).
+TOLERANCE = {torch.float64: 1e-6, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -45,9 +47,7 @@ TOLERANCE = {torch.float64: 1e-6, torch.float32: 2e-5, torch.float16: 2e-2, torc
 @pytest.mark.parametrize("with_ids", [False, True])
 def test_loss_and_gradients_equal_the_reference(device, path, dtype, batch, dim, with_ids):
     run_on(path, device)
-    if path == "torch" and dtype in (torch.float16, torch.bfloat16):
-        pytest.skip("the CPU path computes 16-bit inputs in fp32, as the reference does not")
-    if device == "cpu" and dtype == torch.bfloat16:
+    if path == "triton" and device == "cpu" and dtype == torch.bfloat16:
         pytest.skip("the Triton interpreter mis-computes bf16 dots (ANCHORS.md): bf16 is checked on a GPU")
     image, text = features(batch, dim, dtype, device, seed=batch)
     image_ids = torch.arange(batch, device=device) % max(1, batch // 2) if with_ids else None
@@ -61,7 +61,9 @@ def test_loss_and_gradients_equal_the_reference(device, path, dtype, batch, dim,
     got_grads = torch.autograd.grad(got.loss, (image, text, tau))
     want_grads = torch.autograd.grad(want.loss, (image64, text64, tau))
     for name, g, w in zip(("image", "text", "temperature"), got_grads, want_grads):
-        torch.testing.assert_close(g.double(), w, rtol=tol, atol=tol * 10, msg=name)
+        # atol relative to the largest gradient: the gradients here are at most 0.2, so a fixed
+        # 16-bit atol would pass a zero gradient.
+        torch.testing.assert_close(g.double(), w, rtol=tol, atol=tol * w.abs().max().item(), msg=name)
 
 
 @needs_triton
@@ -79,7 +81,11 @@ def test_gathered_keys_rectangular(device, with_ids):
     seed = torch.zeros(1, dtype=torch.int64, device=device)
     rows, negative, _, npos = torch.ops.vlfast.itc_rows(query, key, tau, query_ids, key_ids, offset, seed, 0.0, True)
 
-    positives = contrastive._positives(query_ids, key_ids, offset, batch, keys, device)
+    # Written out here, not vlfast's _positives: the torch path shares that helper with the reference.
+    positives = torch.zeros(batch, keys, dtype=torch.bool, device=device)
+    positives[torch.arange(batch), offset + torch.arange(batch)] = True
+    if with_ids:
+        positives |= query_ids[:, None] == key_ids[None, :]
     log_p = F.log_softmax(query @ key.t() / tau, dim=1)
     want = -(log_p * positives).sum(1) / positives.sum(1)
     torch.testing.assert_close(rows, want, rtol=1e-12, atol=1e-12)
