@@ -32,6 +32,24 @@ def chi_square_quantile(dof: int, z: float = 4.753) -> float:
     return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
 
 
-def poison_allocator(shape, dtype, device):
-    """Fill and free a block of the output's size, so a kernel that skips elements shows NaN."""
-    torch.full(shape, float("nan"), dtype=dtype, device=device)
+@pytest.fixture(autouse=True)
+def backend_chosen_by_the_test(monkeypatch):
+    """A VLFAST_BACKEND or VLFAST_REFERENCE_OPS set in the shell would change what the tests test;
+    each test that needs one sets it."""
+    monkeypatch.delenv("VLFAST_BACKEND", raising=False)
+    monkeypatch.delenv("VLFAST_REFERENCE_OPS", raising=False)
+
+
+@pytest.fixture
+def poisoned_memory():
+    """Every uninitialised tensor torch allocates (torch.empty in Python, at::empty in the C++
+    kernels) starts as NaN (integers: their maximum), so an output element a kernel never writes
+    shows. torch fills them only in deterministic mode; warn_only keeps the ops it has no
+    deterministic version of running."""
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.utils.deterministic.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    torch.utils.deterministic.fill_uninitialized_memory = before[2]

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from conftest import CUDA, DEVICES, chi_square_quantile
 from vlfast.ops import contrastive, itc_loss, itc_loss_reference
 
+pytestmark = pytest.mark.usefixtures("poisoned_memory")  # conftest: NaN in every torch.empty
+
 has_triton = contrastive.triton is not None
 needs_triton = pytest.mark.skipif(not has_triton, reason="Triton not installed")
 # "torch": the vectorised path the CPU runs; "triton": the kernels (interpreted on the CPU).

@@ -7,10 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICES, poison_allocator
+from conftest import DEVICES
 from vlfast import _extension
 from vlfast.ops import dropout_add_layer_norm, dropout_add_layer_norm_reference
 from vlfast.ops.dropout_add_layer_norm import _draw_seed, triton, triton_backward, triton_forward
+
+pytestmark = pytest.mark.usefixtures("poisoned_memory")  # conftest: NaN in every torch.empty
 
 needs_extension = pytest.mark.skipif(_extension.LOAD_ERROR is not None, reason="vlfast._C not built")
 # (..., D): one element, D below a block of 32 elements, odd sizes (rows start mid-block),
@@ -83,7 +85,6 @@ def test_kernel_equals_layer_norm_of_the_philox_mask(device, x_dtype, residual_d
         pytest.skip("the GPU kernel takes no fp64 (test_triton_launcher_refuses_what_it_cannot_take)")
     x, residual, weight, bias = make_inputs(shape, x_dtype, residual_dtype, device)
     seed = 0x1234_5678_9ABC_DEF  # both key words non-zero
-    poison_allocator(shape, residual_dtype, device)
     out, mean, rstd = torch.ops.vlfast.dropout_add_layer_norm(x, residual, weight, bias, p, 1e-5,
                                                               torch.tensor([seed], device=device))
     assert out.dtype == residual_dtype and mean.dtype == rstd.dtype == (torch.float64 if x_dtype == torch.float64 else torch.float32)
@@ -189,7 +190,6 @@ def test_triton_kernel_draws_the_cpu_mask_and_equals_it(x_dtype, residual_dtype,
     device = "cuda" if torch.cuda.is_available() else "cpu"
     x, residual, weight, bias = (t.detach() for t in make_inputs(shape, x_dtype, residual_dtype, device))
     seed = torch.tensor([987654321987], device=device)
-    poison_allocator(shape, residual_dtype, device)
     got = triton_forward(x, residual, weight, bias, p, 1e-5, seed)
     want = torch.ops.vlfast.dropout_add_layer_norm(x.cpu(), residual.cpu(), weight.cpu(), bias.cpu(), p, 1e-5, seed.cpu())
     for g, w in zip(got, want):  # one rounding apart at most: sums in another order
