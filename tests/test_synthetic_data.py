@@ -85,8 +85,11 @@ def test_a_reader_never_sees_a_half_written_vocabulary(tmp_path):
     import multiprocessing
 
     full = (write_vocab(tmp_path) / "vocab.txt").read_text()
-    writer = multiprocessing.get_context("spawn").Process(target=_write_vocab_repeatedly, args=(tmp_path, 3000))
+    context = multiprocessing.get_context("spawn")
+    writing = context.Event()
+    writer = context.Process(target=_write_vocab_repeatedly, args=(tmp_path, 3000, writing))
     writer.start()
+    assert writing.wait(timeout=120), "the writer never started"
     reads = []
     while writer.is_alive():
         reads.append((tmp_path / "vocab.txt").read_text())
@@ -95,6 +98,8 @@ def test_a_reader_never_sees_a_half_written_vocabulary(tmp_path):
     assert all(read == full for read in reads), sorted({len(read) for read in reads})
 
 
-def _write_vocab_repeatedly(directory, times):
+def _write_vocab_repeatedly(directory, times, writing):
+    write_vocab(directory)
+    writing.set()  # the reads count from here: the child's imports took longer than many of them
     for _ in range(times):
         write_vocab(directory)
