@@ -105,11 +105,21 @@ def run(*args, processes=1):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def trained_checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     result = run("train.py", "--out", str(out), *TINY_EVAL)
     assert result.returncode == 0, result.stderr[-3000:]
     return out / "last.pt"
+
+
+@pytest.fixture
+def checkpoint(trained_checkpoint, tmp_path):
+    """The module's trained checkpoint, copied into this test's folder: what retrieve.py writes
+    beside it (results, the search cache) is then this test's alone, whatever ran before."""
+    copy = tmp_path / "trained" / "last.pt"
+    copy.parent.mkdir()
+    copy.write_bytes(trained_checkpoint.read_bytes())
+    return copy
 
 
 def test_evaluation_prints_the_table_and_writes_json_and_png(checkpoint):
@@ -133,12 +143,9 @@ def test_evaluation_prints_the_table_and_writes_json_and_png(checkpoint):
 def test_torchrun_evaluation_equals_one_process(checkpoint, tmp_path):
     metrics = {}
     for processes in (1, 2):
-        copy = tmp_path / f"p{processes}" / "last.pt"
-        copy.parent.mkdir()
-        copy.write_bytes(checkpoint.read_bytes())
-        result = run("retrieve.py", "--checkpoint", str(copy), "--k-test", "4", "--score", "itm+itc", processes=processes)
+        result = run("retrieve.py", "--checkpoint", str(checkpoint), "--k-test", "4", "--score", "itm+itc", processes=processes)
         assert result.returncode == 0, result.stderr[-3000:]
-        metrics[processes] = json.loads((copy.parent / "last_retrieval_test.json").read_text())
+        metrics[processes] = json.loads((checkpoint.parent / "last_retrieval_test.json").read_text())
     assert metrics[1]["metrics"] == metrics[2]["metrics"]
     assert metrics[1]["image_to_text"] == metrics[2]["image_to_text"]
 
