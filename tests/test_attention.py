@@ -220,6 +220,10 @@ def bad_cases():
         (dict(key_padding_mask=torch.zeros(2, 5)), TypeError, "key_padding_mask must be bool or 0/1 integers"),
         (dict(key_padding_mask=torch.ones(2, 5, dtype=torch.bool, device="meta")), ValueError, "key_padding_mask is on meta"),
         (dict(k=torch.zeros(2, 3, 5, 16, device="meta")), ValueError, "k is on meta but q on cpu"),
+        (dict(scale=float("nan")), ValueError, "scale must be a finite number or None, got nan"),
+        (dict(scale=float("inf")), ValueError, "scale must be a finite number or None, got inf"),
+        (dict(scale="0.125"), ValueError, "scale must be a finite number or None, got '0.125'"),
+        (dict(scale=torch.tensor(0.125)), ValueError, "scale must be a finite number or None, got tensor"),
     ]
 
 

@@ -12,6 +12,8 @@ memory-efficient kernel): measured on an H200 at VLP lengths, the Triton path's 
 benchmarks/results/NVIDIA-H200-2026-11-27-attention.json), times that hardly grow with the size
 there: host overhead, not GPU work, sets them.
 """
+import math
+import numbers
 import os
 from typing import Optional, Tuple
 
@@ -47,7 +49,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Optional[Ten
             fp64). Dh in 16..128, a multiple of 8. Any strides.
         key_padding_mask: (B, Lk), bool or 0/1; True/1 marks a real token that may be attended
             (the Hugging Face attention_mask convention). None attends to every key.
-        scale: defaults to Dh ** -0.5.
+        scale: a finite number; defaults to Dh ** -0.5.
 
     A batch whose mask is all False (no key to attend to), where SDPA gives NaN, gets output 0
     and zero gradients. Returns (B, H, Lq, Dh) in q's dtype. On the CPU, auto runs the C++ kernel
@@ -55,6 +57,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Optional[Ten
     kernel at any length.
     """
     mask = _check(q, k, v, key_padding_mask)
+    if scale is not None and not (isinstance(scale, numbers.Real) and not isinstance(scale, bool) and math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     # Triton only when asked for (module docstring: SDPA measured faster). No fp64: Triton's
     # fp64 dot does not compile at these tile sizes (tests/compile_kernels_for_gpu.py).
