@@ -256,7 +256,11 @@ def bad_cases():
         ((x, x, w, w, 1.5), {}, ValueError, r"p must be a float in \[0, 1\], got 1.5"),
         ((x, x, w, w, float("nan")), {}, ValueError, r"p must be a float in \[0, 1\], got nan"),
         ((x, x, w, w, "0.1"), {}, ValueError, r"p must be a float in \[0, 1\], got '0.1'"),
-        ((x, x, w, w, 0.1), dict(eps=0.0), ValueError, "eps must be a positive float, got 0.0"),
+        ((x, x, w, w, 0.1), dict(eps=0.0), ValueError, "eps must be a finite positive float, got 0.0"),
+        ((x, x, w, w, 0.1), dict(eps=float("inf")), ValueError, "eps must be a finite positive float, got inf"),
+        ((x, x, w.long(), w, 0.1), {}, TypeError, "weight must be a float tensor, got torch.int64"),
+        ((x, x, w, "0", 0.1), {}, TypeError, "bias must be a tensor, got str"),
+        ((x, x, w, w.to("meta"), 0.1), {}, ValueError, "bias is on meta but x on cpu"),
         ((x, x.to("meta"), w, w, 0.1), {}, ValueError, "residual is on meta but x on cpu"),
         ((torch.zeros(2, 0), torch.zeros(2, 0), torch.ones(0), torch.ones(0), 0.1), {}, ValueError, "D >= 1"),
     ]

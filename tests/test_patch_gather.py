@@ -217,8 +217,13 @@ def bad_unmask_cases():
         (visible, ids[:1], token, {}, ValueError, r"ids_restore must be \(B=2"),
         (visible, ids[0], token, {}, ValueError, r"ids_restore must be \(B=2"),
         (visible, ids, torch.zeros(1, 1, 5), {}, ValueError, r"mask_token must be \(1, 1, 4\) or \(4,\)"),
-        (visible, ids, token.long(), {}, ValueError, "mask_token must be a float tensor"),
+        (visible, ids, token.long(), {}, TypeError, "mask_token must be a float tensor, got torch.int64"),
+        (visible, ids, token.to("meta"), {}, ValueError, "mask_token is on meta, visible on cpu"),
+        (visible.long(), ids, token, {}, TypeError, "visible must be a float tensor, got torch.int64"),
+        (visible, ids.to("meta"), token, {}, ValueError, "ids_restore is on meta, visible on cpu"),
         (visible, ids, token, dict(pos_embed=torch.zeros(1, 3, 4)), ValueError, r"pos_embed must be \(1, 9, 4\)"),
+        (visible, ids, token, dict(pos_embed=torch.zeros(1, 9, 4, dtype=torch.int64)), TypeError,
+         "pos_embed must be a float tensor, got torch.int64"),
     ]
 
 

@@ -112,8 +112,8 @@ def _check(x, residual, weight, bias, p, eps) -> None:
             raise ValueError(f"{name} must be ({dim},), got {tuple(t.shape)}")
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
         raise ValueError(f"p must be a float in [0, 1], got {p!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+        raise ValueError(f"eps must be a finite positive float, got {eps!r}")
 
 
 def _accumulate_dtype(*tensors: Tensor) -> torch.dtype:

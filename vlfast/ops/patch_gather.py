@@ -85,8 +85,10 @@ def unmask(visible: Tensor, ids_restore: Tensor, mask_token: Tensor, *, pos_embe
         raise ValueError(f"ids_restore is on {ids_restore.device}, visible on {visible.device}")
     if not isinstance(mask_token, Tensor) or mask_token.numel() != dim or mask_token.shape[-1:] != (dim,):
         raise ValueError(f"mask_token must be (1, 1, {dim}) or ({dim},), got {getattr(mask_token, 'shape', mask_token)}")
-    if not mask_token.is_floating_point() or mask_token.device != visible.device:
-        raise ValueError(f"mask_token must be a float tensor on {visible.device}, got {mask_token.dtype} on {mask_token.device}")
+    if not mask_token.is_floating_point():
+        raise TypeError(f"mask_token must be a float tensor, got {mask_token.dtype}")
+    if mask_token.device != visible.device:
+        raise ValueError(f"mask_token is on {mask_token.device}, visible on {visible.device}")
     patches = ids_restore.shape[1]
     _check_pos_embed(pos_embed, visible, batch, patches, dim)
     if not use_fused("unmask", visible.device.type):
