@@ -38,8 +38,18 @@ def test_train_and_test_entries(tmp_path, image_root):
     test = write(tmp_path, "test.json", [{"image": "b.jpg", "caption": ["blue", "a blue one"]}])
     item = KarpathyDataset(test, image_root, "test", image_size=16)[0]
     assert item["caption"] == ["blue", "a blue one"] and item["image_id"] == 0
-    # Test images are resized, not cropped: the whole blue image stays blue.
-    assert torch.allclose(item["image"][:, 8, 8], KarpathyDataset(test, image_root, "test", image_size=16)[0]["image"][:, 0, 0])
+
+
+def test_test_images_are_squashed_to_the_square_not_cropped(tmp_path, image_root):
+    # A 4-pixel green stripe at the left edge of a 40×30 blue image: squashed to 16×16 it stays
+    # the first column; a centre crop to the square (5 pixels off each side) would lose it.
+    image = Image.new("RGB", (40, 30), "blue")
+    image.paste("lime", (0, 0, 4, 30))
+    image.save(image_root / "stripe.png")
+    test = write(tmp_path, "test.json", [{"image": "stripe.png", "caption": ["a stripe"]}])
+    pixels = KarpathyDataset(test, image_root, "test", image_size=16)[0]["image"]
+    green, blue = pixels[:, :, 0].mean(dim=1), pixels[:, :, 15].mean(dim=1)
+    assert green[1] > green[2] + 1 and blue[2] > blue[1] + 1, (green, blue)  # normalised: G over B, then B over G
 
 
 def test_unreadable_images_are_skipped_and_counted(tmp_path, image_root):
