@@ -153,9 +153,16 @@ def test_mixed_precision_modules():
 @pytest.mark.parametrize("device", DEVICES)
 def test_empty_inputs(device):
     assert ema_update_([], [], 0.5) is None
-    empty = [torch.empty(0, device=device), torch.empty(3, 0, device=device)]
-    ema_update_(empty, [e.clone() for e in empty], 0.5)
     ema_update_(nn.Module(), nn.Module(), 0.5)
+    # Empty tensors between non-empty ones: skipped without shifting which pairs get updated.
+    g = torch.Generator().manual_seed(5)
+    sizes = [0, 7, 0, 3, 0]
+    target = [torch.randn(n, generator=g).to(device) if n else torch.empty(3, 0, device=device) for n in sizes]
+    source = [torch.randn(n, generator=g).to(device) if n else torch.empty(3, 0, device=device) for n in sizes]
+    want = float64_ema(target, source, 0.5)
+    ema_update_(target, source, 0.5)
+    for got, expected in zip(target, want):
+        torch.testing.assert_close(got, expected)
 
 
 @pytest.mark.parametrize("device", DEVICES)
