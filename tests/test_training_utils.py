@@ -9,6 +9,7 @@ from typing import Optional, Tuple
 import pytest
 import torch
 
+from vlfast.files import write_atomically
 from vlfast.training import (CudaGraphStep, MetricsLog, check_finite, learning_rate, load_checkpoint, load_config,
                              plot_losses, save_checkpoint)
 
@@ -81,6 +82,8 @@ def test_checkpoints_are_atomic_and_load_without_code(tmp_path, monkeypatch):
         save_checkpoint(path, {"step": 2})
     monkeypatch.undo()
     assert load_checkpoint(path)["step"] == 1  # the previous checkpoint is whole
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # and the failed write left nothing behind
+    assert path.stat().st_mode & 0o777 == 0o644
 
     class Payload:
         def __reduce__(self):
@@ -89,6 +92,27 @@ def test_checkpoints_are_atomic_and_load_without_code(tmp_path, monkeypatch):
     torch.save({"evil": Payload()}, tmp_path / "evil.pt")
     with pytest.raises(Exception, match="Weights only load failed"):
         load_checkpoint(tmp_path / "evil.pt")
+
+
+def test_two_writers_of_one_path_never_share_a_temporary_file(tmp_path):
+    """Two processes saving one checkpoint (two `retrieve.py search` runs on one folder) each write
+    their own temporary file: the last rename wins, and neither fails or leaves a mixed file."""
+    import threading
+
+    path, inside = tmp_path / "cache.pt", threading.Barrier(2)
+
+    def slow_save(value):
+        def write(file):
+            torch.save({"value": value}, file)
+            inside.wait(timeout=30)  # both writers hold their temporary files at once
+        write_atomically(path, write)
+
+    writers = [threading.Thread(target=slow_save, args=(value,)) for value in (1, 2)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join()
+    assert load_checkpoint(path)["value"] in (1, 2) and [p.name for p in tmp_path.iterdir()] == ["cache.pt"]
 
 
 def test_metrics_log_survives_a_cut_line_and_plots(tmp_path):

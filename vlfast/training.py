@@ -6,13 +6,14 @@ training step recorded as one CUDA graph.
 import dataclasses
 import json
 import math
-import os
 import typing
 from pathlib import Path
 from typing import Callable, Iterable, List, Optional, Sequence
 
 import torch
 import yaml
+
+from vlfast.files import write_atomically
 
 
 def load_config(config_class, path: Optional[str] = None, overrides: Iterable[str] = (), base: Optional[dict] = None):
@@ -93,17 +94,8 @@ def learning_rate(step: int, *, base_lr: float, warmup_steps: int, total_steps: 
 
 
 def save_checkpoint(path, state: dict) -> Path:
-    """torch.save to a temporary file beside ``path``, flushed, then renamed over it: a crash
-    leaves the previous checkpoint whole."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as file:
-        torch.save(state, file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
-    return path
+    """torch.save, atomically (vlfast.files): a crash leaves the previous checkpoint whole."""
+    return write_atomically(path, lambda file: torch.save(state, file), sync=True)
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
@@ -161,12 +153,10 @@ def plot_losses(records: List[dict], path, keys: Optional[List[str]] = None) -> 
     axis.set_ylabel("loss")
     axis.legend()
     figure.tight_layout()
-    path = Path(path)
-    temporary = path.with_name(path.name + ".tmp.png")
-    figure.savefig(temporary, dpi=100)
-    plt.close(figure)
-    os.replace(temporary, path)
-    return path
+    try:
+        return write_atomically(path, lambda file: figure.savefig(file, format="png", dpi=100))
+    finally:
+        plt.close(figure)
 
 
 class CudaGraphStep:

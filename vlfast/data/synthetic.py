@@ -8,8 +8,6 @@ relations, so it is not trivial; the captions are exact, so it is learnable. Eve
 deterministic from (seed, split, index). `write_vocab` writes the WordPiece vocabulary a
 `transformers.BertTokenizerFast` loads from a local directory, the same path as for real data.
 """
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List
@@ -18,6 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 from torchvision import transforms
+
+from vlfast.files import write_atomically
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (215, 45, 40), "green": (45, 170, 70), "blue": (45, 85, 215), "yellow": (230, 205, 45),
@@ -141,10 +141,7 @@ def write_vocab(directory) -> Path:
     which `transformers.BertTokenizerFast.from_pretrained` then loads."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    # Every rank of a torchrun run writes it while the others may be reading it: each writes its
-    # own file and renames it into place, so a reader sees a whole vocabulary, never a truncated one.
-    with tempfile.NamedTemporaryFile("w", dir=directory, prefix="vocab.", suffix=".tmp", delete=False) as file:
-        file.write("\n".join([*SPECIAL_TOKENS, *WORDS]) + "\n")
-    os.chmod(file.name, 0o644)  # a temporary file is its owner's only
-    os.replace(file.name, directory / "vocab.txt")
+    # Atomically: every rank of a torchrun run writes it while the others may be reading it.
+    text = "\n".join([*SPECIAL_TOKENS, *WORDS]) + "\n"
+    write_atomically(directory / "vocab.txt", lambda file: file.write(text), mode="w")
     return directory
