@@ -336,6 +336,9 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
     # Objectives left out leave parameters without gradients, which DDP must be told about.
     runner = model if world == 1 else DDP(model, find_unused_parameters=set(config.model.objectives) != set(OBJECTIVES))
     log = MetricsLog(out / "metrics.jsonl")
+    if rank == 0:  # a new run starts a new log; a resumed one drops what it will log again (steps
+        # logged after its checkpoint by a run that then crashed). An eval record's step counts steps done.
+        log.keep(lambda record: record["step"] - ("eval_score" in record) < start)
     total = config.optim.max_steps
     graphed = None
     if config.cuda_graph:
@@ -426,7 +429,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML file (configs/); defaults to the synthetic run")
     parser.add_argument("--out", default="runs/synthetic", help="run folder (checkpoint, metrics, plot)")
-    parser.add_argument("--resume", help="checkpoint to continue from")
+    parser.add_argument("--resume", help="checkpoint to continue from; its config is the base that --config "
+                                         "and overrides change")
     parser.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after this many steps of this run")
     parser.add_argument("--time-limit", type=float, help="stop (with a checkpoint) after this many minutes")
     parser.add_argument("--ops", choices=["fused", "reference", "auto"],
@@ -436,8 +440,13 @@ def main():
     args = parser.parse_args()
     if args.ops:
         os.environ["VLFAST_BACKEND"] = args.ops  # read by every op call
+    base = None
+    if args.resume:  # the run continues with its own config (mmap: the weights are read later, once)
+        if not Path(args.resume).is_file():
+            parser.error(f"--resume {args.resume}: no such file")
+        base = torch.load(args.resume, map_location="cpu", weights_only=True, mmap=True).get("config")
     try:
-        config = load_config(TrainConfig, args.config, args.overrides)
+        config = load_config(TrainConfig, args.config, args.overrides, base=base)
     except ValueError as error:
         parser.error(str(error))
     started = time.time()
@@ -451,7 +460,7 @@ def main():
     print(f"{step}/{config.optim.max_steps} steps, {time.time() - started:.0f} s in this run; checkpoint: {checkpoint}; "
           f"metrics: {Path(args.out) / 'metrics.jsonl'}; loss curve: {Path(args.out) / 'loss.png'}")
     if step < config.optim.max_steps:
-        print(f"next: python train.py --resume {checkpoint} --out {args.out}" + "".join(f" {o}" for o in args.overrides))
+        print(f"next: python train.py --resume {checkpoint} --out {args.out}" + (f" --ops {args.ops}" if args.ops else ""))
     else:
         print(f"next: python retrieve.py --checkpoint {checkpoint}")
 

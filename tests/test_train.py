@@ -29,9 +29,12 @@ def failure(result) -> str:
     return "\n".join(line for lines in ranks.values() for line in lines[-25:]) + "\n...\n" + result.stderr[-2000:]
 
 
+def losses_in_order(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def losses(out):
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {line["step"]: line for line in lines}
+    return {line["step"]: line for line in losses_in_order(out)}
 
 
 def comparable_weights(checkpoint):
@@ -63,13 +66,18 @@ def test_a_stopped_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
     first = run("--out", str(split), "--stop-after", "3", *TINY)
     assert first.returncode == 0, first.stderr[-2000:]
     assert "next: python train.py --resume" in first.stdout
-    second = run("--out", str(split), "--resume", str(split / "last.pt"), *TINY)
+    with open(split / "metrics.jsonl", "a") as file:  # as if it had crashed after its checkpoint, mid-line
+        file.write(json.dumps({"step": 3, "loss": 99.0}) + '\n{"step": 4, "lo')
+    second = run("--out", str(split), "--resume", str(split / "last.pt"))  # the checkpoint's config: TINY
     assert second.returncode == 0, second.stderr[-2000:]
     assert "next: python retrieve.py --checkpoint" in second.stdout
-    want, got = losses(straight), losses(split)
-    assert sorted(got) == list(range(6))
-    for step in range(6):
-        assert got[step] == want[step], step
+    lines = losses_in_order(split)
+    assert [line["step"] for line in lines] == list(range(6))  # each step once: the crashed run's lines are gone
+    want = losses(straight)
+    for line in lines:
+        assert line == want[line["step"]], line["step"]
+    again = run("--out", str(straight), *TINY)  # a new run in a used folder starts a new log
+    assert again.returncode == 0 and [line["step"] for line in losses_in_order(straight)] == list(range(6))
     assert (split / "loss.png").exists()
 
 

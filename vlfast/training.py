@@ -126,6 +126,11 @@ class MetricsLog:
                 break  # a line cut short by a crash: everything before it is whole
         return records
 
+    def keep(self, wanted: Callable[[dict], bool]) -> None:
+        """Rewrite the file with only the ``wanted`` records (a line cut short goes too)."""
+        kept = [record for record in self.read() if wanted(record)]
+        write_atomically(self.path, lambda file: file.write("".join(json.dumps(r) + "\n" for r in kept)), mode="w")
+
 
 def check_finite(step: int, losses: dict, last_checkpoint: Optional[Path]) -> None:
     """Stop with the step, every loss term and the last good checkpoint when a loss is NaN/inf."""
