@@ -64,12 +64,25 @@ class OptimConfig:
     min_lr: float = 1e-5
     weight_decay: float = 0.02
     warmup_steps: int = 40
-    max_steps: int = 400  # 228 s on this project's 2-core CPU machine with the default model
+    max_steps: int = 400  # about 3 minutes on this project's 2-core CPU machine with the default model
     batch_size: int = 32
     grad_clip: float = 5.0
     log_every: int = 10
     checkpoint_every: int = 200
     eval_every: int = 0  # steps between evaluations (retrieve.py --finetune: one epoch); 0 never
+
+
+def check_optim(optim: OptimConfig) -> None:
+    """Settings that would fail mid-run (a division by zero at the first log) or train nothing."""
+    for name in ("max_steps", "batch_size", "log_every", "checkpoint_every", "warmup_steps", "eval_every"):
+        least = 0 if name in ("warmup_steps", "eval_every") else 1
+        if getattr(optim, name) < least:
+            raise ValueError(f"optim.{name} must be at least {least}, got {getattr(optim, name)}")
+    for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
+        value = getattr(optim, name)
+        if not (math.isfinite(value) and (value > 0 if name in ("lr", "grad_clip") else value >= 0)):
+            raise ValueError(f"optim.{name} must be a finite number {'> 0' if name in ('lr', 'grad_clip') else '>= 0'}, "
+                             f"got {value}")
 
 
 def default_model() -> MamoConfig:
@@ -295,6 +308,7 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
     Every optim.eval_every steps ``evaluate(model, step)`` (called on every rank, model in eval
     mode) scores the model; the best-scoring weights are kept in best.pt.
     Returns (checkpoint path, the step it holds)."""
+    check_optim(config.optim)
     rank, world, device = setup_distributed()
     if config.cuda_graph and (device.type != "cuda" or world > 1 or config.image_id_positives
                               or ops_backend("itc_loss") == "reference"):
@@ -447,6 +461,7 @@ def main():
         base = torch.load(args.resume, map_location="cpu", weights_only=True, mmap=True).get("config")
     try:
         config = load_config(TrainConfig, args.config, args.overrides, base=base)
+        check_optim(config.optim)
     except ValueError as error:
         parser.error(str(error))
     started = time.time()

@@ -160,10 +160,24 @@ def test_cuda_graph_run_resumes_exactly_and_follows_the_eager_run(tmp_path):
     assert_same_weights(graph / "last.pt", eager / "last.pt")
 
 
-def test_bad_config_stops_before_training(tmp_path):
-    result = run("--out", str(tmp_path), "optim.batch_sise=4")
-    assert result.returncode == 2 and "unknown config key optim.batch_sise" in result.stderr
+@pytest.mark.parametrize("override, message", [
+    ("optim.batch_sise=4", "unknown config key optim.batch_sise"),
+    ("optim.log_every=0", "optim.log_every must be at least 1, got 0"),
+    ("optim.checkpoint_every=0", "optim.checkpoint_every must be at least 1, got 0"),
+    ("optim.max_steps=0", "optim.max_steps must be at least 1, got 0"),
+    ("optim.eval_every=-1", "optim.eval_every must be at least 0, got -1"),
+    ("optim.lr=.nan", "optim.lr must be a finite number > 0, got nan"),
+    ("optim.min_lr=-1e-5", "optim.min_lr must be a finite number >= 0, got -1e-05"),
+])
+def test_bad_config_stops_before_training(tmp_path, override, message):
+    result = run("--out", str(tmp_path), override)
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_resume_names_a_missing_checkpoint(tmp_path):
+    result = run("--out", str(tmp_path), "--resume", str(tmp_path / "last.pt"))
+    assert result.returncode == 2 and "--resume " + str(tmp_path / "last.pt") + ": no such file" in result.stderr
 
 
 def test_two_processes_equal_one_on_the_same_global_batch(tmp_path):
