@@ -53,7 +53,7 @@ def test_top_k_of_everything_equals_itm_on_every_pair():
     torch.testing.assert_close(t2i, sims.T)
 
 
-def test_top_k_rescored_and_the_rest_minus_100():
+def test_top_k_rescored_and_the_rest_in_similarity_order_below():
     model, emb = embeddings()
     want, sims = brute_force_itm(model, emb), emb.image_feat @ emb.text_feat.T
     i2t, t2i = two_stage_scores(model, emb, k=2)
@@ -61,7 +61,7 @@ def test_top_k_rescored_and_the_rest_minus_100():
         top = similarity.topk(2, dim=1).indices
         chosen = torch.zeros_like(scores, dtype=torch.bool).scatter(1, top, True)
         torch.testing.assert_close(scores[chosen], full[chosen], rtol=1e-4, atol=1e-5)
-        assert (scores[~chosen] == -100).all()
+        torch.testing.assert_close(scores[~chosen], similarity[~chosen] - 100)  # below any ITM logit
 
 
 def test_bad_score_and_k():
@@ -158,7 +158,11 @@ def test_evaluation_errors_name_the_problem(tmp_path, checkpoint):
     result = run("retrieve.py", "--checkpoint", str(checkpoint), "data.dataset=karpathy")
     assert result.returncode == 2 and "needs data.test_file and data.image_root" in result.stderr
     result = run("retrieve.py", "--checkpoint", str(checkpoint), "retrieval.score=itm_itc")
-    assert result.returncode == 2 and "score must be one of" in result.stderr
+    assert result.returncode == 2 and "retrieval.score (--score) must be one of" in result.stderr
+    result = run("retrieve.py", "--checkpoint", str(checkpoint), "retrieval.k_test=0")
+    assert result.returncode == 2 and "retrieval.k_test (--k-test) must be at least 1, got 0" in result.stderr
+    result = run("retrieve.py", "--checkpoint", str(checkpoint), "retrieval.split=train")
+    assert result.returncode == 2 and "retrieval.split (--split) must be val or test, got 'train'" in result.stderr
     result = run("retrieve.py", "--finetune", "--checkpoint", str(checkpoint), "retrieval.finetune_epochs=0")
     assert result.returncode == 2 and "retrieval.finetune_epochs must be at least 1" in result.stderr
     result = run("retrieve.py", "--finetune", "--checkpoint", str(checkpoint), "optim.batch_size=1000")

@@ -87,7 +87,7 @@ def two_stage_scores(model, embeddings: Embeddings, k: int, score: str = "itm", 
                      progress: bool = False) -> Tuple[Tensor, Tensor]:
     """(scores_i2t (I, T), scores_t2i (T, I)) as ALBEF's evaluation: the ITC similarity for
     score="itc"; else each query's top k (clipped to the set) by similarity get the ITM logit
-    (plus the similarity for "itm+itc", as BLIP) and every other entry -100. Under
+    (plus the similarity for "itm+itc", as BLIP) and every other entry its similarity − 100. Under
     torch.distributed each rank re-scores a contiguous share of the queries and the matrices are
     summed across ranks, so every rank returns what one process would."""
     check_settings(k, score)
@@ -106,7 +106,9 @@ def two_stage_scores(model, embeddings: Embeddings, k: int, score: str = "itm", 
             values[start:end] = itm_scores(model, embeddings, *pair(queries[start:end], keys[start:end]))
         values = values.view_as(top_sim) + (top_sim if score == "itm+itc" else 0)
         scores = torch.zeros_like(sims)  # rows of other ranks stay 0 for the sum
-        scores[rows] = torch.full((len(rows), sims.shape[1]), -100.0, device=sims.device).scatter(1, top_idx, values)
+        # Past the top k: the similarity's order, 100 below (ALBEF puts a flat -100 there, whose
+        # ties sort by index and so decide R@5/R@10 when k < 10).
+        scores[rows] = (sims[rows] - 100.0).scatter(1, top_idx, values)
         if world > 1:
             dist.all_reduce(scores)
         return scores
