@@ -317,9 +317,11 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
                          f"the host mid-step); this run: {device.type}, {world} processes, "
                          f"image_id_positives={config.image_id_positives}, itc_loss {ops_backend('itc_loss')}")
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # the same initial weights on every rank
     dataset, collate, model = build(config, out)
     model.to(device)
+    if rank > 0:  # then each rank its own dropout (rank 0 keeps the stream one process has)
+        torch.manual_seed(config.seed + rank)
     optimizer = make_optimizer(model, config.optim.lr, config.optim.weight_decay, config.cuda_graph)
     generator = torch.Generator(device).manual_seed(config.seed + rank)  # masking and negative draws
     start, checkpoint, best = 0, out / "last.pt", -math.inf
