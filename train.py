@@ -74,15 +74,14 @@ class OptimConfig:
 
 def check_optim(optim: OptimConfig) -> None:
     """Settings that would fail mid-run (a division by zero at the first log) or train nothing."""
-    for name in ("max_steps", "batch_size", "log_every", "checkpoint_every", "warmup_steps", "eval_every"):
-        least = 0 if name in ("warmup_steps", "eval_every") else 1
+    for name, least in (("max_steps", 1), ("batch_size", 1), ("log_every", 1), ("checkpoint_every", 1),
+                        ("warmup_steps", 0), ("eval_every", 0)):
         if getattr(optim, name) < least:
             raise ValueError(f"optim.{name} must be at least {least}, got {getattr(optim, name)}")
-    for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
+    for name, bound in (("lr", "> 0"), ("grad_clip", "> 0"), ("min_lr", ">= 0"), ("weight_decay", ">= 0")):
         value = getattr(optim, name)
-        if not (math.isfinite(value) and (value > 0 if name in ("lr", "grad_clip") else value >= 0)):
-            raise ValueError(f"optim.{name} must be a finite number {'> 0' if name in ('lr', 'grad_clip') else '>= 0'}, "
-                             f"got {value}")
+        if not (math.isfinite(value) and (value > 0 or (value == 0 and bound == ">= 0"))):
+            raise ValueError(f"optim.{name} must be a finite number {bound}, got {value}")
 
 
 def default_model() -> MamoConfig:
