@@ -78,7 +78,7 @@ def check_optim(optim: OptimConfig) -> None:
                         ("warmup_steps", 0), ("eval_every", 0)):
         if getattr(optim, name) < least:
             raise ValueError(f"optim.{name} must be at least {least}, got {getattr(optim, name)}")
-    for name, bound in (("lr", "> 0"), ("grad_clip", "> 0"), ("min_lr", ">= 0"), ("weight_decay", ">= 0")):
+    for name, bound in (("grad_clip", "> 0"), ("lr", ">= 0"), ("min_lr", ">= 0"), ("weight_decay", ">= 0")):
         value = getattr(optim, name)
         if not (math.isfinite(value) and (value > 0 or (value == 0 and bound == ">= 0"))):
             raise ValueError(f"optim.{name} must be a finite number {bound}, got {value}")

@@ -166,7 +166,7 @@ def test_cuda_graph_run_resumes_exactly_and_follows_the_eager_run(tmp_path):
     ("optim.checkpoint_every=0", "optim.checkpoint_every must be at least 1, got 0"),
     ("optim.max_steps=0", "optim.max_steps must be at least 1, got 0"),
     ("optim.eval_every=-1", "optim.eval_every must be at least 0, got -1"),
-    ("optim.lr=.nan", "optim.lr must be a finite number > 0, got nan"),
+    ("optim.lr=.nan", "optim.lr must be a finite number >= 0, got nan"),
     ("optim.min_lr=-1e-5", "optim.min_lr must be a finite number >= 0, got -1e-05"),
 ])
 def test_bad_config_stops_before_training(tmp_path, override, message):
