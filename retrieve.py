@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from train import (BatchOrder, TrainConfig, caption_tokenizer, image_transform, make_dataset, make_model, make_tokenizer,
                    setup_distributed, train)
-from vlfast.retrieval import (SCORES, Embeddings, contact_sheet, embed_images, embed_texts, evaluate,
+from vlfast.retrieval import (SCORES, Embeddings, check_settings, contact_sheet, embed_images, embed_texts, evaluate,
                               itm_scores, top_matches)
 from vlfast.training import load_checkpoint, load_config, save_checkpoint
 
@@ -42,10 +42,7 @@ def checkpoint_config(checkpoint: Path, config_file=None, overrides=()):
     settings = config.retrieval
     if settings.split not in ("val", "test"):
         raise ValueError(f"retrieval.split (--split) must be val or test, got {settings.split!r}")
-    if settings.k_test < 1:
-        raise ValueError(f"retrieval.k_test (--k-test) must be at least 1, got {settings.k_test}")
-    if settings.score not in SCORES:
-        raise ValueError(f"retrieval.score (--score) must be one of {SCORES}, got {settings.score!r}")
+    check_settings(settings.k_test, settings.score, names=("retrieval.k_test (--k-test)", "retrieval.score (--score)"))
     # Evaluation pads captions to the longest, and fine-tuning's image-id positives are read on the
     # host: neither runs a recorded CUDA graph, whatever the pretraining did.
     config.cuda_graph = False

@@ -99,19 +99,23 @@ def test_two_writers_of_one_path_never_share_a_temporary_file(tmp_path):
     their own temporary file: the last rename wins, and neither fails or leaves a mixed file."""
     import threading
 
-    path, inside = tmp_path / "cache.pt", threading.Barrier(2)
+    path, inside, errors = tmp_path / "cache.pt", threading.Barrier(2), []
 
     def slow_save(value):
         def write(file):
             torch.save({"value": value}, file)
             inside.wait(timeout=30)  # both writers hold their temporary files at once
-        write_atomically(path, write)
+        try:
+            write_atomically(path, write)
+        except Exception as error:  # a thread's exception does not reach the test by itself
+            errors.append(error)
 
     writers = [threading.Thread(target=slow_save, args=(value,)) for value in (1, 2)]
     for writer in writers:
         writer.start()
     for writer in writers:
         writer.join()
+    assert not errors, errors
     assert load_checkpoint(path)["value"] in (1, 2) and [p.name for p in tmp_path.iterdir()] == ["cache.pt"]
 
 

@@ -68,11 +68,12 @@ def itm_scores(model, embeddings: Embeddings, image_idx: Tensor, text_idx: Tenso
     return logits[:, 1].float()
 
 
-def check_settings(k: int, score: str) -> None:
+def check_settings(k: int, score: str, names=("k", "score")) -> None:
+    """``names``: what the errors call k and score (retrieve.py: the config keys and flags)."""
     if score not in SCORES:
-        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+        raise ValueError(f"{names[1]} must be one of {SCORES}, got {score!r}")
     if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
+        raise ValueError(f"{names[0]} must be at least 1, got {k}")
 
 
 def query_rows(queries: int, rank: int, world: int) -> Tuple[int, int]:

@@ -140,7 +140,6 @@ def write_vocab(directory) -> Path:
     """vocab.txt with BERT's special tokens and every word the captions use; returns the directory,
     which `transformers.BertTokenizerFast.from_pretrained` then loads."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     # Atomically: every rank of a torchrun run writes it while the others may be reading it.
     text = "\n".join([*SPECIAL_TOKENS, *WORDS]) + "\n"
     write_atomically(directory / "vocab.txt", lambda file: file.write(text), mode="w")
