@@ -82,6 +82,60 @@ def test_the_target_changes_only_through_the_ema():
         torch.testing.assert_close(p, want, rtol=1e-6, atol=1e-7, msg=name)
 
 
+def _masked_view(model, images, input_ids, mask, ids_restore=None):
+    """(fused image stream of f(I', T) (B, 1 + N, W), ids_restore, kept patches L) for one masking."""
+    text, _ = model.embed_text(input_ids, mask)
+    visible, masking = model.visual_encoder.forward_masked(images, 0.75, torch.Generator().manual_seed(1))
+    ids_restore = masking.ids_restore if ids_restore is None else ids_restore
+    return model.fuse_masked_image(visible, ids_restore, text, mask), ids_restore, visible.shape[1] - 1
+
+
+def test_each_masked_patch_reaches_fusion_with_its_own_position():
+    model = tiny().eval()
+    images, input_ids, mask = batch()
+    with torch.no_grad():
+        fused, ids_restore, kept = _masked_view(model, images, input_ids, mask)
+        for b in range(images.shape[0]):  # without positions the masked rows were equal to 4e-7
+            rows = fused[b, 1:][ids_restore[b] >= kept]
+            spread = (rows[:, None] - rows[None]).abs().amax(-1)  # (M, M): largest difference of each pair
+            assert spread[~torch.eye(len(rows), dtype=torch.bool)].min() > 1e-3, (b, spread)
+        # Move image 0's first masked patch p to its first kept position r (and r's encoder output to p):
+        # the mask token is the same vector, only its position changes, so its prediction must too.
+        p = int((ids_restore[0] >= kept).nonzero()[0])
+        r = int((ids_restore[0] < kept).nonzero()[0])
+        moved = ids_restore.clone()
+        moved[0, p], moved[0, r] = ids_restore[0, r], ids_restore[0, p]
+        fused_moved, _, _ = _masked_view(model, images, input_ids, mask, moved)
+        before = model.mim_predictor(fused[0, 1 + p])
+        after = model.mim_predictor(fused_moved[0, 1 + r])
+        assert (before - after).abs().max() > 1e-3, (before - after).abs().max()
+        # and the fusion output at the old position now holds the visible patch, not the mask token
+        assert (fused_moved[0, 1 + p] - fused[0, 1 + p]).abs().max() > 1e-3
+
+
+def test_the_target_network_runs_without_dropout_unless_configured():
+    model = tiny()
+    model.config.text.dropout = 0.5
+    for module in model.target.model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.5
+    images, input_ids, mask = batch()
+    model.train()
+    seen = []
+    hook = model.target.model["bert"].register_forward_hook(lambda module, args, output: seen.append(module.training))
+    model(images, input_ids, mask, generator=torch.Generator().manual_seed(0))
+    assert seen and not any(seen)  # eval mode: deterministic targets
+    model.config.target_dropout = True
+    seen.clear()
+    model(images, input_ids, mask, generator=torch.Generator().manual_seed(0))
+    assert seen and all(seen)
+    model.eval()
+    seen.clear()
+    model(images, input_ids, mask, generator=torch.Generator().manual_seed(0))
+    assert seen and not any(seen)  # an evaluated model never drops out, target included
+    hook.remove()
+
+
 def test_objectives_are_switchable_and_checked():
     model = tiny(("itc", "itm"))
     losses = model(*batch())

@@ -1,11 +1,26 @@
 """MAMO-style masked multimodal model: ViT image encoder, BERT text encoder and fusion layers,
-an EMA target network, and the five objectives of DESIGN.md (MRM, MIM, MLM, ITC, ITM).
+an EMA target network, and the five objectives of docs/design.md (MRM, MIM, MLM, ITC, ITM).
 
 Fusion gives outputs at text and at image positions: the text stream is ALBEF's (text tokens
 attend to each other and cross-attend to the image tokens); the image stream runs the same
 fusion layers with the roles swapped (image tokens attend to each other and cross-attend to the
 text), so masked image positions have fused representations for MRM and MIM without a second
 stack of weights. That needs equal image and text widths (ViT-B and BERT-base: 768).
+
+Positions in the image stream: the fusion layers add no position embedding and attention does not
+see order, so every image token entering the image stream gets the image encoder's own position
+embedding (``visual_encoder.pos_embed``, [CLS] included) added once more, as MAE's decoder adds
+its position embeddings after putting the mask tokens back. In the masked view I' the mask tokens
+are otherwise identical: without it every masked patch of an image leaves fusion as the same
+vector, and MIM and the image half of MRM could only learn each image's mean target. The target
+network's image stream adds its own (EMA) copy of the same table, so both streams see one kind of
+input. The encoder's table is reused rather than a new one because it is pretrained with the ViT
+and averaged into the target with it.
+
+The target network runs in eval mode by default (``target_dropout=False``): MRM and MIM regress
+onto its outputs, and dropout there would only add noise to the targets (it does not change what
+the losses' expectation is minimised by, but it makes every gradient noisier). ALBEF's momentum
+encoders, by contrast, run in train mode; ``target_dropout=True`` does that.
 """
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence, Tuple
@@ -36,6 +51,7 @@ class MamoConfig:
     ema_decay: float = 0.995
     objectives: Tuple[str, ...] = OBJECTIVES
     smoothing: float = 0.0  # ITM negatives ∝ softmax + smoothing (ALBEF 0)
+    target_dropout: bool = False  # the target network's dropout during training (ALBEF's momentum models: on)
 
 
 def _mlp(width_in: int, width_out: int) -> nn.Sequential:
@@ -89,8 +105,18 @@ class Mamo(nn.Module):
     @staticmethod
     def fuse_image(bert: BertModel, image: Tensor, text: Tensor, text_mask: Tensor) -> Tensor:
         """Fused image (B, 1 + N, W): the image stream, through the same layers, cross-attends to the text.
-        Each objective runs only the stream its loss reads: the other would cost a stack of layers for nothing."""
+        ``image`` already carries its position embedding (see the module's docstring). Each objective runs
+        only the stream its loss reads: the other would cost a stack of layers for nothing."""
         return bert(mode="fusion", text_states=image, image=text, image_mask=text_mask)
+
+    def fuse_masked_image(self, visible: Tensor, ids_restore: Tensor, text: Tensor, text_mask: Tensor) -> Tensor:
+        """f(I', T) at every image position (B, 1 + N, W): the encoder's output on the visible patches
+        (B, 1 + L, W), [CLS] first, with mask tokens put back where ``ids_restore`` ≥ L and the image
+        encoder's position embedding added to every token (one unmask pass), through the image stream."""
+        pos_embed = self.visual_encoder.pos_embed  # (1, 1 + N, W)
+        patches = unmask(visible[:, 1:], ids_restore, self.image_mask_token, pos_embed=pos_embed[:, 1:])
+        image = torch.cat([visible[:, :1] + pos_embed[:, :1], patches], dim=1)
+        return self.fuse_image(self.text_encoder.bert, image, text, text_mask)
 
     def embed_image(self, images: Tensor) -> Tuple[Tensor, Tensor]:
         """(image tokens (B, 1 + N, W), the L2-normalised ITC feature (B, embed_dim))."""
@@ -119,10 +145,12 @@ class Mamo(nn.Module):
         if objectives & {"mrm", "mim"}:  # the targets: the EMA network on the unmasked pair
             with torch.no_grad():
                 target = self.target.model
+                target.train(self.training and self.config.target_dropout)
                 target_image = target["visual_encoder"].forward_features(images)
                 target_text = target["bert"](input_ids, attention_mask, mode="text")
                 target_fused_text = self.fuse_text(target["bert"], target_text, attention_mask, target_image)
-                target_fused_image = self.fuse_image(target["bert"], target_image, target_text, attention_mask)
+                target_fused_image = self.fuse_image(target["bert"], target_image + target["visual_encoder"].pos_embed,
+                                                     target_text, attention_mask)
 
         if objectives & {"itc", "itm"}:
             with torch.no_grad():
@@ -143,8 +171,7 @@ class Mamo(nn.Module):
 
         if objectives & {"mrm", "mim"}:  # f(I', T): the image encoder sees only the visible patches
             visible, masking = self.visual_encoder.forward_masked(images, self.config.image_mask_ratio, generator)
-            restored = unmask(visible[:, 1:], masking.ids_restore, self.image_mask_token)
-            fused_image = self.fuse_image(bert, torch.cat([visible[:, :1], restored], dim=1), text, attention_mask)
+            fused_image = self.fuse_masked_image(visible, masking.ids_restore, text, attention_mask)
             masked = _masked_positions(masking)
             predicted = _patches_at(fused_image, masked)
             if "mim" in objectives:
