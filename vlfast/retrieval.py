@@ -6,7 +6,7 @@ recall@1/5/10. Works with any model that has embed_image, embed_text and itm_log
 import math
 import textwrap
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -150,7 +150,7 @@ def evaluate(model, dataset, tokenize: Callable[[List[str]], Tuple[Tensor, Tenso
     text, text_mask, text_feat = embed_texts(model, *tokenize(captions), device, batch_size, progress)
     embeddings = Embeddings(image, image_feat, text, text_mask, text_feat)
     scores_i2t, scores_t2i = two_stage_scores(model, embeddings, k, score, 4 * batch_size, progress)
-    metrics = itm_eval(scores_i2t.cpu().numpy(), scores_t2i.cpu().numpy(), img2txt, txt2img)
+    metrics = itm_eval(scores_i2t.cpu().numpy(), scores_t2i.cpu().numpy(), txt2img, img2txt)
     return Evaluation(metrics, scores_i2t.cpu(), scores_t2i.cpu(), captions, img2txt, txt2img, len(skipped))
 
 
@@ -207,19 +207,30 @@ def contact_sheet(evaluation: Evaluation, image: Callable[[int], Tensor], path, 
     plt.close(figure)
 
 
-def itm_eval(scores_i2t: np.ndarray, scores_t2i: np.ndarray, img2txt: Sequence[Sequence[int]],
-             txt2img: Sequence[int]) -> Dict[str, float]:
+def itm_eval(scores_i2t: np.ndarray, scores_t2i: np.ndarray, txt2img: Union[Sequence[int], Mapping[int, int]],
+             img2txt: Union[Sequence[Sequence[int]], Mapping[int, Sequence[int]]]) -> Dict[str, float]:
     """Recall@1/5/10 in percent for text retrieval (each image's query ranks all texts; an image
     counts at the best rank among its ground-truth captions) and image retrieval (each text's
     query ranks all images), their means, and r_mean, the mean of the two.
 
-    scores_i2t: (images, texts); scores_t2i: (texts, images); img2txt[i]: caption indices of image
-    i; txt2img[t]: the image of caption t.
+    The arguments are ALBEF's and BLIP's ``itm_eval(scores_i2t, scores_t2i, txt2img, img2txt)``,
+    in their order and with their names, so a call ported from them is unchanged:
+    scores_i2t: (images, texts); scores_t2i: (texts, images); txt2img[t]: the image of caption t;
+    img2txt[i]: the caption indices of image i. Both may be lists or dicts keyed 0..n-1 (ALBEF's
+    datasets hold dicts). Given in the other order they are refused (a TypeError says so): txt2img
+    holds one index per caption, img2txt a list per image.
     """
     scores_i2t, scores_t2i = np.asarray(scores_i2t), np.asarray(scores_t2i)
-    if scores_i2t.shape != scores_t2i.shape[::-1]:
+    if scores_i2t.ndim != 2 or scores_i2t.shape != scores_t2i.shape[::-1]:
         raise ValueError(f"scores_i2t {scores_i2t.shape} and scores_t2i {scores_t2i.shape} must be transposes in shape")
-    if len(img2txt) != scores_i2t.shape[0] or len(txt2img) != scores_i2t.shape[1]:
+    images, texts = scores_i2t.shape
+    txt2img, img2txt = _as_list(txt2img, "txt2img"), _as_list(img2txt, "img2txt")
+    if any(isinstance(image, (Sequence, np.ndarray)) for image in txt2img) or \
+            not all(isinstance(captions, (Sequence, np.ndarray)) for captions in img2txt):
+        raise TypeError("itm_eval(scores_i2t, scores_t2i, txt2img, img2txt): txt2img holds one image index per "
+                        "caption and img2txt a list of caption indices per image (ALBEF's order); "
+                        "were they passed the other way round?")
+    if len(img2txt) != images or len(txt2img) != texts:
         raise ValueError(f"img2txt has {len(img2txt)} images and txt2img {len(txt2img)} texts; "
                          f"the scores are {scores_i2t.shape}")
     text_ranks = _ranks(scores_i2t, [list(captions) for captions in img2txt])
@@ -231,6 +242,15 @@ def itm_eval(scores_i2t: np.ndarray, scores_t2i: np.ndarray, img2txt: Sequence[S
         metrics[f"{prefix}_r_mean"] = (metrics[f"{prefix}_r1"] + metrics[f"{prefix}_r5"] + metrics[f"{prefix}_r10"]) / 3
     metrics["r_mean"] = (metrics["txt_r_mean"] + metrics["img_r_mean"]) / 2
     return metrics
+
+
+def _as_list(index, name: str) -> list:
+    """A list, or a dict keyed 0..n-1 (ALBEF's img2txt / txt2img), as the list of its values in key order."""
+    if isinstance(index, Mapping):
+        if sorted(index) != list(range(len(index))):
+            raise ValueError(f"{name} as a dict must be keyed 0..{len(index) - 1}, as the rows of the scores")
+        return [index[i] for i in range(len(index))]
+    return list(index)
 
 
 def _ranks(scores: np.ndarray, positives: List[List[int]]) -> np.ndarray:
