@@ -1,35 +1,115 @@
 """Builds vlfast._C: the C++ CPU kernels always, the CUDA kernels when they can be built.
 
-    python setup.py build_ext --inplace
+    python setup.py build_ext --inplace              # in a checkout
+    pip install --no-build-isolation .               # as a package another project depends on
 
-VLFAST_BUILD_CUDA=auto (default) builds the CUDA sources when torch is a CUDA build and nvcc is
-found (CUDA_HOME or PATH), =1 requires them (fails loudly), =0 skips them (quick CPU-only
+VLFAST_BUILD_CUDA=auto (default) builds the CUDA sources when torch is a CUDA build and a complete
+CUDA toolkit is found (cuda_toolkit below); otherwise it builds the CPU kernels and says why in one
+line. =1 requires the CUDA kernels (fails naming what is missing), =0 skips them (quick CPU-only
 iteration). TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0"; MAX_JOBS bounds the parallel compiles.
 VLFAST_CPU_BASELINE=1 builds the C++ CPU kernels for the baseline x86-64 only, without the AVX2
 versions picked at load time (to test the code a CPU without AVX2 runs).
 """
 import glob
+import logging
 import os
+import re
+import shutil
+import subprocess
 
-import torch
 from setuptools import find_packages, setup
-from torch.utils import cpp_extension
+
+try:
+    import torch
+except ImportError:  # pip's default isolated build environment has no torch
+    raise SystemExit("vlfast builds against the torch it will run with: install torch first, then "
+                     "`pip install --no-build-isolation .` (or `python setup.py build_ext --inplace` in a checkout)")
+
+# torch guesses a toolkit when cpp_extension is imported (and warns that it sees no GPU, which a
+# build machine need not have): the toolkit is found below and handed to it instead.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+from torch.utils import cpp_extension  # noqa: E402
+
+STANDARD_TOOLKITS = ["/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True), "/opt/cuda"]
+
+
+def nvcc_targets(path: str) -> list:
+    """The real nvcc behind ``path``, links followed; a small wrapper script (``exec
+    /somewhere/bin/nvcc "$@"``) leads to the nvcc paths it names first, then to itself."""
+    path = os.path.realpath(path)
+    with open(path, "rb") as file:
+        head = file.read(4096)
+    named = re.findall(r"(/[^\s'\"]*/bin/nvcc)\b", head.decode(errors="replace")) if head.startswith(b"#!") else []
+    return [os.path.realpath(p) for p in named] + [path]
+
+
+def toolkit_candidates() -> list:
+    """(where it came from, directory) in the order they are tried. A CUDA_HOME or CUDA_PATH the
+    user set is the only candidate: a build never silently takes another toolkit than the one named."""
+    for variable in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(variable):
+            return [(variable, os.environ[variable])]
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates += [(f"nvcc on PATH ({nvcc} -> {target})", os.path.dirname(os.path.dirname(target)))
+                       for target in nvcc_targets(nvcc)]
+    return candidates + [("standard location", directory) for directory in STANDARD_TOOLKITS]
+
+
+def toolkit_problem(home: str) -> str:
+    """Why the toolkit in ``home`` cannot build the CUDA kernels, or "" when it can."""
+    nvcc = os.path.join(home, "bin", "nvcc")
+    if not os.access(nvcc, os.X_OK):
+        return f"no executable {nvcc}"
+    if not os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")):
+        return f"no {os.path.join(home, 'include', 'cuda_runtime.h')}"
+    try:
+        version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as error:
+        return f"{nvcc} --version failed: {error}"
+    release = re.search(r"release (\d+)\.(\d+)", version)
+    if release is None:
+        return f"{nvcc} --version names no release"
+    if release.group(1) != torch.version.cuda.split(".")[0]:
+        return f"{nvcc} is CUDA {release.group(1)}.{release.group(2)}, torch was built with CUDA {torch.version.cuda}"
+    return ""
+
+
+def cuda_toolkit() -> tuple:
+    """(the toolkit directory, "") or (None, why none can build)."""
+    if torch.version.cuda is None:
+        return None, f"torch {torch.__version__} is not a CUDA build"
+    problems = []
+    for where, home in toolkit_candidates():
+        if not os.path.isdir(home):
+            if where != "standard location":
+                problems.append(f"{where}: {home} is not a directory")
+            continue
+        problem = toolkit_problem(home)
+        if not problem:
+            return home, ""
+        problems.append(f"{where}: {problem}")
+    return None, "; ".join(problems) or "no CUDA toolkit found (CUDA_HOME, CUDA_PATH, nvcc on PATH, /usr/local/cuda)"
 
 
 def build_cuda() -> bool:
     switch = os.environ.get("VLFAST_BUILD_CUDA", "auto")
     if switch not in ("auto", "0", "1"):
         raise SystemExit(f"VLFAST_BUILD_CUDA must be auto, 0 or 1, got {switch!r}")
-    missing = []
-    if torch.version.cuda is None:
-        missing.append(f"torch {torch.__version__} is not a CUDA build")
-    if cpp_extension.CUDA_HOME is None:
-        missing.append("nvcc not found (set CUDA_HOME)")
-    if switch == "1" and missing:
-        raise SystemExit("VLFAST_BUILD_CUDA=1 but the CUDA kernels cannot be built: " + "; ".join(missing))
-    if switch == "auto" and missing:
-        print("vlfast: building without CUDA kernels: " + "; ".join(missing))
-    return switch == "1" or (switch == "auto" and not missing)
+    if switch == "0":
+        return False
+    home, problem = cuda_toolkit()
+    if home is None:
+        if switch == "1":
+            raise SystemExit(f"VLFAST_BUILD_CUDA=1 but the CUDA kernels cannot be built: {problem}")
+        print(f"vlfast: building the CPU kernels only, CUDA skipped: {problem}. To require the CUDA kernels: "
+              "VLFAST_BUILD_CUDA=1 CUDA_HOME=/path/to/cuda python setup.py build_ext --inplace")
+        return False
+    print(f"vlfast: building the CPU and CUDA kernels with the CUDA toolkit in {home}")
+    cpp_extension.CUDA_HOME = home  # what cpp_extension compiles and links with
+    os.environ["CUDA_HOME"] = home  # and what any tool it starts sees
+    return True
 
 
 def extension():
@@ -51,12 +131,14 @@ def extension():
                                        extra_link_args=link_args)
 
 
-setup(
-    name="vlfast",
-    version="0.1.0",
-    description="Fused GPU kernels for vision-language pretraining",
-    packages=find_packages(include=["vlfast", "vlfast.*"]),
-    ext_modules=[extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension},
-    python_requires=">=3.10",
-)
+if __name__ == "__main__":  # pip and setuptools run this file as __main__; tests import its toolkit search
+    setup(
+        name="vlfast",
+        version="0.1.0",
+        description="Fused GPU kernels for vision-language pretraining",
+        packages=find_packages(include=["vlfast", "vlfast.*"]),
+        ext_modules=[extension()],
+        cmdclass={"build_ext": cpp_extension.BuildExtension},
+        install_requires=["torch", "numpy"],
+        python_requires=">=3.10",
+    )
