@@ -13,6 +13,22 @@ if not CUDA:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
+    from vlfast import _extension
+
+    if _extension.BUILT and _extension.LOAD_ERROR is not None:  # skips would hide a broken build
+        raise pytest.UsageError(f"vlfast._C is built but does not load: {_extension.LOAD_ERROR}. "
+                                f"Rebuild it: {_extension.BUILD_COMMAND}")
+
+
+def _extension_loaded() -> bool:
+    from vlfast import _extension
+
+    return _extension.LOAD_ERROR is None
+
+
+# Tests of what only the compiled kernels do (their rounding, their registration): without
+# vlfast._C the ops run their references, which these tests do not describe.
+needs_extension = pytest.mark.skipif(not _extension_loaded(), reason="vlfast._C is not built: python setup.py build_ext --inplace")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICES
+from conftest import DEVICES, needs_extension
 from vlfast import _extension
 from vlfast.ops import attention, attention_reference
 
@@ -14,7 +14,6 @@ pytestmark = pytest.mark.usefixtures("poisoned_memory")  # conftest: NaN in ever
 attention_module = importlib.import_module("vlfast.ops.attention")  # the name vlfast.ops.attention is the function
 
 needs_triton = pytest.mark.skipif(attention_module.triton is None, reason="Triton not installed")
-needs_extension = pytest.mark.skipif(_extension.LOAD_ERROR is not None, reason="vlfast._C not built")
 # "auto": the C++ kernel on the CPU, SDPA on CUDA; "sdpa": auto without the C++ kernel (the CPU
 # when vlfast._C is not built; on CUDA the same as auto); "triton": the Triton kernels
 # (interpreted on the CPU); "reference": eager.
@@ -95,7 +94,7 @@ def test_equals_attention_in_fp64(device, path, shape, masked):
 @pytest.mark.parametrize("dtype, tol", [(torch.float16, 5e-3), (torch.bfloat16, 3e-2)])
 def test_half_dtypes(device, path, dtype, tol):
     if device == "cpu" and path == "triton" and dtype == torch.bfloat16:
-        pytest.skip("the Triton interpreter mis-computes bf16 dots (ANCHORS.md): bf16 is checked on a GPU")
+        pytest.skip("the Triton interpreter mis-computes bf16 dots (docs/design.md): bf16 is checked on a GPU")
     q, k, v, mask = make(2, 2, 33, 40, 64, dtype, device, seed=1)
     assert_matches_fp64(q, k, v, mask, tol=tol)
 

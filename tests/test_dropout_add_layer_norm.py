@@ -7,14 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICES
+from conftest import DEVICES, needs_extension
 from vlfast import _extension
 from vlfast.ops import dropout_add_layer_norm, dropout_add_layer_norm_reference
 from vlfast.ops.dropout_add_layer_norm import _draw_seed, triton, triton_backward, triton_forward
 
 pytestmark = pytest.mark.usefixtures("poisoned_memory")  # conftest: NaN in every torch.empty
 
-needs_extension = pytest.mark.skipif(_extension.LOAD_ERROR is not None, reason="vlfast._C not built")
 # (..., D): one element, D below a block of 32 elements, odd sizes (rows start mid-block),
 # BERT-base's width, a (B, L, D) batch as the models pass it.
 SHAPES = [(1, 1), (3, 5), (7, 33), (5, 768), (2, 7, 33)]

@@ -1,13 +1,12 @@
 import pytest
 import torch
 
-from conftest import DEVICES, chi_square_quantile
+from conftest import DEVICES, chi_square_quantile, needs_extension
 from vlfast import _extension
 from vlfast.ops import random_masking, random_masking_reference, unmask, unmask_reference
 
 pytestmark = pytest.mark.usefixtures("poisoned_memory")  # conftest: NaN in every torch.empty
 
-needs_extension = pytest.mark.skipif(_extension.LOAD_ERROR is not None, reason="vlfast._C not built")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 # (B, N, D): B = 1, odd N, D not a multiple of 8, and the ViT-B/16 patch grid.
 SHAPES = [(1, 7, 5), (3, 13, 24), (2, 49, 12), (4, 196, 64)]
