@@ -50,7 +50,7 @@ TOLERANCE = {torch.float64: 1e-6, torch.float32: 2e-5, torch.float16: 2e-3, torc
 def test_loss_and_gradients_equal_the_reference(device, path, dtype, batch, dim, with_ids):
     run_on(path, device)
     if path == "triton" and device == "cpu" and dtype == torch.bfloat16:
-        pytest.skip("the Triton interpreter mis-computes bf16 dots (ANCHORS.md): bf16 is checked on a GPU")
+        pytest.skip("the Triton interpreter mis-computes bf16 dots (docs/design.md): bf16 is checked on a GPU")
     image, text = features(batch, dim, dtype, device, seed=batch)
     image_ids = torch.arange(batch, device=device) % max(1, batch // 2) if with_ids else None
     tau = torch.tensor(0.07, dtype=torch.float64, device=device, requires_grad=True)

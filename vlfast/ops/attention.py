@@ -155,7 +155,7 @@ if _extension.LOAD_ERROR is None:
     torch.library.register_autograd("vlfast::attention_cpu_backward", no_double_backward("attention"))
 
 
-# The Triton path as torch.library custom ops, as for itc_loss (ANCHORS.md: triton_op failed
+# The Triton path as torch.library custom ops, as for itc_loss (docs/design.md: triton_op failed
 # opcheck on the CPU under the interpreter).
 
 def _launch_config(q: Tensor, k: Tensor):

@@ -254,7 +254,7 @@ def _check_inputs(image_feat, text_feat, temperature, image_ids, smoothing, gene
 
 
 # The Triton path as torch.library custom ops (opaque to torch.compile, traceable through their
-# fake implementations; on the CPU triton_op failed opcheck, see ANCHORS.md).
+# fake implementations; on the CPU triton_op failed opcheck, see docs/design.md).
 
 def _launch_config(query: Tensor):
     dim = query.shape[1]
