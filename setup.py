@@ -4,7 +4,7 @@
     pip install --no-build-isolation .               # as a package another project depends on
 
 VLFAST_BUILD_CUDA=auto (default) builds the CUDA sources when torch is a CUDA build and a complete
-CUDA toolkit is found (cuda_toolkit below); otherwise it builds the CPU kernels and says why in one
+CUDA toolkit is found that compiles a test kernel (cuda_toolkit below); otherwise it builds the CPU kernels and says why in one
 line. =1 requires the CUDA kernels (fails naming what is missing), =0 skips them (quick CPU-only
 iteration). TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0"; MAX_JOBS bounds the parallel compiles.
 VLFAST_CPU_BASELINE=1 builds the C++ CPU kernels for the baseline x86-64 only, without the AVX2
@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 
 from setuptools import find_packages, setup
 
@@ -73,6 +74,20 @@ def toolkit_problem(home: str) -> str:
         return f"{nvcc} --version names no release"
     if release.group(1) != torch.version.cuda.split(".")[0]:
         return f"{nvcc} is CUDA {release.group(1)}.{release.group(2)}, torch was built with CUDA {torch.version.cuda}"
+    # A toolkit can be complete and still not compile here (a host compiler it does not support):
+    # a few seconds on a two-line kernel, where the real build would fail after minutes.
+    with tempfile.TemporaryDirectory() as folder:
+        probe = os.path.join(folder, "probe.cu")
+        with open(probe, "w") as file:
+            file.write("#include <cuda_runtime.h>\n__global__ void probe(float *x) { x[threadIdx.x] = 1.0f; }\n")
+        try:
+            compiled = subprocess.run([nvcc, "-c", probe, "-o", os.path.join(folder, "probe.o")],
+                                      capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.SubprocessError) as error:
+            return f"{nvcc} failed to compile a test kernel: {error}"
+    if compiled.returncode != 0:
+        said = (compiled.stderr or compiled.stdout).strip().splitlines()
+        return f"{nvcc} failed to compile a test kernel: {said[0] if said else f'exit {compiled.returncode}'}"
     return ""
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+ORIGINAL_PATH = os.environ["PATH"]
 
 
 @pytest.fixture
@@ -28,11 +29,14 @@ def setup_py(monkeypatch, tmp_path):
     return module
 
 
-def toolkit(where: Path, release="13.0", header=True) -> Path:
+def toolkit(where: Path, release="13.0", header=True, compiles=True) -> Path:
+    """A fake toolkit whose nvcc prints its release and compiles (exit 0) or not."""
     (where / "bin").mkdir(parents=True)
     (where / "include").mkdir()
     nvcc = where / "bin" / "nvcc"
-    nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {release}, V{release}.88'\n")
+    failure = "" if compiles else "echo 'error -- unsupported GNU version! gcc versions later than 99 are not supported!' >&2; exit 1"
+    nvcc.write_text(f"#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'Cuda compilation tools, release {release}, "
+                    f"V{release}.88'; exit 0; fi\n{failure}\n")
     nvcc.chmod(0o755)
     if header:
         (where / "include" / "cuda_runtime.h").write_text("")
@@ -110,3 +114,20 @@ def test_the_switch_is_checked(setup_py, monkeypatch):
     monkeypatch.setenv("VLFAST_BUILD_CUDA", "yes")
     with pytest.raises(SystemExit, match="VLFAST_BUILD_CUDA must be auto, 0 or 1, got 'yes'"):
         setup_py.build_cuda()
+
+
+def test_a_toolkit_that_cannot_compile_here_is_skipped(setup_py, tmp_path, capsys):
+    home = toolkit(tmp_path / "cuda", compiles=False)
+    (tmp_path / "bin" / "nvcc").symlink_to(home / "bin" / "nvcc")
+    assert setup_py.build_cuda() is False
+    said = capsys.readouterr().out
+    assert "failed to compile a test kernel: error -- unsupported GNU version" in said
+
+
+def test_the_real_toolkit_of_this_machine_compiles_its_test_kernel(setup_py, monkeypatch):
+    """Where a CUDA toolkit is installed at the standard place (this project's machines), the test
+    kernel compiles with it: the check does not refuse a toolkit that works."""
+    if not Path("/usr/local/cuda/bin/nvcc").exists():
+        pytest.skip("no CUDA toolkit in /usr/local/cuda")
+    monkeypatch.setenv("PATH", ORIGINAL_PATH)  # nvcc runs the host compiler
+    assert setup_py.toolkit_problem("/usr/local/cuda") == ""
