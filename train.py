@@ -29,6 +29,7 @@ from vlfast.data.karpathy import test_transform
 from vlfast.data.synthetic import transform as synthetic_transform
 from vlfast.models import Mamo, MamoConfig, TextConfig, VisionConfig
 from vlfast.models.mamo import OBJECTIVES
+from vlfast.models.pretrained import load_text_weights, load_vision_weights
 from vlfast.training import (CudaGraphStep, MetricsLog, check_finite, learning_rate, load_checkpoint, load_config,
                              plot_losses, save_checkpoint)
 
@@ -53,7 +54,8 @@ class DataConfig:
 
 @dataclass
 class InitConfig:
-    vision: Optional[str] = None  # a timm ViT state dict file (torch.save), e.g. DeiT/ViT-B/16 weights
+    # Both must fill every weight of their encoder or stop the run naming the keys (vlfast.models.pretrained)
+    vision: Optional[str] = None  # a timm ViT state dict file (torch or .safetensors), e.g. DeiT/ViT-B/16 weights
     text: Optional[str] = None  # a Hugging Face BERT directory: config.json, weights, vocab.txt
     checkpoint: Optional[str] = None  # a vlfast checkpoint whose model weights start the run (fine-tuning)
 
@@ -194,41 +196,13 @@ def build(config: TrainConfig, out: Path):
         model.load_state_dict(load_checkpoint(config.init.checkpoint)["model"])
         print(f"model weights from {config.init.checkpoint}")
         return dataset, collate, model
-    if config.init.vision:
-        report("vision", config.init.vision, model.visual_encoder.load_state_dict(
-            without_classifier(load_checkpoint(config.init.vision), model.visual_encoder), strict=False))
+    if config.init.vision:  # every weight filled, or an error naming the keys (vlfast.models.pretrained)
+        print(load_vision_weights(model.visual_encoder, config.init.vision))
     if config.init.text:
-        report("text", config.init.text, model.text_encoder.load_state_dict(hf_weights(config.init.text), strict=False))
+        print(load_text_weights(model.text_encoder, config.init.text))
     if config.init.vision or config.init.text:
         model.reset_target()
     return dataset, collate, model
-
-
-def without_classifier(state: dict, vision) -> dict:
-    """A timm checkpoint's state dict (also under "model"), less a classifier the model has not."""
-    state = state.get("model", state)
-    return {k: v for k, v in state.items() if not (k.startswith("head.") and isinstance(vision.head, torch.nn.Identity))}
-
-
-def hf_weights(directory) -> dict:
-    """The weights of a Hugging Face BERT directory, named as BertForMaskedLM's (`bert.` prefix)."""
-    directory = Path(directory)
-    if (directory / "model.safetensors").exists():
-        from safetensors.torch import load_file
-
-        state = load_file(directory / "model.safetensors")
-    else:
-        state = torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    return {k if k.startswith(("bert.", "cls.")) else f"bert.{k}": v for k, v in state.items()}
-
-
-def report(part: str, source, result) -> None:
-    """Name what a pretrained state dict did not fill and what it held beyond the model."""
-    print(f"{part} weights from {source}: {len(result.missing_keys)} missing"
-          + (f" ({', '.join(result.missing_keys[:6])}{', ...' if len(result.missing_keys) > 6 else ''})"
-             if result.missing_keys else "")
-          + f", {len(result.unexpected_keys)} unused" + (f" ({', '.join(result.unexpected_keys[:6])})"
-                                                          if result.unexpected_keys else ""))
 
 
 class BatchOrder(torch.utils.data.Sampler):

@@ -1,10 +1,10 @@
 """BERT text and fusion encoder with Hugging Face's parameter names, split at fusion_layer.
 
 As ALBEF/X-VLM's xbert: layers [0, fusion_layer) see text only; layers [fusion_layer, depth)
-add cross-attention from the text to image tokens. A `BertForMaskedLM` state dict from Hugging
-Face loads as it is; only the new cross-attention weights are missing (load_state_dict reports
-them). Every attention goes through vlfast.ops.attention (no dropout on attention
-probabilities: a fused kernel never forms them), every dense-dropout-add-LayerNorm output
+add cross-attention from the text to image tokens. Parameter names are Hugging Face's, so
+vlfast.models.pretrained loads a hub folder into it (legacy LayerNorm gamma/beta names included);
+only the new cross-attention weights stay as initialised. Every attention goes through
+vlfast.ops.attention (no dropout on attention probabilities: a fused kernel never forms them), every dense-dropout-add-LayerNorm output
 through vlfast.ops.dropout_add_layer_norm.
 """
 import json
