@@ -28,8 +28,12 @@ except ImportError:  # pip's default isolated build environment has no torch
 
 # torch guesses a toolkit when cpp_extension is imported (and warns that it sees no GPU, which a
 # build machine need not have): the toolkit is found below and handed to it instead.
-logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+_torch_log = logging.getLogger("torch.utils.cpp_extension")
+_level = _torch_log.level
+_torch_log.setLevel(logging.ERROR)
 from torch.utils import cpp_extension  # noqa: E402
+
+_torch_log.setLevel(_level)  # its other warnings (compiler versions, ABI) stay
 
 STANDARD_TOOLKITS = ["/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True), "/opt/cuda"]
 
@@ -38,8 +42,11 @@ def nvcc_targets(path: str) -> list:
     """The real nvcc behind ``path``, links followed; a small wrapper script (``exec
     /somewhere/bin/nvcc "$@"``) leads to the nvcc paths it names first, then to itself."""
     path = os.path.realpath(path)
-    with open(path, "rb") as file:
-        head = file.read(4096)
+    try:
+        with open(path, "rb") as file:
+            head = file.read(4096)
+    except OSError:  # executable but not readable: it can only be what it is
+        return [path]
     named = re.findall(r"(/[^\s'\"]*/bin/nvcc)\b", head.decode(errors="replace")) if head.startswith(b"#!") else []
     return [os.path.realpath(p) for p in named] + [path]
 
@@ -49,13 +56,17 @@ def toolkit_candidates() -> list:
     user set is the only candidate: a build never silently takes another toolkit than the one named."""
     for variable in ("CUDA_HOME", "CUDA_PATH"):
         if os.environ.get(variable):
-            return [(variable, os.environ[variable])]
+            # absolute: torch writes it into build.ninja, which runs in the build folder
+            return [(variable, os.path.abspath(os.path.expanduser(os.environ[variable])))]
     candidates = []
     nvcc = shutil.which("nvcc")
     if nvcc:
         candidates += [(f"nvcc on PATH ({nvcc} -> {target})", os.path.dirname(os.path.dirname(target)))
                        for target in nvcc_targets(nvcc)]
-    return candidates + [("standard location", directory) for directory in STANDARD_TOOLKITS]
+    candidates += [("standard location", directory) for directory in STANDARD_TOOLKITS]
+    seen = set()  # /usr/local/cuda is often a link to /usr/local/cuda-X.Y, which nvcc also leads to
+    return [(where, home) for where, home in candidates
+            if os.path.realpath(home) not in seen and not seen.add(os.path.realpath(home))]
 
 
 def toolkit_problem(home: str) -> str:
@@ -65,6 +76,8 @@ def toolkit_problem(home: str) -> str:
         return f"no executable {nvcc}"
     if not os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")):
         return f"no {os.path.join(home, 'include', 'cuda_runtime.h')}"
+    if not glob.glob(os.path.join(home, "lib*", "libcudart.so*")):  # what the extension links with
+        return f"no libcudart.so in {os.path.join(home, 'lib64')} or {os.path.join(home, 'lib')}"
     try:
         version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as error:
@@ -80,8 +93,10 @@ def toolkit_problem(home: str) -> str:
         probe = os.path.join(folder, "probe.cu")
         with open(probe, "w") as file:
             file.write("#include <cuda_runtime.h>\n__global__ void probe(float *x) { x[threadIdx.x] = 1.0f; }\n")
+        # with the host compiler torch's build will give nvcc: $CC when set (-ccbin), else nvcc's default
+        host = ["-ccbin", os.environ["CC"]] if os.environ.get("CC") else []
         try:
-            compiled = subprocess.run([nvcc, "-c", probe, "-o", os.path.join(folder, "probe.o")],
+            compiled = subprocess.run([nvcc, *host, "-c", probe, "-o", os.path.join(folder, "probe.o")],
                                       capture_output=True, text=True, timeout=300)
         except (OSError, subprocess.SubprocessError) as error:
             return f"{nvcc} failed to compile a test kernel: {error}"
@@ -119,7 +134,8 @@ def build_cuda() -> bool:
         if switch == "1":
             raise SystemExit(f"VLFAST_BUILD_CUDA=1 but the CUDA kernels cannot be built: {problem}")
         print(f"vlfast: building the CPU kernels only, CUDA skipped: {problem}. To require the CUDA kernels: "
-              "VLFAST_BUILD_CUDA=1 CUDA_HOME=/path/to/cuda python setup.py build_ext --inplace")
+              "VLFAST_BUILD_CUDA=1 CUDA_HOME=/path/to/cuda python setup.py build_ext --inplace "
+              "(or pip install --no-build-isolation .)")
         return False
     print(f"vlfast: building the CPU and CUDA kernels with the CUDA toolkit in {home}")
     cpp_extension.CUDA_HOME = home  # what cpp_extension compiles and links with

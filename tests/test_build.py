@@ -3,6 +3,8 @@ toolkit it has checked, else the CPU kernels with one line saying why; =1 fails 
 Each test lays out fake toolkits (an nvcc script that prints a release, a cuda_runtime.h) in tmp_path."""
 import importlib.util
 import os
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 ORIGINAL_PATH = os.environ["PATH"]
+TORCH_CUDA = torch.version.cuda
 
 
 @pytest.fixture
@@ -19,8 +22,9 @@ def setup_py(monkeypatch, tmp_path):
     spec = importlib.util.spec_from_file_location("vlfast_setup", ROOT / "setup.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    for variable in ("CUDA_HOME", "CUDA_PATH", "VLFAST_BUILD_CUDA"):
-        monkeypatch.delenv(variable, raising=False)
+    for variable in ("CUDA_HOME", "CUDA_PATH", "VLFAST_BUILD_CUDA", "CC"):
+        monkeypatch.setenv(variable, "")  # recorded, so what build_cuda sets is undone after the test
+        monkeypatch.delenv(variable)
     (tmp_path / "bin").mkdir()
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))
     monkeypatch.setattr(module, "STANDARD_TOOLKITS", [])
@@ -40,6 +44,8 @@ def toolkit(where: Path, release="13.0", header=True, compiles=True) -> Path:
     nvcc.chmod(0o755)
     if header:
         (where / "include" / "cuda_runtime.h").write_text("")
+    (where / "lib64").mkdir()
+    (where / "lib64" / "libcudart.so").write_text("")
     return where
 
 
@@ -127,7 +133,48 @@ def test_a_toolkit_that_cannot_compile_here_is_skipped(setup_py, tmp_path, capsy
 def test_the_real_toolkit_of_this_machine_compiles_its_test_kernel(setup_py, monkeypatch):
     """Where a CUDA toolkit is installed at the standard place (this project's machines), the test
     kernel compiles with it: the check does not refuse a toolkit that works."""
-    if not Path("/usr/local/cuda/bin/nvcc").exists():
-        pytest.skip("no CUDA toolkit in /usr/local/cuda")
+    nvcc = Path("/usr/local/cuda/bin/nvcc")
+    if TORCH_CUDA is None or not nvcc.exists():
+        pytest.skip("torch is not a CUDA build, or no CUDA toolkit in /usr/local/cuda")
     monkeypatch.setenv("PATH", ORIGINAL_PATH)  # nvcc runs the host compiler
+    monkeypatch.setattr(torch.version, "cuda", TORCH_CUDA)
+    release = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    if f"release {TORCH_CUDA.split('.')[0]}." not in release:
+        pytest.skip(f"/usr/local/cuda is not CUDA {TORCH_CUDA}'s major version")
+    with tempfile.TemporaryDirectory() as folder:  # the same kernel compiled outside setup.py
+        (Path(folder) / "k.cu").write_text("__global__ void k(float *x) { x[0] = 1.0f; }\n")
+        if subprocess.run([nvcc, "-c", f"{folder}/k.cu", "-o", f"{folder}/k.o"], capture_output=True).returncode:
+            pytest.skip("this machine's host compiler does not work with /usr/local/cuda's nvcc")
     assert setup_py.toolkit_problem("/usr/local/cuda") == ""
+
+
+def test_a_relative_cuda_home_is_made_absolute(setup_py, tmp_path, monkeypatch):
+    toolkit(tmp_path / "cuda")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CUDA_HOME", "cuda")  # torch's ninja file runs in another folder
+    assert setup_py.cuda_toolkit() == (str(tmp_path / "cuda"), "")
+
+
+def test_each_toolkit_is_tried_once(setup_py, tmp_path, monkeypatch):
+    home = toolkit(tmp_path / "cuda-12.4", release="12.4")
+    (tmp_path / "cuda").symlink_to(home)
+    (tmp_path / "bin" / "nvcc").symlink_to(home / "bin" / "nvcc")
+    monkeypatch.setattr(setup_py, "STANDARD_TOOLKITS", [str(tmp_path / "cuda"), str(home)])
+    home_found, problem = setup_py.cuda_toolkit()
+    assert home_found is None and problem.count("is CUDA 12.4") == 1, problem
+
+
+def test_no_runtime_library_is_no_toolkit(setup_py, tmp_path):
+    home = toolkit(tmp_path / "cuda")
+    (home / "lib64" / "libcudart.so").unlink()
+    assert "no libcudart.so in" in setup_py.toolkit_problem(str(home))
+
+
+def test_the_test_kernel_uses_cc_as_the_host_compiler(setup_py, tmp_path, monkeypatch):
+    home = toolkit(tmp_path / "cuda")
+    calls = tmp_path / "calls"
+    nvcc = home / "bin" / "nvcc"
+    nvcc.write_text(nvcc.read_text() + f'echo "$@" >> {calls}\n')
+    monkeypatch.setenv("CC", "/opt/gcc-12/bin/gcc")
+    assert setup_py.toolkit_problem(str(home)) == ""
+    assert calls.read_text().startswith("-ccbin /opt/gcc-12/bin/gcc -c ")
