@@ -115,24 +115,28 @@ def test_each_masked_patch_reaches_fusion_with_its_own_position():
 
 def test_the_target_network_runs_without_dropout_unless_configured():
     model = tiny()
-    model.config.text.dropout = 0.5
-    for module in model.target.model.modules():
+    for module in model.target.model.modules():  # tiny() has no dropout; the BERT layers read p per call
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.5
     images, input_ids, mask = batch()
     model.train()
-    seen = []
-    hook = model.target.model["bert"].register_forward_hook(lambda module, args, output: seen.append(module.training))
-    model(images, input_ids, mask, generator=torch.Generator().manual_seed(0))
-    assert seen and not any(seen)  # eval mode: deterministic targets
+    outputs = []  # the target's text encoder output in each forward of the model
+    hook = model.target.model["bert"].register_forward_hook(lambda module, args, output: outputs.append(output))
+
+    def targets_of_two_steps():
+        outputs.clear()
+        for seed in (0, 1):
+            model(images, input_ids, mask, generator=torch.Generator().manual_seed(seed))
+        return outputs[0], outputs[len(outputs) // 2]  # each forward's first target pass (the same input)
+
+    first, second = targets_of_two_steps()
+    assert torch.equal(first, second)  # eval mode: the same targets for the same pair
     model.config.target_dropout = True
-    seen.clear()
-    model(images, input_ids, mask, generator=torch.Generator().manual_seed(0))
-    assert seen and all(seen)
+    first, second = targets_of_two_steps()
+    assert not torch.equal(first, second)  # dropout: another draw each time
     model.eval()
-    seen.clear()
-    model(images, input_ids, mask, generator=torch.Generator().manual_seed(0))
-    assert seen and not any(seen)  # an evaluated model never drops out, target included
+    first, second = targets_of_two_steps()
+    assert torch.equal(first, second)  # an evaluated model never drops out, target included
     hook.remove()
 
 

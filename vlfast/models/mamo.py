@@ -18,9 +18,10 @@ input. The encoder's table is reused rather than a new one because it is pretrai
 and averaged into the target with it.
 
 The target network runs in eval mode by default (``target_dropout=False``): MRM and MIM regress
-onto its outputs, and dropout there would only add noise to the targets (it does not change what
-the losses' expectation is minimised by, but it makes every gradient noisier). ALBEF's momentum
-encoders, by contrast, run in train mode; ``target_dropout=True`` does that.
+onto its outputs, and dropout there would make each target a random draw around another mean (the
+squared error is then minimised by the dropped-out targets' mean, the L1 error by their median,
+neither the network's output) and every gradient noisier. ALBEF's momentum encoders, by contrast,
+run in train mode; ``target_dropout=True`` does that.
 """
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence, Tuple
