@@ -6,7 +6,6 @@ the CPU), =fused requires the kernel (an error names what is missing), =referenc
 plain-torch reference. VLFAST_REFERENCE_OPS (comma-separated op names) forces the reference for
 those ops alone, to find what one op gives or costs inside a model.
 """
-import functools
 import importlib.util
 import os
 import warnings
@@ -43,26 +42,53 @@ except (ImportError, OSError) as error:
     )
 
 
-@functools.cache  # kernels register once, at import; the dispatcher query costs microseconds per call
+# Decided outside traced code: torch.compile traces the ops' Python, and a dispatcher query there
+# breaks the graph. The kernels register at import (vlfast.ops calls find_kernels once all are
+# registered), so each answer is looked up in a dict, which compile treats as a constant.
+_KERNELS_FOUND = {}
+# The environment as last read: eager calls read it again (two lookups) so a switch set at run time
+# takes effect at the next call; traced calls use the last eager reading (guarded by compile, which
+# retraces when it changes) instead of baking in whatever the environment said mid-trace.
+_SETTINGS = {"read": None, "backend": "auto", "reference_ops": frozenset(), "interpreted": False}
+
+
 def has_kernel(op: str, device_type: str) -> bool:
     """Whether torch.ops.vlfast.<op> (from vlfast._C or a Triton custom op) has a kernel for this device type."""
-    if not hasattr(torch.ops.vlfast, op):
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"vlfast::{op}", device_type.upper())
+    found = _KERNELS_FOUND.get((op, device_type))
+    if found is None:
+        found = _KERNELS_FOUND[(op, device_type)] = hasattr(torch.ops.vlfast, op) and \
+            torch._C._dispatch_has_kernel_for_dispatch_key(f"vlfast::{op}", device_type.upper())
+    return found
+
+
+def find_kernels(device_types=("cpu", "cuda")) -> None:
+    """Look up every op's kernel once, eagerly (vlfast.ops does, after every op has registered)."""
+    for kernel in KERNELS.values():
+        for device_type in device_types:
+            has_kernel(kernel, device_type)
+
+
+def settings() -> dict:
+    """VLFAST_BACKEND, VLFAST_REFERENCE_OPS and TRITON_INTERPRET, parsed and checked."""
+    if torch.compiler.is_compiling():
+        return _SETTINGS
+    read = (os.environ.get("VLFAST_BACKEND", "auto"), os.environ.get("VLFAST_REFERENCE_OPS", ""),
+            os.environ.get("TRITON_INTERPRET") == "1")
+    if read != _SETTINGS["read"]:
+        value, listed, interpreted = read
+        if value not in ("auto", "fused", "reference"):
+            raise ValueError(f"VLFAST_BACKEND must be auto, fused or reference, got {value!r}")
+        listed = frozenset(name.strip() for name in listed.split(",")) - {""}
+        if listed - KERNELS.keys():
+            raise ValueError(f"VLFAST_REFERENCE_OPS names no op {sorted(listed - KERNELS.keys())}; the ops: {', '.join(KERNELS)}")
+        _SETTINGS.update(read=read, backend=value, reference_ops=listed, interpreted=interpreted)
+    return _SETTINGS
 
 
 def backend(op: Optional[str] = None) -> str:
     """VLFAST_BACKEND, or "reference" for an op that VLFAST_REFERENCE_OPS names."""
-    value = os.environ.get("VLFAST_BACKEND", "auto")
-    if value not in ("auto", "fused", "reference"):
-        raise ValueError(f"VLFAST_BACKEND must be auto, fused or reference, got {value!r}")
-    listed = os.environ.get("VLFAST_REFERENCE_OPS")
-    if not listed:
-        return value
-    listed = {name.strip() for name in listed.split(",")} - {""}
-    if listed - KERNELS.keys():
-        raise ValueError(f"VLFAST_REFERENCE_OPS names no op {sorted(listed - KERNELS.keys())}; the ops: {', '.join(KERNELS)}")
-    return "reference" if op in listed else value
+    current = settings()
+    return "reference" if op in current["reference_ops"] else current["backend"]
 
 
 def use_fused(op: str, device_type: str) -> bool:
@@ -91,7 +117,7 @@ def triton_path(op: str, device_type: str, has_triton_kernel: bool) -> str:
         return "reference"
     if backend_name == "auto" and (op, device_type) in TORCH_BY_DEFAULT:
         return "torch"
-    interpreted = device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    interpreted = device_type == "cpu" and settings()["interpreted"]
     if has_triton_kernel and (device_type == "cuda" or (interpreted and backend_name == "fused")):
         return "triton"
     if backend_name == "fused" and device_type == "cuda":

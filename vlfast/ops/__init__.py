@@ -1,5 +1,5 @@
 """The public fused ops. Each module holds the op, its argument checks and its plain-torch reference."""
-from vlfast._extension import KERNELS, TORCH_BY_DEFAULT, backend, has_kernel
+from vlfast._extension import KERNELS, TORCH_BY_DEFAULT, backend, find_kernels, has_kernel
 from vlfast.ops.attention import attention, attention_reference
 from vlfast.ops.contrastive import ContrastiveOutput, itc_loss, itc_loss_reference
 from vlfast.ops.dropout_add_layer_norm import dropout_add_layer_norm, dropout_add_layer_norm_reference
@@ -7,6 +7,7 @@ from vlfast.ops.ema import ema_decay, ema_update_, ema_update_reference
 from vlfast.ops.patch_gather import Masking, random_masking, random_masking_reference, unmask, unmask_reference
 
 DEVICE_TYPES = ("cpu", "cuda")
+find_kernels(DEVICE_TYPES)  # every op has registered its kernels by now (vlfast._extension says why once)
 
 
 def available() -> dict:

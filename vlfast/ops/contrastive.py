@@ -231,7 +231,8 @@ def _check_inputs(image_feat, text_feat, temperature, image_ids, smoothing, gene
             raise ValueError(f"temperature must be a float or a 0-d float tensor, got {temperature.dtype} of shape {tuple(temperature.shape)}")
         if temperature.device != image_feat.device:
             raise ValueError(f"temperature is on {temperature.device} but the features on {image_feat.device}")
-        if temperature.device.type == "cpu" and not temperature.item() > 0:
+        # Free to read on the CPU, eagerly; a traced step must not stop for it (a host read breaks the graph).
+        if temperature.device.type == "cpu" and not torch.compiler.is_compiling() and not temperature.item() > 0:
             raise ValueError(f"temperature must be > 0, got {temperature.item()}")
     elif isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
         if not temperature > 0 or math.isinf(temperature):
