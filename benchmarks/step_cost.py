@@ -1,0 +1,143 @@
+"""What one training step costs in the units a GPU pays for, counted on the CPU: no GPU needed.
+
+    python benchmarks/step_cost.py                 # train.py's default model (tiny), batch 32
+    python benchmarks/step_cost.py --explain       # also torch.compile's graphs and breaks (minutes)
+    python benchmarks/step_cost.py --write         # and record them in benchmarks/results/step_cost.json
+
+The step is bench_train_step.py's (forward of all five objectives, backward, clipping, fused AdamW,
+EMA of the target network) under bf16 autocast, as a GPU runs it; it is counted after one warm-up
+step, for each path (auto and the reference). Every aten op the dispatcher runs is seen by a
+TorchDispatchMode, which counts:
+- ops: the ops that launch a kernel on a GPU: all but views, metadata and bare allocations (a
+  vlfast kernel counts once, whatever it does inside). On a GPU each costs a launch from Python,
+  10-30 µs of host time, which is what set the pace of the step on the H200;
+- casts: copies that change the dtype (autocast's weight and activation casts among them);
+- host syncs: the ops that make the host wait for a GPU (a scalar read, nonzero, boolean-mask
+  indexing), which also stop a CUDA graph from being recorded;
+- bytes: what the ops other than matrix products and attention read and write (the sum of their
+  tensor inputs' and outputs' sizes): the memory traffic that kernel fusion removes;
+- FLOPs: torch's FlopCounterMode (the useful work, the same on both paths).
+--explain adds torch._dynamo.explain over the step: the graphs compile splits it into and why.
+
+The routing is this machine's: on the CPU auto runs the C++ kernels, where a GPU runs Triton
+kernels or torch's SDPA (vlfast.ops.available()); the counts of torch's own ops are the GPU's.
+tests/test_step_cost.py fails when an eager count rises above the recorded one.
+"""
+import argparse
+import collections
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # train.py, when run as a script
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "step_cost.json"
+ALLOCATIONS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "lift_fresh"}
+SYNCS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive", "equal",
+         "is_nonzero"}
+MATMULS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "convolution", "convolution_backward", "_scaled_dot_product_flash_attention",
+           "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention", "attention_cpu",
+           "attention_cpu_backward", "attention_forward", "attention_backward", "_scaled_dot_product_flash_attention_for_cpu",
+           "_scaled_dot_product_flash_attention_for_cpu_backward", "itc_rows"}
+
+
+def _is_view(func) -> bool:
+    """An op whose outputs alias its inputs without writing them: no kernel runs."""
+    returns = func._schema.returns
+    return bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
+
+
+def _nbytes(values) -> int:
+    return sum(t.numel() * t.element_size() for t in torch.utils._pytree.tree_leaves(values) if isinstance(t, torch.Tensor))
+
+
+class StepCounter(TorchDispatchMode):
+    """Counts what the ops dispatched under it would cost a GPU (the module docstring)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.casts, self.syncs, self.bytes = collections.Counter(), 0, collections.Counter(), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func.__name__.split(".")[0]
+        if func.namespace == "prim" or name in ALLOCATIONS or _is_view(func):
+            return out
+        if name in SYNCS or (name == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                                      for i in args[1] if i is not None)):
+            self.syncs[f"{func.namespace}.{name}"] += 1
+        if not any(isinstance(t, torch.Tensor) for t in torch.utils._pytree.tree_leaves(out)):
+            return out  # a value for the host (a scalar read, a dtype), not a kernel
+        self.ops[f"{func.namespace}.{name}"] += 1
+        if name in ("_to_copy", "copy_") and _dtype_changes(func, args, kwargs, out):
+            self.casts += 1
+        if name not in MATMULS:
+            self.bytes += _nbytes((args, kwargs)) + _nbytes(out)
+        return out
+
+
+def _dtype_changes(func, args, kwargs, out) -> bool:
+    source = args[1] if func.__name__.startswith("copy_") else args[0]
+    return isinstance(source, torch.Tensor) and isinstance(out, torch.Tensor) and source.dtype != out.dtype
+
+
+def autocast_step(step):
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return step()
+    return run
+
+
+def count(config: str = "tiny", implementation: str = "fused", explain: bool = False, flops: bool = True) -> dict:
+    """The counts of one step (after one warm-up step) of a named bench_train_step config."""
+    import bench_train_step
+    from pytest import MonkeyPatch
+
+    with MonkeyPatch.context() as patch:
+        patch.setenv("VLFAST_BACKEND", bench_train_step.BACKENDS[implementation])
+        step, batch = bench_train_step.build_step(config, "cpu", implementation)
+        step = autocast_step(step)
+        step()  # warm-up: the optimizer's state is made in the first step
+        with StepCounter() as counter:
+            step()
+        result = {"config": config, "batch": batch, "path": implementation, "ops": sum(counter.ops.values()),
+                  "casts": counter.casts, "host_syncs": sum(counter.syncs.values()), "bytes_non_matmul": counter.bytes,
+                  "sync_ops": dict(counter.syncs), "top_ops": dict(counter.ops.most_common(12))}
+        if flops:
+            with FlopCounterMode(display=False) as counted:
+                step()
+            result["gflops"] = round(counted.get_total_flops() / 1e9, 3)
+        if explain:
+            import torch._dynamo
+
+            torch._dynamo.reset()
+            explanation = torch._dynamo.explain(step)()
+            result.update(graphs=explanation.graph_count, graph_breaks=explanation.graph_break_count,
+                          break_reasons=sorted({str(r.reason).splitlines()[0][:120] for r in explanation.break_reasons}))
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="tiny", help="a bench_train_step config that fits a CPU (tiny)")
+    parser.add_argument("--explain", action="store_true", help="also count torch.compile's graphs and breaks")
+    parser.add_argument("--write", action="store_true", help=f"record the counts in {RESULTS.relative_to(Path.cwd()) if RESULTS.is_relative_to(Path.cwd()) else RESULTS}")
+    args = parser.parse_args()
+    results = [count(args.config, path, args.explain) for path in ("fused", "reference")]
+    for result in results:
+        print(json.dumps({k: v for k, v in result.items() if k != "top_ops"}))
+        print("  most frequent:", ", ".join(f"{name} {n}" for name, n in result["top_ops"].items()))
+    if args.write:
+        recorded = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+        recorded.update({f"{r['config']}/{r['path']}": r for r in results})
+        RESULTS.write_text(json.dumps(recorded, indent=1, sort_keys=True) + "\n")
+        print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    main()

@@ -1,0 +1,23 @@
+"""The training step gets no more expensive, in the units a GPU pays (benchmarks/step_cost.py):
+launching ops, casts, host syncs and non-matmul bytes of one tiny step on the auto path, against
+the counts recorded in benchmarks/results/step_cost.json. After a change that lowers them, record
+the new counts: python benchmarks/step_cost.py --write."""
+import json
+import sys
+from pathlib import Path
+
+from conftest import needs_extension
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+import step_cost  # noqa: E402
+
+
+@needs_extension  # without vlfast._C the ops run their references, which cost more
+def test_the_step_costs_no_more_than_recorded():
+    recorded = json.loads(step_cost.RESULTS.read_text())["tiny/fused"]
+    now = step_cost.count("tiny", "fused", flops=False)
+    risen = {key: (recorded[key], now[key]) for key in ("ops", "casts", "host_syncs", "bytes_non_matmul")
+             if now[key] > recorded[key]}
+    assert not risen, f"(recorded, now): {risen}; most frequent ops now: {now['top_ops']}"
+    assert now["ops"] > 100 and now["casts"] > 0  # it counted a step
