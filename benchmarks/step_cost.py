@@ -2,7 +2,7 @@
 
     python benchmarks/step_cost.py                 # train.py's default model (tiny), batch 32
     python benchmarks/step_cost.py --explain       # also torch.compile's graphs and breaks (minutes)
-    python benchmarks/step_cost.py --write         # and record them in benchmarks/results/step_cost.json
+    python benchmarks/step_cost.py --write         # and record them in benchmarks/step_cost_record.json
 
 The step is bench_train_step.py's (forward of all five objectives, backward, clipping, fused AdamW,
 EMA of the target network) under bf16 autocast, as a GPU runs it; it is counted after one warm-up
@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results" / "step_cost.json"
+RESULTS = Path(__file__).resolve().parent / "step_cost_record.json"  # beside the script: the record the test holds the step to, not a timing run
 ALLOCATIONS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "lift_fresh"}
 SYNCS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive", "equal",
          "is_nonzero"}

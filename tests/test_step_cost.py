@@ -1,6 +1,6 @@
 """The training step gets no more expensive, in the units a GPU pays (benchmarks/step_cost.py):
 launching ops, casts, host syncs and non-matmul bytes of one tiny step on the auto path, against
-the counts recorded in benchmarks/results/step_cost.json. After a change that lowers them, record
+the counts recorded in benchmarks/step_cost_record.json. After a change that lowers them, record
 the new counts: python benchmarks/step_cost.py --write."""
 import json
 import sys
