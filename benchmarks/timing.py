@@ -14,8 +14,11 @@ BUSY = {"cuda": (ProfilerActivity.CUDA, DeviceType.CUDA, "self_device_time_total
 
 
 def device_events(events, device: str) -> list:
-    """The events of torch.profiler's key_averages() that ran on the device: kernels on CUDA."""
-    return [e for e in events if e.device_type == BUSY[device][1]]
+    """The events of torch.profiler's key_averages() that ran on the device: kernels on CUDA.
+    Not user annotations (record_function spans, such as the optimizer's step): on CUDA the
+    profiler also lays each one over the GPU's timeline, and counting it would count its kernels
+    twice (the H200 profiles of 2026-11-27 counted the optimizer's 10.45 ms span as busy time)."""
+    return [e for e in events if e.device_type == BUSY[device][1] and not getattr(e, "is_user_annotation", False)]
 
 
 def device_seconds(events, device: str) -> float:
