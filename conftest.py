@@ -10,25 +10,19 @@ if not CUDA:
     # defined: before any test imports vlfast.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
-    from vlfast import _extension
-
-    if _extension.BUILT and _extension.LOAD_ERROR is not None:  # skips would hide a broken build
-        raise pytest.UsageError(f"vlfast._C is built but does not load: {_extension.LOAD_ERROR}. "
-                                f"Rebuild it: {_extension.BUILD_COMMAND}")
-
-
-def _extension_loaded() -> bool:
-    from vlfast import _extension
-
-    return _extension.LOAD_ERROR is None
-
+from vlfast import _extension  # noqa: E402  (after TRITON_INTERPRET is set)
 
 # Tests of what only the compiled kernels do (their rounding, their registration): without
 # vlfast._C the ops run their references, which these tests do not describe.
-needs_extension = pytest.mark.skipif(not _extension_loaded(), reason="vlfast._C is not built: python setup.py build_ext --inplace")
+needs_extension = pytest.mark.skipif(_extension.LOAD_ERROR is not None,
+                                     reason="vlfast._C is not built: python setup.py build_ext --inplace")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
+    if _extension.BUILT and _extension.LOAD_ERROR is not None:  # skips would hide a broken build
+        raise pytest.UsageError(f"vlfast._C is built but does not load: {_extension.LOAD_ERROR}. "
+                                f"Rebuild it: {_extension.BUILD_COMMAND}")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -64,9 +64,11 @@ def toolkit_candidates() -> list:
         candidates += [(f"nvcc on PATH ({nvcc} -> {target})", os.path.dirname(os.path.dirname(target)))
                        for target in nvcc_targets(nvcc)]
     candidates += [("standard location", directory) for directory in STANDARD_TOOLKITS]
-    seen = set()  # /usr/local/cuda is often a link to /usr/local/cuda-X.Y, which nvcc also leads to
-    return [(where, home) for where, home in candidates
-            if os.path.realpath(home) not in seen and not seen.add(os.path.realpath(home))]
+    # /usr/local/cuda is often a link to /usr/local/cuda-X.Y, which nvcc also leads to: each once
+    first = {}
+    for where, home in candidates:
+        first.setdefault(os.path.realpath(home), (where, home))
+    return list(first.values())
 
 
 def toolkit_problem(home: str) -> str:

@@ -73,14 +73,14 @@ class StepCounter(TorchDispatchMode):
         if not any(isinstance(t, torch.Tensor) for t in torch.utils._pytree.tree_leaves(out)):
             return out  # a value for the host (a scalar read, a dtype), not a kernel
         self.ops[f"{func.namespace}.{name}"] += 1
-        if name in ("_to_copy", "copy_") and _dtype_changes(func, args, kwargs, out):
+        if name in ("_to_copy", "copy_") and _dtype_changes(func, args, out):
             self.casts += 1
         if name not in MATMULS:
             self.bytes += _nbytes((args, kwargs)) + _nbytes(out)
         return out
 
 
-def _dtype_changes(func, args, kwargs, out) -> bool:
+def _dtype_changes(func, args, out) -> bool:
     source = args[1] if func.__name__.startswith("copy_") else args[0]
     return isinstance(source, torch.Tensor) and isinstance(out, torch.Tensor) and source.dtype != out.dtype
 
@@ -125,7 +125,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="tiny", help="a bench_train_step config that fits a CPU (tiny)")
     parser.add_argument("--explain", action="store_true", help="also count torch.compile's graphs and breaks")
-    parser.add_argument("--write", action="store_true", help=f"record the counts in {RESULTS.relative_to(Path.cwd()) if RESULTS.is_relative_to(Path.cwd()) else RESULTS}")
+    parser.add_argument("--write", action="store_true", help=f"record the counts in {RESULTS}")
     args = parser.parse_args()
     results = [count(args.config, path, args.explain) for path in ("fused", "reference")]
     for result in results:
