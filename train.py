@@ -257,17 +257,26 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, cuda_
                              lr=lr, fused=True, capturable=cuda_graph)
 
 
-def train_step(runner, model: Mamo, optimizer, batch, generator, grad_clip: float, image_ids=None) -> dict:
+def train_step(runner, model: Mamo, optimizer, batch, grad_clip: float, image_ids=None) -> dict:
     """One step: the forward of every objective (bf16 autocast on a GPU), backward, gradient
     clipping, AdamW, EMA of the target network. ``runner`` is the model or its DDP wrapper;
-    ``batch`` (images, input_ids, attention_mask). Returns the losses."""
+    ``batch`` (images, input_ids, attention_mask). Returns the losses, on the device.
+
+    The host never waits for the GPU here, so it can queue the next step, and the step can be
+    recorded as a CUDA graph. The random draws (masks, negatives, dropout) come from torch's
+    default generator, whose state checkpoints save and graphs and torch.compile advance. A
+    non-finite loss or gradient norm is caught on the device: fused AdamW skips the update
+    where ``found_inf`` is 1 (as under torch.amp.GradScaler: weights, moments and step count
+    stay as they were), and the target then averages toward unchanged weights. The caller reads
+    the losses when it likes and stops on a non-finite one; no weight ever holds it."""
     images, input_ids, attention_mask = batch
     device = images.device.type
     with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-        losses = runner(images, input_ids, attention_mask, generator=generator, image_ids=image_ids)
+        losses = runner(images, input_ids, attention_mask, image_ids=image_ids)
     optimizer.zero_grad(set_to_none=True)
     losses["loss"].backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.found_inf = (~torch.isfinite(losses["loss"].detach().float() + norm)).float()
     optimizer.step()
     model.update_target()
     return losses
@@ -293,10 +302,9 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     dataset, collate, model = build(config, out)
     model.to(device)
-    if rank > 0:  # then each rank its own dropout (rank 0 keeps the stream one process has)
+    if rank > 0:  # then each rank its own draws (rank 0 keeps the stream one process has)
         torch.manual_seed(config.seed + rank)
     optimizer = make_optimizer(model, config.optim.lr, config.optim.weight_decay, config.cuda_graph)
-    generator = torch.Generator(device).manual_seed(config.seed + rank)  # masking and negative draws
     start, checkpoint, best = 0, out / "last.pt", -math.inf
     if resume is not None:
         state = load_checkpoint(resume)
@@ -309,10 +317,9 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
         if len(saved) != world:
             print(f"warning: {resume} was written by {len(saved)} processes, this run has {world}: "
                   "batches and random draws will not continue exactly")
-        generator.set_state(saved[rank % len(saved)]["generator"])
-        torch.set_rng_state(saved[rank % len(saved)]["torch"])  # dropout on the CPU
+        torch.set_rng_state(saved[rank % len(saved)]["torch"])  # masks, negatives and dropout on the CPU
         if device.type == "cuda":
-            torch.cuda.set_rng_state(saved[rank % len(saved)]["cuda"], device)  # dropout on the GPU
+            torch.cuda.set_rng_state(saved[rank % len(saved)]["cuda"], device)  # and on the GPU
         start, best = state["step"], state.get("best_score", best)
         print(f"resumed from {resume} at step {start}")
     # A resumed optimizer comes with the settings of the run that saved it (older runs: not fused;
@@ -331,11 +338,10 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
     total = config.optim.max_steps
     graphed = None
     if config.cuda_graph:
-        graphed = CudaGraphStep(lambda *batch: train_step(runner, model, optimizer, batch, generator,
-                                                          config.optim.grad_clip), [generator])
+        graphed = CudaGraphStep(lambda *batch: train_step(runner, model, optimizer, batch, config.optim.grad_clip))
 
     def save(step):  # called on every rank: each one's random state goes into the checkpoint
-        rng = [{"generator": generator.get_state(), "torch": torch.get_rng_state(),
+        rng = [{"torch": torch.get_rng_state(),
                 **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}] * world
         if world > 1:
             dist.all_gather_object(rng, rng[0])
@@ -353,15 +359,35 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
                                          collate_fn=collate, num_workers=config.data.num_workers,
                                          pin_memory=device.type == "cuda",
                                          generator=torch.Generator().manual_seed(config.seed * 1000 + rank))
-    skipped = 0
+    skipped, pending, names = 0, [], None  # pending: each step's losses, on the device, until the next read
+
+    def read_losses():
+        """The host's one wait for the GPU per interval: every pending step's losses, averaged over
+        the ranks, checked (a non-finite one stops every rank at the same step; train_step skipped
+        its update). Returns the last step's."""
+        steps = [step for step, _ in pending]
+        values = torch.stack([value for _, value in pending])
+        pending.clear()
+        if world > 1:
+            dist.all_reduce(values)
+            values /= world
+        for step, row in zip(steps, values.tolist()):
+            row = dict(zip(names, row))
+            check_finite(step, row, checkpoint if saved_at is not None else None)
+        return {name: round(value, 5) for name, value in row.items()}
+
     for step, (images, input_ids, attention_mask, image_ids, skipped_now) in enumerate(loader, start=start):
         skipped += skipped_now
-        stopping = (stop_after is not None and step >= start + stop_after
-                    or time_limit is not None and time.time() - started > time_limit)
-        if world > 1:  # every rank stops at the same step
-            stopping = torch.tensor(float(stopping), device=device)  # NCCL reduces CUDA tensors only
-            dist.all_reduce(stopping)
+        stopping = stop_after is not None and step >= start + stop_after
+        if time_limit is not None and (step - start) % config.optim.log_every == 0:  # where the host reads anyway
+            stopping = stopping or time.time() - started > time_limit
+            if world > 1:  # every rank stops at the same step
+                stopping = torch.tensor(float(stopping), device=device)  # NCCL reduces CUDA tensors only
+                dist.all_reduce(stopping)
+                stopping = bool(stopping)
         if step >= total or stopping:
+            if pending:  # checked before anything is saved
+                read_losses()
             if stopping and saved_at != step:
                 save(step)
                 saved_at = step
@@ -373,27 +399,23 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
                 group["lr"].fill_(lr)
             else:
                 group["lr"] = lr
-        batch = (images.to(device), input_ids.to(device), attention_mask.to(device))
+        batch = tuple(x.to(device, non_blocking=True) for x in (images, input_ids, attention_mask))
         if graphed is not None:
             losses = graphed(*batch)
         else:
-            image_ids = image_ids.to(device) if config.image_id_positives else None
-            losses = train_step(runner, model, optimizer, batch, generator, config.optim.grad_clip, image_ids)
-        # The losses reach the host once per step, after the whole step is queued: each read waits
-        # for the GPU. A non-finite loss has updated the weights by then, but nothing is saved after
-        # it, and averaged over the ranks it stops every rank at the same step.
-        values = torch.stack([v.detach().float() for v in losses.values()])
-        if world > 1:
-            dist.all_reduce(values)
-            values /= world
-        values = {f"loss_{k}" if k != "loss" else k: v for k, v in zip(losses, values.tolist())}
-        check_finite(step, values, checkpoint if saved_at is not None else None)
-        values = {k: round(v, 5) for k, v in values.items()}
-        if rank == 0 and (step % config.optim.log_every == 0 or step == total - 1):
-            log.write({"step": step, "lr": lr, **values, **({"skipped_images": skipped} if skipped else {})})
-        progress.set_postfix(values, refresh=False)
+            image_ids = image_ids.to(device, non_blocking=True) if config.image_id_positives else None
+            losses = train_step(runner, model, optimizer, batch, config.optim.grad_clip, image_ids)
+        names = names or [f"loss_{k}" if k != "loss" else k for k in losses]
+        pending.append((step, torch.stack([v.detach().float() for v in losses.values()])))  # a copy: a graph overwrites its outputs
         progress.update()
-        if evaluate is not None and config.optim.eval_every and (step + 1) % config.optim.eval_every == 0:
+        evaluating = evaluate is not None and config.optim.eval_every and (step + 1) % config.optim.eval_every == 0
+        saving = (step + 1) % config.optim.checkpoint_every == 0 or step + 1 == total
+        if step % config.optim.log_every == 0 or saving or evaluating or step == total - 1:
+            values = read_losses()  # before anything is saved: no checkpoint follows a non-finite loss unseen
+            if rank == 0 and (step % config.optim.log_every == 0 or step == total - 1):
+                log.write({"step": step, "lr": lr, **values, **({"skipped_images": skipped} if skipped else {})})
+            progress.set_postfix(values, refresh=False)
+        if evaluating:
             model.eval()
             score = evaluate(model, step + 1)
             model.train()
@@ -403,7 +425,7 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
                 if improved:
                     save_checkpoint(out / "best.pt", {"model": model.state_dict(), "step": step + 1,
                                                       "config": asdict(config), "best_score": best})
-        if (step + 1) % config.optim.checkpoint_every == 0 or step + 1 == total:
+        if saving:
             save(step + 1)
             saved_at = step + 1
     progress.close()

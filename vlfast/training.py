@@ -169,8 +169,7 @@ class CudaGraphStep:
     per call, so the host's per-kernel cost (Python, dispatch, launch: about half of a ViT-B +
     BERT step on an H200, README) is paid once:
 
-        graphed = CudaGraphStep(lambda *batch: train_step(model, model, optimizer, batch, generator, 5.0),
-                                [generator])
+        graphed = CudaGraphStep(lambda *batch: train_step(model, model, optimizer, batch, 5.0))
         for images, input_ids, attention_mask in batches:
             losses = graphed(images, input_ids, attention_mask)
 

@@ -231,9 +231,10 @@ def _check_inputs(image_feat, text_feat, temperature, image_ids, smoothing, gene
             raise ValueError(f"temperature must be a float or a 0-d float tensor, got {temperature.dtype} of shape {tuple(temperature.shape)}")
         if temperature.device != image_feat.device:
             raise ValueError(f"temperature is on {temperature.device} but the features on {image_feat.device}")
-        # Free to read on the CPU, eagerly; a traced step must not stop for it (a host read breaks the graph).
-        if temperature.device.type == "cpu" and not torch.compiler.is_compiling() and not temperature.item() > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature.item()}")
+        # Checked on the CPU by a kernel, not a host read (.item() would break a compiled graph and,
+        # on a GPU, make the host wait); on a GPU not at all (a failed device-side assert ends the process).
+        if temperature.device.type == "cpu":
+            torch._assert_async(temperature > 0, "temperature must be > 0")
     elif isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
         if not temperature > 0 or math.isinf(temperature):
             raise ValueError(f"temperature must be a finite float > 0, got {temperature}")
