@@ -4,6 +4,7 @@
     python train.py --config configs/synthetic.yaml optim.max_steps=50 --out runs/quick
     python train.py --resume runs/synthetic/last.pt   # continue exactly where it stopped
     python train.py --ops reference                   # the plain-torch references everywhere (A/B)
+    python train.py compile=true cuda_graph=true      # one GPU: compiled forward + backward, the step replayed as a graph
 
 Writes to --out: metrics.jsonl (one line per logged step), last.pt (atomic checkpoint), the
 vocabulary the tokenizer used, loss.png. Several GPUs or CPU processes, one or more nodes:
@@ -124,6 +125,9 @@ class TrainConfig:
     # Captions are padded to data.max_text_length (a graph's shapes are fixed); the target
     # network's update count (its decay is constant) stops at the recorded step.
     cuda_graph: bool = False
+    # torch.compile (inductor) over the forward of every objective, backward and clipping, one graph
+    # (train.compile_forward_backward); the first step compiles (minutes on a CPU). One process.
+    compile: bool = False
     seed: int = 0
 
 
@@ -257,10 +261,39 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, cuda_
                              lr=lr, fused=True, capturable=cuda_graph)
 
 
-def train_step(runner, model: Mamo, optimizer, batch, grad_clip: float, image_ids=None) -> dict:
-    """One step: the forward of every objective (bf16 autocast on a GPU), backward, gradient
-    clipping, AdamW, EMA of the target network. ``runner`` is the model or its DDP wrapper;
-    ``batch`` (images, input_ids, attention_mask). Returns the losses, on the device.
+def forward_backward(runner, model: Mamo, batch, grad_clip: float, image_ids=None):
+    """The forward of every objective (bf16 autocast on a GPU), backward and gradient clipping:
+    the part of the step that torch.compile traces as one graph (``compile=true``). Returns
+    (losses, gradient norm), detached."""
+    images, input_ids, attention_mask = batch
+    device = images.device.type
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+        losses = runner(images, input_ids, attention_mask, image_ids=image_ids)
+    losses["loss"].backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    return {name: value.detach() for name, value in losses.items()}, norm
+
+
+def compile_forward_backward(function=forward_backward):
+    """``function`` compiled as one graph (an error, not a silent split, if it cannot be): dynamo
+    traces the backward call too (trace_autograd_ops), so inductor fuses forward and backward.
+    The optimizer and the EMA stay eager: each is already one multi-tensor kernel per dtype
+    (fused AdamW is not traceable), and a CUDA graph records them with the rest."""
+    if not hasattr(torch._dynamo.config, "trace_autograd_ops"):  # older torch: the backward splits the graph
+        return torch.compile(function)
+    compiled = torch.compile(function, fullgraph=True)
+
+    def run(*args, **kwargs):
+        with torch._dynamo.config.patch(trace_autograd_ops=True):
+            return compiled(*args, **kwargs)
+    return run
+
+
+def train_step(runner, model: Mamo, optimizer, batch, grad_clip: float, image_ids=None,
+               forward_backward=forward_backward) -> dict:
+    """One step: ``forward_backward`` (the objectives, backward, clipping; or its compiled form),
+    AdamW, EMA of the target network. ``runner`` is the model or its DDP wrapper; ``batch``
+    (images, input_ids, attention_mask). Returns the losses, detached, on the device.
 
     The host never waits for the GPU here, so it can queue the next step, and the step can be
     recorded as a CUDA graph. The random draws (masks, negatives, dropout) come from torch's
@@ -269,14 +302,9 @@ def train_step(runner, model: Mamo, optimizer, batch, grad_clip: float, image_id
     where ``found_inf`` is 1 (as under torch.amp.GradScaler: weights, moments and step count
     stay as they were), and the target then averages toward unchanged weights. The caller reads
     the losses when it likes and stops on a non-finite one; no weight ever holds it."""
-    images, input_ids, attention_mask = batch
-    device = images.device.type
-    with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-        losses = runner(images, input_ids, attention_mask, image_ids=image_ids)
     optimizer.zero_grad(set_to_none=True)
-    losses["loss"].backward()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.found_inf = (~torch.isfinite(losses["loss"].detach().float() + norm)).float()
+    losses, norm = forward_backward(runner, model, batch, grad_clip, image_ids)
+    optimizer.found_inf = (~torch.isfinite(losses["loss"].float() + norm)).float()
     optimizer.step()
     model.update_target()
     return losses
@@ -292,6 +320,10 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
     Returns (checkpoint path, the step it holds)."""
     check_optim(config.optim)
     rank, world, device = setup_distributed()
+    if config.compile and (world > 1 or config.image_id_positives):
+        raise ValueError(f"compile=true compiles the step of one process without image_id_positives (DDP's hooks "
+                         f"are not traced; the ids' check reads a value on the host); this run: {world} processes, "
+                         f"image_id_positives={config.image_id_positives}")
     if config.cuda_graph and (device.type != "cuda" or world > 1 or config.image_id_positives
                               or ops_backend("itc_loss") == "reference"):
         raise ValueError(f"cuda_graph=true records the step of one process on a GPU, without image_id_positives "
@@ -336,9 +368,11 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
         # logged after its checkpoint by a run that then crashed). An eval record's step counts steps done.
         log.keep(lambda record: record["step"] - ("eval_score" in record) < start)
     total = config.optim.max_steps
+    step_function = compile_forward_backward() if config.compile else forward_backward
     graphed = None
     if config.cuda_graph:
-        graphed = CudaGraphStep(lambda *batch: train_step(runner, model, optimizer, batch, config.optim.grad_clip))
+        graphed = CudaGraphStep(lambda *batch: train_step(runner, model, optimizer, batch, config.optim.grad_clip,
+                                                          forward_backward=step_function))
 
     def save(step):  # called on every rank: each one's random state goes into the checkpoint
         rng = [{"torch": torch.get_rng_state(),
@@ -404,7 +438,7 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
             losses = graphed(*batch)
         else:
             image_ids = image_ids.to(device, non_blocking=True) if config.image_id_positives else None
-            losses = train_step(runner, model, optimizer, batch, config.optim.grad_clip, image_ids)
+            losses = train_step(runner, model, optimizer, batch, config.optim.grad_clip, image_ids, step_function)
         names = names or [f"loss_{k}" if k != "loss" else k for k in losses]
         pending.append((step, torch.stack([v.detach().float() for v in losses.values()])))  # a copy: a graph overwrites its outputs
         progress.update()

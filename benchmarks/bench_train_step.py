@@ -2,10 +2,11 @@
 gradient clipping, AdamW, EMA of the target network) with vlfast's ops as auto runs them (the
 fused kernels, except where auto picks a torch path: vlfast.ops.available()) against every op's
 plain-torch reference (VLFAST_BACKEND, what `train.py --ops` sets): same model, same random batch.
-On CUDA also fused_cuda_graph: the fused step recorded once as a CUDA graph and replayed
-(vlfast.training.CudaGraphStep, as `train.py cuda_graph=true` runs it), which the fused step
-allows because it never waits for the GPU; the reference cannot be recorded (ALBEF's negative
-sampling reads each draw on the host).
+fused_compiled: the same step with torch.compile over forward, backward and clipping (`train.py
+compile=true`). On CUDA also fused_cuda_graph and fused_compiled_cuda_graph: the step recorded
+once as a CUDA graph and replayed (vlfast.training.CudaGraphStep, as `train.py cuda_graph=true`
+runs it), which the fused step allows because it never waits for the GPU; the reference cannot
+be recorded (ALBEF's negative sampling reads each draw on the host).
 
     pytest benchmarks/bench_train_step.py --benchmark-enable --benchmark-json=train_step.json
 
@@ -28,7 +29,7 @@ import pytest
 import torch
 
 from timing import in_turn, timed
-from train import OptimConfig, default_model, make_optimizer, train_step
+from train import OptimConfig, compile_forward_backward, default_model, forward_backward, make_optimizer, train_step
 from vlfast.training import CudaGraphStep
 from vlfast.data.synthetic import SPECIAL_TOKENS, WORDS
 from vlfast.models import Mamo, MamoConfig, TextConfig, VisionConfig
@@ -43,11 +44,21 @@ TEXT_LENGTH = 30
 CASES = [("tiny", "cpu")] + [pytest.param(config, "cuda", marks=pytest.mark.cuda) for config in CONFIGS]
 # "auto", not "fused": under pytest on a CPU, TRITON_INTERPRET=1 would make "fused" run the
 # Triton kernels in the interpreter; auto is what `python train.py` runs on either device.
-BACKENDS = {"fused": "auto", "reference": "reference", "fused_cuda_graph": "auto"}
+# fused_compiled: train.py's compile=true (forward, backward and clipping as one inductor graph; the
+# first call compiles, before any timing); with cuda_graph, the two combined.
+BACKENDS = {"fused": "auto", "reference": "reference", "fused_cuda_graph": "auto", "fused_compiled": "auto",
+            "fused_compiled_cuda_graph": "auto"}
 
 
 def implementations(device: str):
     return [name for name in BACKENDS if device == "cuda" or not name.endswith("cuda_graph")]
+
+
+def skip_unless_runnable(benchmark, implementation: str, device: str) -> None:
+    if implementation not in implementations(device):
+        pytest.skip("CUDA graphs need CUDA")
+    if benchmark.disabled and "compiled" in implementation:
+        pytest.skip("a smoke run does not compile (minutes on a CPU): tests/test_compile.py checks the compiled step")
 
 
 def build_step(config_name: str, device: str, implementation: str = "fused"):
@@ -68,10 +79,13 @@ def build_step(config_name: str, device: str, implementation: str = "fused"):
     attention_mask = (torch.arange(TEXT_LENGTH, device=device) < lengths).long()
     input_ids = input_ids.masked_fill(attention_mask == 0, 0)
     batch_tensors = (images, input_ids, attention_mask)
+    step_function = compile_forward_backward() if "compiled" in implementation else forward_backward
 
     def step(*tensors):
-        return train_step(model, model, optimizer, tensors, OptimConfig.grad_clip)
+        return train_step(model, model, optimizer, tensors, OptimConfig.grad_clip, forward_backward=step_function)
 
+    if "compiled" in implementation and not graphed:
+        step(*batch_tensors)  # compiles
     if graphed:  # the eager warm-up calls and the recording happen here, before any timing
         step = CudaGraphStep(step)
         for _ in range(step.warmup + 1):
@@ -96,8 +110,7 @@ def step_flops(config_name: str, device: str) -> int:
 @pytest.mark.parametrize("implementation", list(BACKENDS))
 @pytest.mark.parametrize("config, device", CASES)
 def bench_train_step(benchmark, monkeypatch, implementation, config, device):
-    if implementation not in implementations(device):
-        pytest.skip("CUDA graphs need CUDA")
+    skip_unless_runnable(benchmark, implementation, device)
     monkeypatch.setenv("VLFAST_BACKEND", BACKENDS[implementation])
     if device == "cuda":  # the peak from the model's creation on: a graph's activations are allocated at capture
         torch.cuda.reset_peak_memory_stats()
@@ -119,8 +132,7 @@ def run_with_backend(monkeypatch, name, step):
 @pytest.mark.parametrize("implementation", [name for name in BACKENDS if name != "reference"])
 @pytest.mark.parametrize("config, device", CASES)
 def bench_train_step_paired(benchmark, monkeypatch, implementation, config, device):
-    if implementation not in implementations(device):
-        pytest.skip("CUDA graphs need CUDA")
+    skip_unless_runnable(benchmark, implementation, device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     runs = {}

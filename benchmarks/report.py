@@ -23,7 +23,8 @@ from pathlib import Path
 REFERENCES = ("albef_loop", "mae", "eager", "reference", "hugging_face")  # implementations the ops replace: the ratio's denominators
 DEFAULT_PATHS = ("vlfast", "fused")  # what vlfast runs by default: the headline's rows
 UNPAIRED_STEPS = ("bench_train_step",)  # its paired rows give the step's ratio
-SHOWN_EXTRA = ("reference/fused", "reference/fused_cuda_graph", "samples/s", "GB/s", "TFLOP/s", "MFU", "GPU_busy_ms", "peak_memory_MiB")
+SHOWN_EXTRA = ("reference/fused", "reference/fused_cuda_graph", "reference/fused_compiled",
+               "reference/fused_compiled_cuda_graph", "samples/s", "GB/s", "TFLOP/s", "MFU", "GPU_busy_ms", "peak_memory_MiB")
 
 
 def rows(path):
@@ -40,6 +41,16 @@ def rows(path):
 
 
 CEILINGS = {"GB/s": "bench_copy_bandwidth", "TFLOP/s": "bench_matmul_rate"}
+# Dense bf16 tensor-core peaks from the vendors' datasheets (TFLOP/s, without sparsity), by the
+# start of torch.cuda.get_device_name() after "NVIDIA "; the first match wins (PCIe before H100).
+DATASHEET_BF16_TFLOPS = (("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989), ("H800", 989),
+                         ("GH200", 989), ("B200", 2250), ("A100", 312), ("A800", 312), ("L40S", 362), ("L4", 121))
+
+
+def datasheet_peak(card: str):
+    """The card's dense bf16 peak in TFLOP/s from DATASHEET_BF16_TFLOPS, or None when not listed."""
+    name = (card or "").replace("-", " ").removeprefix("NVIDIA ")
+    return next((peak for prefix, peak in DATASHEET_BF16_TFLOPS if name.startswith(prefix)), None)
 
 
 def run_of(row):
@@ -57,7 +68,9 @@ def roofline(row, all_rows):
                     if other["function"] == ceiling_function and other["gpu"] and run_of(other) == run_of(row)]
         if unit in row["extra"] and ceilings:
             if "samples/s" in row["extra"]:
-                return f"MFU {row['extra'][unit] / ceilings[0]:.1%}"
+                peak = datasheet_peak(row["extra"].get("card"))
+                of_peak = f", {row['extra'][unit] / peak:.1%} of the {peak} TFLOP/s datasheet peak" if peak else ""
+                return f"MFU {row['extra'][unit] / ceilings[0]:.1%} of the measured matmul rate{of_peak}"
             busy = row["extra"].get("GPU_busy_ms", 0) / 1e3
             rate = row["extra"][unit] * (row["median"] / busy if busy else 1)
             return f"roofline {rate / ceilings[0]:.0%}"

@@ -113,3 +113,19 @@ def test_busy_seconds_counts_the_device_time_of_each_call(monkeypatch):
     calls = []
     assert timing.busy_seconds(lambda: calls.append(1), "cuda", calls=4) == pytest.approx(400e-6 / 4)
     assert len(calls) == 4
+
+
+def test_a_step_on_a_listed_card_gets_its_mfu_against_the_datasheet_peak(tmp_path):
+    sys.path.insert(0, str(RESULTS.parent))
+    import report
+
+    assert report.datasheet_peak("NVIDIA H200") == 989 and report.datasheet_peak("NVIDIA-H100-80GB-HBM3") == 989
+    assert report.datasheet_peak("NVIDIA H100 PCIe") == 756 and report.datasheet_peak("NVIDIA A100-SXM4-80GB") == 312
+    assert report.datasheet_peak("Card") is None
+    step = bench("bench_step", 0.1, {}, {"samples/s": 640.0, "TFLOP/s": 42.0})
+    step["extra_info"]["card"] = "NVIDIA H200"
+    (tmp_path / "NVIDIA-H200-2026-01-01-step.json").write_text(json.dumps({"benchmarks": [
+        step, bench("bench_matmul_rate", 1e-3, {}, {"TFLOP/s": 600.0})]}))
+    table = subprocess.run([sys.executable, str(RESULTS.parent / "report.py"), str(tmp_path / "NVIDIA-H200-2026-01-01-step.json")],
+                           capture_output=True, text=True, check=True).stdout
+    assert "MFU 7.0% of the measured matmul rate, 4.2% of the 989 TFLOP/s datasheet peak" in table, table
