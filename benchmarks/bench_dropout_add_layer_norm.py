@@ -53,4 +53,4 @@ def bench_dropout_add_layer_norm(benchmark, monkeypatch, implementation, shape, 
 
     x_bytes, residual_bytes = rows * dim * (2 if x_dtype == torch.bfloat16 else 4), rows * dim * 4
     moved = (x_bytes + 2 * residual_bytes) + (passes == "forward_backward") * (2 * residual_bytes + x_bytes + x_bytes + residual_bytes)
-    timed(benchmark, device, step, bytes_moved=moved, warmup=copies)
+    timed(benchmark, device, step, bytes_moved=moved, warmup=copies, graph_replay=True)

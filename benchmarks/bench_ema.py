@@ -74,4 +74,4 @@ def bench_ema(benchmark, implementation, size, device):
         update(target, source, 0.995)
 
     benchmark.extra_info.update(tensors=len(SIZES[size]), elements=numel)
-    timed(benchmark, device, step, bytes_moved=BYTES_PER_ELEMENT * numel, warmup=len(sets))
+    timed(benchmark, device, step, bytes_moved=BYTES_PER_ELEMENT * numel, warmup=len(sets), graph_replay=True)

@@ -13,9 +13,11 @@
 #                                              # build, so the Triton kernels are still measured)
 #   bash benchmarks/gpu_suite.sh --dry-run     # on a CPU: same steps, CPU-only build, tiny sizes,
 #                                              # results to a temporary folder (CI runs this)
-#   bash benchmarks/gpu_suite.sh --part step   # the CUDA tests, the ceilings, the training step, its
-#                                              # profile and its per-op ablation (about 8 minutes on
-#                                              # an H200, estimated)
+#   bash benchmarks/gpu_suite.sh --part step   # the CUDA tests, the ceilings, the training step (eager
+#                                              # reference, eager fused, graphed, compiled + graphed:
+#                                              # samples/s, MFU, peak memory, paired ratios), its
+#                                              # profile and per-op ablation (about 8 minutes on an
+#                                              # H200, estimated, not yet timed)
 #   bash benchmarks/gpu_suite.sh --part ops    # the ceilings and the per-op files (no tests): with
 #                                              # --part step, the whole suite in two calls of a lease
 set -uo pipefail
@@ -114,7 +116,9 @@ run_bench() {  # run_bench FILE [OUTPUT SELECTION]: benchmarks/bench_FILE.py int
 run_bench ceilings
 if [[ $part != ops ]]; then
     # Single-path rows (samples/s, MFU, memory) not at 256 px: its paired row has the ratio.
-    run_bench train_step train_step_paired paired
+    # Paired: eager fused, graphed, compiled + graphed, each against the eager reference in the same
+    # rounds, at 224 px batch 64 and on the tiny config (256 px: the per-op files' shapes cover it).
+    run_bench train_step train_step_paired "paired and not 256"
     run_bench train_step train_step "not paired and not 256"
     step "profile of the training step (launch cost, GPU busy time, top operators)"
     # Printed here (a lease's suite.log holds it) and kept beside the results.

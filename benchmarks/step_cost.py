@@ -3,6 +3,7 @@
     python benchmarks/step_cost.py                 # train.py's default model (tiny), batch 32
     python benchmarks/step_cost.py --explain       # also torch.compile's graphs and breaks (minutes)
     python benchmarks/step_cost.py --write         # and record them in benchmarks/step_cost_record.json
+    python benchmarks/step_cost.py --config vit_b16_bert_base_224_b64 --batch 4 --write   # ViT-B/16 + BERT-base
 
 The step is bench_train_step.py's (forward of all five objectives, backward, clipping, fused AdamW,
 EMA of the target network) under bf16 autocast, as a GPU runs it; it is counted after one warm-up
@@ -17,7 +18,10 @@ TorchDispatchMode, which counts:
 - bytes: what the ops other than matrix products and attention read and write (the sum of their
   tensor inputs' and outputs' sizes): the memory traffic that kernel fusion removes;
 - FLOPs: torch's FlopCounterMode (the useful work, the same on both paths).
---explain adds torch._dynamo.explain over the step: the graphs compile splits it into and why.
+--explain adds torch._dynamo.explain over the part of the step that `train.py compile=true`
+compiles (forward, backward, clipping): the graphs it makes and why it breaks; the optimizer and
+the EMA run eagerly beside it. Launches and casts do not depend on the batch, so ViT-B/16 +
+BERT-base is counted at a small --batch (bytes and FLOPs do: they are recorded with the batch).
 
 The routing is this machine's: on the CPU auto runs the C++ kernels, where a GPU runs Triton
 kernels or torch's SDPA (vlfast.ops.available()); the counts of torch's own ops are the GPU's.
@@ -92,14 +96,16 @@ def autocast_step(step):
     return run
 
 
-def count(config: str = "tiny", implementation: str = "fused", explain: bool = False, flops: bool = True) -> dict:
+def count(config: str = "tiny", implementation: str = "fused", explain: bool = False, flops: bool = True,
+          batch: int = None) -> dict:
     """The counts of one step (after one warm-up step) of a named bench_train_step config."""
     import bench_train_step
     from pytest import MonkeyPatch
 
     with MonkeyPatch.context() as patch:
         patch.setenv("VLFAST_BACKEND", bench_train_step.BACKENDS[implementation])
-        step, batch = bench_train_step.build_step(config, "cpu", implementation)
+        step, batch = bench_train_step.build_step(config, "cpu", implementation, batch)
+        forward_backward_args = step.forward_backward_args
         step = autocast_step(step)
         step()  # warm-up: the optimizer's state is made in the first step
         with StepCounter() as counter:
@@ -114,8 +120,11 @@ def count(config: str = "tiny", implementation: str = "fused", explain: bool = F
         if explain:
             import torch._dynamo
 
+            from train import forward_backward
+
             torch._dynamo.reset()
-            explanation = torch._dynamo.explain(step)()
+            with torch._dynamo.config.patch(trace_autograd_ops=True), torch.autocast("cpu", dtype=torch.bfloat16):
+                explanation = torch._dynamo.explain(forward_backward)(*forward_backward_args)
             result.update(graphs=explanation.graph_count, graph_breaks=explanation.graph_break_count,
                           break_reasons=sorted({str(r.reason).splitlines()[0][:120] for r in explanation.break_reasons}))
     return result
@@ -124,16 +133,19 @@ def count(config: str = "tiny", implementation: str = "fused", explain: bool = F
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="tiny", help="a bench_train_step config that fits a CPU (tiny)")
+    parser.add_argument("--batch", type=int, help="samples per step instead of the config's (launches and casts "
+                                                   "do not depend on it)")
     parser.add_argument("--explain", action="store_true", help="also count torch.compile's graphs and breaks")
     parser.add_argument("--write", action="store_true", help=f"record the counts in {RESULTS}")
     args = parser.parse_args()
-    results = [count(args.config, path, args.explain) for path in ("fused", "reference")]
+    results = [count(args.config, path, args.explain, batch=args.batch) for path in ("fused", "reference")]
     for result in results:
         print(json.dumps({k: v for k, v in result.items() if k != "top_ops"}))
         print("  most frequent:", ", ".join(f"{name} {n}" for name, n in result["top_ops"].items()))
     if args.write:
         recorded = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-        recorded.update({f"{r['config']}/{r['path']}": r for r in results})
+        batch = "" if args.batch is None else f"/batch{args.batch}"
+        recorded.update({f"{r['config']}{batch}/{r['path']}": r for r in results})
         RESULTS.write_text(json.dumps(recorded, indent=1, sort_keys=True) + "\n")
         print(f"wrote {RESULTS}")
 

@@ -39,9 +39,32 @@ def busy_seconds(step, device: str, calls: int) -> float:
     return device_seconds(profiler.key_averages(), device) / calls
 
 
+def graph_replay_seconds(step, calls: int):
+    """Per call, the wall time of ``step`` recorded once as a CUDA graph and replayed: the op's GPU
+    cost without the host's (Python, checks, dispatch, launches). Returns (seconds, None), or
+    (None, why) for a step that cannot be recorded (one that makes the host wait, as ALBEF's
+    per-row sampling does)."""
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            step()
+    except Exception as error:  # noqa: BLE001  (any failure to record is the answer, not a crash)
+        torch.cuda.synchronize()
+        return None, f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+    graph.replay()  # the first replay uploads the graph
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls, None
+
+
 def timed(benchmark, device: str, step, bytes_moved: int = 0, warmup: int = 1, busy: bool = True,
-          peak_from_warmup: bool = True) -> None:
+          peak_from_warmup: bool = True, graph_replay: bool = False) -> None:
     """busy=False for a step that is not one thing (bench_train_step_paired's two steps).
+    graph_replay: on CUDA also the step's time replayed from a CUDA graph (graph_replay_seconds),
+    which the per-op benchmarks record so each op's GPU cost shows apart from its host cost.
     peak_from_warmup=False: the peak memory counts from the caller's last reset instead (a CUDA
     graph's activations are allocated once, at capture, before the warm-up)."""
     for _ in range(warmup):
@@ -65,6 +88,10 @@ def timed(benchmark, device: str, step, bytes_moved: int = 0, warmup: int = 1, b
         if benchmark.stats and busy:  # about a fifth of a second of calls, at least one
             calls = max(1, min(50, int(0.2 / benchmark.stats.stats.median)))
             benchmark.extra_info["GPU_busy_ms"] = round(busy_seconds(step, device, calls) * 1e3, 4)
+            if graph_replay:
+                seconds, why = graph_replay_seconds(step, calls)
+                benchmark.extra_info["graph_replay_ms" if why is None else "graph_replay"] = \
+                    round(seconds * 1e3, 4) if why is None else f"not recordable: {why}"
 
 
 def in_turn(runs: dict, reverse: bool, device: str) -> dict:
