@@ -24,7 +24,7 @@ REFERENCES = ("albef_loop", "mae", "eager", "reference", "hugging_face")  # impl
 DEFAULT_PATHS = ("vlfast", "fused")  # what vlfast runs by default: the headline's rows
 UNPAIRED_STEPS = ("bench_train_step",)  # its paired rows give the step's ratio
 SHOWN_EXTRA = ("reference/fused", "reference/fused_cuda_graph", "reference/fused_compiled",
-               "reference/fused_compiled_cuda_graph", "samples/s", "GB/s", "TFLOP/s", "MFU", "GPU_busy_ms", "graph_replay_ms",
+               "reference/fused_compiled_cuda_graph", "samples/s", "GB/s", "TFLOP/s", "MFU", "host_us_per_call", "GPU_busy_ms", "graph_replay_ms",
                "graph_replay", "peak_memory_MiB")
 
 

@@ -166,55 +166,6 @@ def _inverse_index(index: Tensor, size: int) -> Tensor:
     return inverse.scatter_(1, index, torch.arange(index.shape[1], device=index.device).expand_as(index))
 
 
-# Autograd: the gradient of a gather is an unmask with zero fill, that of an unmask a gather.
-
-def _sum_to(grad: Tensor, like_shape_dtype) -> Tensor:
-    """Gradient of a (1 or B, N, D) addend from the (B, N, D) gradient of the sum."""
-    shape, dtype = like_shape_dtype
-    return (grad.sum(0, keepdim=True) if shape[0] == 1 and grad.shape[0] != 1 else grad).to(dtype)
-
-
-def _gather_rows_setup(ctx, inputs, output) -> None:
-    src, pos, index = inputs
-    ctx.save_for_backward(index)
-    ctx.src = (src.shape, src.dtype)
-    ctx.pos = None if pos is None else (pos.shape, pos.dtype)
-
-
-def _gather_rows_backward(ctx, grad):
-    (index,) = ctx.saved_tensors
-    (_, patches, _), src_dtype = ctx.src
-    # Where each source row went; L (the zero fill) for rows that were not gathered.
-    grad_full = torch.ops.vlfast.unmask_rows(grad.contiguous(), _inverse_index(index, patches), None, None)
-    grad_src = grad_full.to(src_dtype) if ctx.needs_input_grad[0] else None
-    grad_pos = _sum_to(grad_full, ctx.pos) if ctx.pos is not None and ctx.needs_input_grad[1] else None
-    return grad_src, grad_pos, None
-
-
-def _unmask_rows_setup(ctx, inputs, output) -> None:
-    rows, ids_restore, fill, pos = inputs
-    ctx.save_for_backward(ids_restore)
-    ctx.rows = (rows.shape, rows.dtype)
-    ctx.fill_dtype = None if fill is None else fill.dtype
-    ctx.pos = None if pos is None else (pos.shape, pos.dtype)
-
-
-def _unmask_rows_backward(ctx, grad):
-    (ids_restore,) = ctx.saved_tensors
-    (_, kept, _), rows_dtype = ctx.rows
-    grad = grad.contiguous()
-    grad_rows = grad_fill = grad_pos = None
-    if ctx.needs_input_grad[0]:
-        ids_keep = _inverse_index(ids_restore, ids_restore.shape[1])[:, :kept].contiguous()
-        grad_rows = torch.ops.vlfast.gather_rows(grad, None, ids_keep).to(rows_dtype)
-    if ctx.fill_dtype is not None and ctx.needs_input_grad[2]:
-        masked = (ids_restore >= kept).to(grad.dtype)
-        grad_fill = torch.einsum("bn,bnd->d", masked, grad).to(ctx.fill_dtype)
-    if ctx.pos is not None and ctx.needs_input_grad[3]:
-        grad_pos = _sum_to(grad, ctx.pos)
-    return grad_rows, None, grad_fill, grad_pos
-
-
 if _extension.LOAD_ERROR is None:
 
     @torch.library.register_fake("vlfast::gather_rows")
@@ -227,5 +178,4 @@ if _extension.LOAD_ERROR is None:
         dtype = fill.dtype if fill is not None else pos_embed.dtype if pos_embed is not None else rows.dtype
         return rows.new_empty((rows.shape[0], ids_restore.shape[1], rows.shape[2]), dtype=dtype)
 
-    torch.library.register_autograd("vlfast::gather_rows", _gather_rows_backward, setup_context=_gather_rows_setup)
-    torch.library.register_autograd("vlfast::unmask_rows", _unmask_rows_backward, setup_context=_unmask_rows_setup)
+    # Autograd: in C++ (csrc/autograd.cpp), each kernel the other's backward.
