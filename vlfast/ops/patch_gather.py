@@ -53,13 +53,15 @@ def random_masking(tokens: Tensor, mask_ratio: float, *, pos_embed: Optional[Ten
     if not use_fused("random_masking", tokens.device.type):
         return random_masking_reference(tokens, mask_ratio, pos_embed=pos_embed, generator=generator)
 
+    # Written for the host's cost per call as much as the kernels' (a user pays it at every call):
+    # method calls rather than indexing syntax, no conversion that would do nothing.
     keep = int(patches * (1 - mask_ratio))
     noise = torch.rand(batch, patches, device=tokens.device, generator=generator)
     ids_shuffle = torch.argsort(noise, dim=1)
-    ids_restore = _inverse_index(ids_shuffle, patches)
-    ids_keep = ids_shuffle[:, :keep].contiguous()
+    ids_restore = _inverse_permutation(ids_shuffle)
+    ids_keep = ids_shuffle.narrow(1, 0, keep).contiguous()
     visible = torch.ops.vlfast.gather_rows(tokens.contiguous(), _promoted(pos_embed, tokens), ids_keep)
-    mask = (ids_restore >= keep).to(torch.float32)
+    mask = ids_restore.ge(keep).to(torch.float32)
     return Masking(visible, mask, ids_restore, ids_keep)
 
 
@@ -156,14 +158,14 @@ def _promoted(pos_embed: Optional[Tensor], like: Tensor, dtype: Optional[torch.d
     """pos_embed in the output dtype (the promotion of its own and the rows'), contiguous."""
     if pos_embed is None:
         return None
-    return pos_embed.to(dtype or torch.promote_types(like.dtype, pos_embed.dtype)).contiguous()
+    dtype = dtype or torch.promote_types(like.dtype, pos_embed.dtype)
+    return (pos_embed if pos_embed.dtype == dtype else pos_embed.to(dtype)).contiguous()
 
 
-def _inverse_index(index: Tensor, size: int) -> Tensor:
-    """(B, size): where each value 0..size-1 stands in its row of ``index`` (B, L), L where absent.
-    For a full permutation this is its argsort, as one scatter instead of a second sort."""
-    inverse = torch.full((index.shape[0], size), index.shape[1], dtype=torch.int64, device=index.device)
-    return inverse.scatter_(1, index, torch.arange(index.shape[1], device=index.device).expand_as(index))
+def _inverse_permutation(permutation: Tensor) -> Tensor:
+    """(B, N): the argsort of a permutation of 0..N-1 per row, as one scatter (every place is written)."""
+    positions = torch.arange(permutation.shape[1], device=permutation.device).expand_as(permutation)
+    return torch.empty_like(permutation).scatter_(1, permutation, positions)
 
 
 if _extension.LOAD_ERROR is None:
