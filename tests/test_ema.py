@@ -374,3 +374,25 @@ def test_import_without_extension_warns_once_and_uses_the_reference():
     assert lines[0].startswith("1 vlfast._C could not be loaded")
     assert "python setup.py build_ext --inplace" in lines[0]
     assert lines[1] == "[0.75, 0.75, 0.75] {'cpu': 'reference', 'cuda': 'reference'}"
+
+
+def test_ema_decay_of_an_update_count_on_the_device_follows_the_same_schedule():
+    """MomentumModel keeps its update count in a tensor (a CUDA graph's replays advance it): the
+    warmup's decay computed from it equals the host's, and the count survives a state_dict."""
+    for step in (0, 1, 7, 1000, 10**6):
+        got = ema_decay(torch.tensor(step), 0.999, warmup_gamma=2.0, warmup_power=0.75)
+        assert isinstance(got, torch.Tensor) and got.item() == pytest.approx(
+            ema_decay(step, 0.999, warmup_gamma=2.0, warmup_power=0.75), rel=1e-12, abs=1e-15)
+    assert ema_decay(torch.tensor(5), 0.9) == 0.9
+    from vlfast.nn import MomentumModel
+
+    online = torch.nn.Linear(3, 2)
+    momentum = MomentumModel(online, 0.9, warmup_power=0.75)
+    for _ in range(3):
+        momentum.update(online)
+    assert momentum.step.device == online.weight.device and int(momentum.step) == 3
+    restored = MomentumModel(torch.nn.Linear(3, 2), 0.9, warmup_power=0.75)
+    restored.load_state_dict(momentum.state_dict())
+    assert int(restored.step) == 3
+    restored.load_state_dict({**momentum.state_dict(), "_extra_state": {"step": 41}})  # an older checkpoint's int
+    assert int(restored.step) == 41

@@ -27,22 +27,26 @@ class MomentumModel(nn.Module):
         ema_decay(0, decay, warmup_gamma=warmup_gamma, warmup_power=warmup_power)  # validates the schedule
         self.model = copy.deepcopy(online).requires_grad_(False)
         self.decay, self.warmup_power, self.warmup_gamma = decay, warmup_power, warmup_gamma
-        self.step = 0  # a Python int, not a buffer: reading a GPU counter would sync every update
+        # The update count lives beside the weights (it moves with .to()): the warmup's decay is
+        # computed from it on the device, so no update reads it on the host and a CUDA graph's
+        # replays advance it. Saved as extra state, so older checkpoints (an int) still load.
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64), persistent=False)
 
     @torch.no_grad()
     def update(self, online: nn.Module) -> None:
-        decay = ema_decay(self.step, self.decay, warmup_gamma=self.warmup_gamma, warmup_power=self.warmup_power)
+        decay = self.decay if self.warmup_power is None else \
+            ema_decay(self.step, self.decay, warmup_gamma=self.warmup_gamma, warmup_power=self.warmup_power)
         ema_update_(self.model, online, decay)
-        self.step += 1
+        self.step.add_(1)
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
 
     def get_extra_state(self):
-        return {"step": self.step}
+        return {"step": int(self.step)}  # read on the host when saving only
 
     def set_extra_state(self, state) -> None:
-        self.step = int(state["step"])
+        self.step.fill_(int(state["step"]))
 
 
 def key_padding_mask(attention_mask: Optional[Tensor]) -> Optional[Tensor]:

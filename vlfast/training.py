@@ -185,9 +185,9 @@ class CudaGraphStep:
     must keep its step count on the GPU (``AdamW(..., capturable=True)``), a learning rate that
     changes must be a GPU tensor updated in place (``group["lr"].fill_(lr)``), and every
     ``torch.Generator`` it draws from besides the default one goes in ``generators`` (each replay
-    draws new numbers). Host-side state that ``step`` changes (MomentumModel's update count)
-    changes in the eager and recording calls only, so numbers read from it stay at their recorded
-    values (an EMA decay with MomentumModel's warmup_power: record a constant decay, as Mamo's).
+    draws new numbers). Host-side state that ``step`` changes changes in the eager and recording
+    calls only, so numbers read from it stay at their recorded values; MomentumModel keeps its
+    update count in a tensor for that reason (its warmup decay advances at each replay).
     The object holds ``step`` and the input tensors, whose memory the graph reads and writes, for
     as long as it lives.
     """

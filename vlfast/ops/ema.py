@@ -73,15 +73,18 @@ def ema_update_reference(target: Sequence[Tensor], source: Sequence[Tensor], dec
             t.copy_(t * decay + s * (1.0 - decay))
 
 
-def ema_decay(step: int, decay: float = 0.995, *, warmup_gamma: float = 1.0, warmup_power: float = None) -> float:
-    """The decay to use for EMA update number ``step`` (0 for the first update).
+def ema_decay(step: Union[int, Tensor], decay: float = 0.995, *, warmup_gamma: float = 1.0,
+              warmup_power: float = None) -> Union[float, Tensor]:
+    """The decay to use for EMA update number ``step`` (0 for the first update). ``step`` may be a
+    0-d integer tensor (an update count kept on the GPU): the decay is then a 0-d float64 tensor on
+    its device, computed there without a host read, which ema_update_ takes as it is.
 
     ``warmup_power=None``: the constant ``decay`` (ALBEF, BLIP, MAMO: 0.995).
     Otherwise timm ModelEmaV3's warmup, ``min(decay, 1 - (1 + step / warmup_gamma) ** -warmup_power)``:
     0 at step 0 (the target starts as a copy of the source), rising to ``decay``. timm suggests
     power 2/3 for runs of about a million steps and 3/4 for shorter ones.
     """
-    if step < 0:
+    if not isinstance(step, Tensor) and step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     if not 0.0 <= decay <= 1.0:
         raise ValueError(f"decay must be in [0, 1], got {decay}")
@@ -89,6 +92,8 @@ def ema_decay(step: int, decay: float = 0.995, *, warmup_gamma: float = 1.0, war
         return decay
     if not warmup_gamma > 0 or not warmup_power > 0:
         raise ValueError(f"warmup_gamma and warmup_power must be > 0, got {warmup_gamma} and {warmup_power}")
+    if isinstance(step, Tensor):
+        return (1.0 - (1.0 + step.to(torch.float64) / warmup_gamma) ** -warmup_power).clamp_(max=decay)
     return min(decay, 1.0 - (1.0 + step / warmup_gamma) ** -warmup_power)
 
 
