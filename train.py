@@ -122,8 +122,8 @@ class TrainConfig:
     image_id_positives: bool = False
     # One process on a GPU: the step is recorded once as a CUDA graph and replayed (vlfast.training.
     # CudaGraphStep), so the host launches one graph per step instead of thousands of kernels.
-    # Captions are padded to data.max_text_length (a graph's shapes are fixed); the target
-    # network's update count (its decay is constant) stops at the recorded step.
+    # Captions are padded to data.max_text_length (a graph's shapes are fixed); the random state,
+    # the learning rate and the target network's update count live on the GPU, so replays advance them.
     cuda_graph: bool = False
     # torch.compile (inductor) over the forward of every objective, backward and clipping, one graph
     # (train.compile_forward_backward); the first step compiles (minutes on a CPU). One process.
