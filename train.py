@@ -11,6 +11,7 @@ vocabulary the tokenizer used, loss.png. Several GPUs or CPU processes, one or m
     torchrun --nproc_per_node=8 train.py ...     (optim.batch_size is per process)
 """
 import argparse
+import contextlib
 import math
 import os
 import time
@@ -126,7 +127,8 @@ class TrainConfig:
     # the learning rate and the target network's update count live on the GPU, so replays advance them.
     cuda_graph: bool = False
     # torch.compile (inductor) over the forward of every objective, backward and clipping, one graph
-    # (train.compile_forward_backward); the first step compiles (minutes on a CPU). One process.
+    # (train.compile_forward_backward); the first step compiles (minutes on a CPU). One process;
+    # captions padded to data.max_text_length, so every step has the shapes the graph was made for.
     compile: bool = False
     seed: int = 0
 
@@ -165,10 +167,11 @@ def image_transform(config: TrainConfig):
 
 
 def caption_tokenizer(tokenizer, config: TrainConfig) -> Callable:
-    """captions -> (input_ids, attention_mask), padded to the longest (with cuda_graph to
-    data.max_text_length), cut at data.max_text_length."""
+    """captions -> (input_ids, attention_mask), padded to the longest (with cuda_graph or compile to
+    data.max_text_length: one shape, one graph), cut at data.max_text_length."""
     def tokenize(captions):
-        text = tokenizer(captions, padding="max_length" if config.cuda_graph else "longest", truncation=True,
+        fixed = config.cuda_graph or config.compile
+        text = tokenizer(captions, padding="max_length" if fixed else "longest", truncation=True,
                          max_length=config.data.max_text_length, return_tensors="pt")
         return text["input_ids"], text["attention_mask"]
     return tokenize
@@ -266,8 +269,9 @@ def forward_backward(runner, model: Mamo, batch, grad_clip: float, image_ids=Non
     the part of the step that torch.compile traces as one graph (``compile=true``). Returns
     (losses, gradient norm), detached."""
     images, input_ids, attention_mask = batch
-    device = images.device.type
-    with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+    # bf16 autocast on a GPU; on the CPU whatever the caller set (step_cost.py counts under CPU autocast)
+    precision = torch.autocast("cuda", dtype=torch.bfloat16) if images.is_cuda else contextlib.nullcontext()
+    with precision:
         losses = runner(images, input_ids, attention_mask, image_ids=image_ids)
     losses["loss"].backward()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -293,21 +297,23 @@ def train_step(runner, model: Mamo, optimizer, batch, grad_clip: float, image_id
                forward_backward=forward_backward) -> dict:
     """One step: ``forward_backward`` (the objectives, backward, clipping; or its compiled form),
     AdamW, EMA of the target network. ``runner`` is the model or its DDP wrapper; ``batch``
-    (images, input_ids, attention_mask). Returns the losses, detached, on the device.
+    (images, input_ids, attention_mask). Returns the losses and the gradient norm, detached, on
+    the device.
 
     The host never waits for the GPU here, so it can queue the next step, and the step can be
     recorded as a CUDA graph. The random draws (masks, negatives, dropout) come from torch's
     default generator, whose state checkpoints save and graphs and torch.compile advance. A
     non-finite loss or gradient norm is caught on the device: fused AdamW skips the update
     where ``found_inf`` is 1 (as under torch.amp.GradScaler: weights, moments and step count
-    stay as they were), and the target then averages toward unchanged weights. The caller reads
-    the losses when it likes and stops on a non-finite one; no weight ever holds it."""
+    stay as they were), and the target then averages toward unchanged weights. Returns the losses
+    and the gradient norm (before clipping); the caller reads them when it likes and stops on a
+    non-finite one, so a skipped step never goes unseen and no weight ever holds it."""
     optimizer.zero_grad(set_to_none=True)
     losses, norm = forward_backward(runner, model, batch, grad_clip, image_ids)
     optimizer.found_inf = (~torch.isfinite(losses["loss"].float() + norm)).float()
     optimizer.step()
     model.update_target()
-    return losses
+    return {**losses, "grad_norm": norm}
 
 
 def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int = None,
@@ -320,10 +326,11 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
     Returns (checkpoint path, the step it holds)."""
     check_optim(config.optim)
     rank, world, device = setup_distributed()
-    if config.compile and (world > 1 or config.image_id_positives):
-        raise ValueError(f"compile=true compiles the step of one process without image_id_positives (DDP's hooks "
-                         f"are not traced; the ids' check reads a value on the host); this run: {world} processes, "
-                         f"image_id_positives={config.image_id_positives}")
+    if config.compile and (world > 1 or config.image_id_positives or ops_backend("itc_loss") == "reference"):
+        raise ValueError(f"compile=true compiles the step of one process without image_id_positives and itc_loss's "
+                         f"reference (DDP's hooks are not traced; the ids' check and ALBEF's sampling read values "
+                         f"on the host); this run: {world} processes, image_id_positives={config.image_id_positives}, "
+                         f"itc_loss {ops_backend('itc_loss')}")
     if config.cuda_graph and (device.type != "cuda" or world > 1 or config.image_id_positives
                               or ops_backend("itc_loss") == "reference"):
         raise ValueError(f"cuda_graph=true records the step of one process on a GPU, without image_id_positives "
@@ -349,6 +356,9 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
         if len(saved) != world:
             print(f"warning: {resume} was written by {len(saved)} processes, this run has {world}: "
                   "batches and random draws will not continue exactly")
+        if "generator" in saved[0]:
+            print(f"warning: {resume} comes from a vlfast whose masks and negatives had their own generator: "
+                  "they continue from the default one, so the random draws will not continue exactly")
         torch.set_rng_state(saved[rank % len(saved)]["torch"])  # masks, negatives and dropout on the CPU
         if device.type == "cuda":
             torch.cuda.set_rng_state(saved[rank % len(saved)]["cuda"], device)  # and on the GPU
@@ -362,7 +372,9 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
     for parameter_state in optimizer.state.values():  # fused AdamW keeps its step counts beside the weights
         parameter_state["step"] = parameter_state["step"].to(device, torch.float32)
     # Objectives left out leave parameters without gradients, which DDP must be told about.
-    runner = model if world == 1 else DDP(model, find_unused_parameters=set(config.model.objectives) != set(OBJECTIVES))
+    # No buffer needs broadcasting: the only one, the target's update count, is the same on every rank.
+    runner = model if world == 1 else DDP(model, find_unused_parameters=set(config.model.objectives) != set(OBJECTIVES),
+                                          broadcast_buffers=False)
     log = MetricsLog(out / "metrics.jsonl")
     if rank == 0:  # a new run starts a new log; a resumed one drops what it will log again (steps
         # logged after its checkpoint by a run that then crashed). An eval record's step counts steps done.
@@ -413,7 +425,8 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
     for step, (images, input_ids, attention_mask, image_ids, skipped_now) in enumerate(loader, start=start):
         skipped += skipped_now
         stopping = stop_after is not None and step >= start + stop_after
-        if time_limit is not None and (step - start) % config.optim.log_every == 0:  # where the host reads anyway
+        # The time limit: every step with one process; with several, agreed where the host reads anyway.
+        if time_limit is not None and (world == 1 or step % config.optim.log_every == 0):
             stopping = stopping or time.time() - started > time_limit
             if world > 1:  # every rank stops at the same step
                 stopping = torch.tensor(float(stopping), device=device)  # NCCL reduces CUDA tensors only
@@ -439,7 +452,7 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
         else:
             image_ids = image_ids.to(device, non_blocking=True) if config.image_id_positives else None
             losses = train_step(runner, model, optimizer, batch, config.optim.grad_clip, image_ids, step_function)
-        names = names or [f"loss_{k}" if k != "loss" else k for k in losses]
+        names = names or [k if k in ("loss", "grad_norm") else f"loss_{k}" for k in losses]
         pending.append((step, torch.stack([v.detach().float() for v in losses.values()])))  # a copy: a graph overwrites its outputs
         progress.update()
         evaluating = evaluate is not None and config.optim.eval_every and (step + 1) % config.optim.eval_every == 0

@@ -176,7 +176,7 @@ def main():
         return ablation(config, device, args.ablate)
     host_costs(device)
     if args.ops not in ("all", *implementations(device)):
-        parser.error(f"--ops {args.ops} needs CUDA")
+        parser.error(f"--ops {args.ops} is not run on {device} (bench_train_step.implementations)")
     chosen = [i for i in implementations(device) if device == "cuda" or "compiled" not in i]
     for implementation in (chosen if args.ops == "all" else [args.ops]):
         profile_step(config, device, implementation, args.steps)

@@ -44,8 +44,9 @@ def rows(path):
 CEILINGS = {"GB/s": "bench_copy_bandwidth", "TFLOP/s": "bench_matmul_rate"}
 # Dense bf16 tensor-core peaks from the vendors' datasheets (TFLOP/s, without sparsity), by the
 # start of torch.cuda.get_device_name() after "NVIDIA "; the first match wins (PCIe before H100).
-DATASHEET_BF16_TFLOPS = (("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989), ("H800", 989),
-                         ("GH200", 989), ("B200", 2250), ("A100", 312), ("A800", 312), ("L40S", 362), ("L4", 121))
+DATASHEET_BF16_TFLOPS = (("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200 NVL", 835), ("H200", 989),
+                         ("H800", 989), ("GH200", 989), ("B200", 2250), ("A100", 312), ("A800", 312), ("L40S", 362),
+                         ("L40", 181), ("L4", 121))
 
 
 def datasheet_peak(card: str):

@@ -44,13 +44,21 @@ def graph_replay_seconds(step, calls: int):
     cost without the host's (Python, checks, dispatch, launches). Returns (seconds, None), or
     (None, why) for a step that cannot be recorded (one that makes the host wait, as ALBEF's
     per-row sampling does)."""
-    graph = torch.cuda.CUDAGraph()
+    # Recorded by hand on a side stream: when a step fails to record, capture_end raises, and
+    # torch.cuda.graph's context would then leave this thread on its capture stream.
+    graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
     try:
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            step()
+        with torch.cuda.stream(side):
+            graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                step()
+            finally:
+                graph.capture_end()
     except Exception as error:  # noqa: BLE001  (any failure to record is the answer, not a crash)
         torch.cuda.synchronize()
         return None, f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+    torch.cuda.current_stream().wait_stream(side)
     graph.replay()  # the first replay uploads the graph
     torch.cuda.synchronize()
     start = time.perf_counter()

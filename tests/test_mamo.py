@@ -272,3 +272,18 @@ def test_each_replay_draws_new_masks_and_negatives():
     assert all(torch.equal(a, b) for a, b in zip(weights, (p for p in model.parameters() if p.requires_grad)))
     for name in ("mim", "mlm", "itm"):
         assert second[name] != first[name], name
+
+
+def test_a_non_finite_gradient_with_a_finite_loss_is_skipped_and_reported():
+    """The gradient norm comes back with the losses, so the loop sees a step it skipped even when
+    every loss was finite (a bf16 backward overflow, say)."""
+    model = tiny()
+    optimizer = make_optimizer(model, lr=1e-3, weight_decay=0.02)
+    data = batch()
+    train_step(model, model, optimizer, data, 5.0)
+    weights = {name: p.clone() for name, p in model.named_parameters() if p.requires_grad}
+    hook = model.itm_head.weight.register_hook(lambda grad: grad * float("inf"))
+    losses = train_step(model, model, optimizer, data, 5.0)
+    hook.remove()
+    assert math.isfinite(losses["loss"].item()) and not math.isfinite(losses["grad_norm"].item())
+    assert all(torch.equal(p, weights[name]) for name, p in model.named_parameters() if p.requires_grad)

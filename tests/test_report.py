@@ -121,7 +121,8 @@ def test_a_step_on_a_listed_card_gets_its_mfu_against_the_datasheet_peak(tmp_pat
 
     assert report.datasheet_peak("NVIDIA H200") == 989 and report.datasheet_peak("NVIDIA-H100-80GB-HBM3") == 989
     assert report.datasheet_peak("NVIDIA H100 PCIe") == 756 and report.datasheet_peak("NVIDIA A100-SXM4-80GB") == 312
-    assert report.datasheet_peak("Card") is None
+    assert report.datasheet_peak("NVIDIA H200 NVL") == 835 and report.datasheet_peak("NVIDIA L40") == 181
+    assert report.datasheet_peak("NVIDIA L4") == 121 and report.datasheet_peak("Card") is None
     step = bench("bench_step", 0.1, {}, {"samples/s": 640.0, "TFLOP/s": 42.0})
     step["extra_info"]["card"] = "NVIDIA H200"
     (tmp_path / "NVIDIA-H200-2026-01-01-step.json").write_text(json.dumps({"benchmarks": [

@@ -30,11 +30,23 @@ def test_graph_replay_times_the_replays_or_says_why_a_step_cannot_be_recorded(mo
     replays = []
 
     class Graph:
+        def capture_begin(self, **kwargs):
+            pass
+
+        def capture_end(self):
+            pass
+
         def replay(self):
             replays.append(1)
 
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
     monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
-    monkeypatch.setattr(torch.cuda, "graph", lambda graph, **kwargs: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     steps = []
     seconds, why = timing.graph_replay_seconds(lambda: steps.append(1), calls=5)

@@ -135,6 +135,8 @@ def test_non_finite_loss_stops_with_the_step_and_checkpoint(tmp_path):
     check_finite(3, {"loss": 1.0, "loss_itc": torch.tensor(0.5)}, None)
     with pytest.raises(FloatingPointError, match=r"step 7: non-finite loss \['loss_mim'\] .*loss_mim=nan.*last good checkpoint: .*last.pt"):
         check_finite(7, {"loss": 1.0, "loss_mim": math.nan}, tmp_path / "last.pt")
+    with pytest.raises(FloatingPointError, match=r"step 2: non-finite gradient norm \['grad_norm'\] \(loss=1, grad_norm=inf\)"):
+        check_finite(2, {"loss": 1.0, "grad_norm": math.inf}, None)  # the update was skipped; the run stops
 
 
 @pytest.fixture

@@ -133,12 +133,14 @@ class MetricsLog:
 
 
 def check_finite(step: int, losses: dict, last_checkpoint: Optional[Path]) -> None:
-    """Stop with the step, every loss term and the last good checkpoint when a loss is NaN/inf."""
+    """Stop with the step, every loss term (and the gradient norm, when given) and the last good
+    checkpoint when one is NaN/inf."""
     values = {name: float(value.detach() if isinstance(value, torch.Tensor) else value) for name, value in losses.items()}
     bad = {name: value for name, value in values.items() if not math.isfinite(value)}
     if bad:
         terms = ", ".join(f"{name}={value:.6g}" for name, value in values.items())
-        raise FloatingPointError(f"step {step}: non-finite loss {sorted(bad)} ({terms}); "
+        what = "gradient norm" if set(bad) == {"grad_norm"} else "loss"
+        raise FloatingPointError(f"step {step}: non-finite {what} {sorted(bad)} ({terms}); "
                                  f"last good checkpoint: {last_checkpoint or 'none yet'}")
 
 
