@@ -457,7 +457,7 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
         progress.update()
         evaluating = evaluate is not None and config.optim.eval_every and (step + 1) % config.optim.eval_every == 0
         saving = (step + 1) % config.optim.checkpoint_every == 0 or step + 1 == total
-        if step % config.optim.log_every == 0 or saving or evaluating or step == total - 1:
+        if step % config.optim.log_every == 0 or saving or evaluating:  # saving: the last step too
             values = read_losses()  # before anything is saved: no checkpoint follows a non-finite loss unseen
             if rank == 0 and (step % config.optim.log_every == 0 or step == total - 1):
                 log.write({"step": step, "lr": lr, **values, **({"skipped_images": skipped} if skipped else {})})

@@ -3,7 +3,7 @@
     python benchmarks/step_cost.py                 # train.py's default model (tiny), batch 32
     python benchmarks/step_cost.py --explain       # also torch.compile's graphs and breaks (minutes)
     python benchmarks/step_cost.py --write         # and record them in benchmarks/step_cost_record.json
-    python benchmarks/step_cost.py --config vit_b16_bert_base_224_b64 --batch 4 --write   # ViT-B/16 + BERT-base
+    python benchmarks/step_cost.py --config vit_b16_bert_base_224_b64 --batch 2 --write   # ViT-B/16 + BERT-base (ITC needs 2)
 
 The step is bench_train_step.py's (forward of all five objectives, backward, clipping, fused AdamW,
 EMA of the target network) under bf16 autocast, as a GPU runs it; it is counted after one warm-up
