@@ -3,7 +3,8 @@
     python benchmarks/step_cost.py                 # train.py's default model (tiny), batch 32
     python benchmarks/step_cost.py --explain       # also torch.compile's graphs and breaks (minutes)
     python benchmarks/step_cost.py --write         # and record them in benchmarks/step_cost_record.json
-    python benchmarks/step_cost.py --config vit_b16_bert_base_224_b64 --batch 2 --write   # ViT-B/16 + BERT-base (ITC needs 2)
+    python benchmarks/step_cost.py --config vit_b16_bert_base_224_b64 --batch 2 --zero-matmuls --write
+                                                   # ViT-B/16 + BERT-base (ITC needs 2), in minutes
 
 The step is bench_train_step.py's (forward of all five objectives, backward, clipping, fused AdamW,
 EMA of the target network) under bf16 autocast, as a GPU runs it; it is counted after one warm-up
@@ -22,6 +23,10 @@ TorchDispatchMode, which counts:
 compiles (forward, backward, clipping): the graphs it makes and why it breaks; the optimizer and
 the EMA run eagerly beside it. Launches and casts do not depend on the batch, so ViT-B/16 +
 BERT-base is counted at a small --batch (bytes and FLOPs do: they are recorded with the batch).
+--zero-matmuls skips the arithmetic of torch's matrix products, convolutions and attention (their
+outputs are zeros of the right shape and strides, made on the meta device): the same ops run in
+the same order, so every count is the same (tests/test_step_cost.py checks it on the small model),
+and a ViT-B step is counted in minutes on a CPU whose bf16 matrix products take an hour.
 
 The routing is this machine's: on the CPU auto runs the C++ kernels, where a GPU runs Triton
 kernels or torch's SDPA (vlfast.ops.available()); the counts of torch's own ops are the GPU's.
@@ -85,6 +90,21 @@ class StepCounter(TorchDispatchMode):
         return out
 
 
+class ZeroMatmuls(TorchDispatchMode):
+    """torch's matrix products, convolutions and attention return zeros of the shape, dtype and
+    strides their meta kernels give, without computing (--zero-matmuls)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace != "aten" or func.__name__.split(".")[0] not in MATMULS:
+            return func(*args, **kwargs)
+        device = next(t.device for t in torch.utils._pytree.tree_leaves(args) if isinstance(t, torch.Tensor))
+        meta = torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: t.to("meta"), (args, kwargs))
+        out = func(*meta[0], **meta[1])
+        return torch.utils._pytree.tree_map_only(
+            torch.Tensor, lambda t: torch.zeros_like(t, device=device) if t.device.type == "meta" else t, out)
+
+
 def _dtype_changes(func, args, out) -> bool:
     source = args[1] if func.__name__.startswith("copy_") else args[0]
     return isinstance(source, torch.Tensor) and isinstance(out, torch.Tensor) and source.dtype != out.dtype
@@ -98,20 +118,23 @@ def autocast_step(step):
 
 
 def count(config: str = "tiny", implementation: str = "fused", explain: bool = False, flops: bool = True,
-          batch: int = None) -> dict:
+          batch: int = None, zero_matmuls: bool = False) -> dict:
     """The counts of one step (after one warm-up step) of a named bench_train_step config."""
     import bench_train_step
     from pytest import MonkeyPatch
 
     with MonkeyPatch.context() as patch:
         patch.setenv("VLFAST_BACKEND", bench_train_step.BACKENDS[implementation])
-        step, batch = bench_train_step.build_step(config, "cpu", implementation, batch)
+        step, batch = bench_train_step.build_step(config, "cpu", implementation, batch, autocast=True)
         forward_backward_args = step.forward_backward_args
         step = autocast_step(step)
-        step()  # warm-up: the optimizer's state is made in the first step
+        arithmetic = ZeroMatmuls() if zero_matmuls else contextlib.nullcontext()
+        with arithmetic:
+            step()  # warm-up: the optimizer's state is made in the first step
         # One counted step: the FLOP counter inside the op counter sees the same ops (a ViT-B step
-        # under bf16 autocast takes minutes on a CPU without bf16 matmul instructions).
-        with StepCounter() as counter, (FlopCounterMode(display=False) if flops else contextlib.nullcontext()) as counted:
+        # under bf16 autocast takes an hour on a CPU without bf16 matmul instructions).
+        with arithmetic, StepCounter() as counter, \
+                (FlopCounterMode(display=False) if flops else contextlib.nullcontext()) as counted:
             step()
         result = {"config": config, "batch": batch, "path": implementation, "ops": sum(counter.ops.values()),
                   "casts": counter.casts, "host_syncs": sum(counter.syncs.values()), "bytes_non_matmul": counter.bytes,
@@ -137,9 +160,11 @@ def main():
     parser.add_argument("--batch", type=int, help="samples per step instead of the config's (launches and casts "
                                                    "do not depend on it)")
     parser.add_argument("--explain", action="store_true", help="also count torch.compile's graphs and breaks")
+    parser.add_argument("--zero-matmuls", action="store_true", help="skip the matrix products' arithmetic "
+                                                                        "(same counts; for large configs)")
     parser.add_argument("--write", action="store_true", help=f"record the counts in {RESULTS}")
     args = parser.parse_args()
-    results = [count(args.config, path, args.explain, batch=args.batch) for path in ("fused", "reference")]
+    results = [count(args.config, path, args.explain, batch=args.batch, zero_matmuls=args.zero_matmuls) for path in ("fused", "reference")]
     for result in results:
         print(json.dumps({k: v for k, v in result.items() if k != "top_ops"}))
         print("  most frequent:", ", ".join(f"{name} {n}" for name, n in result["top_ops"].items()))

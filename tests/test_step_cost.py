@@ -21,3 +21,13 @@ def test_the_step_costs_no_more_than_recorded():
              if now[key] > recorded[key]}
     assert not risen, f"(recorded, now): {risen}; most frequent ops now: {now['top_ops']}"
     assert now["ops"] > 100 and now["casts"] > 0  # it counted a step
+
+
+@needs_extension
+def test_zeroing_the_matrix_products_changes_no_count():
+    # --zero-matmuls is how the large configs are counted: it must see the step the real arithmetic runs.
+    real = step_cost.count("tiny", "fused", batch=4)
+    zeroed = step_cost.count("tiny", "fused", batch=4, zero_matmuls=True)
+    for key in ("ops", "casts", "host_syncs", "bytes_non_matmul", "gflops", "top_ops"):
+        assert zeroed[key] == real[key], key
+    assert real["gflops"] > 0
