@@ -11,7 +11,9 @@ extern "C" PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(vlfast, m) {
   // decay is a 0-d tensor so a learnable or scheduled decay on the GPU costs no host sync.
-  m.def("ema_update_(Tensor(a!)[] target, Tensor[] source, Tensor decay) -> ()");
+  // copies: empty, or one per target (an fp32 master) that receives the updated value rounded to
+  // its bf16/fp16 dtype in the same pass: the weights a mixed-precision forward reads.
+  m.def("ema_update_(Tensor(a!)[] target, Tensor[] source, Tensor decay, Tensor(b!)[] copies) -> ()");
   // out[b, l] = src[b, index[b, l]] + pos_embed[b or 0, index[b, l]]: the visible patches.
   m.def("gather_rows(Tensor src, Tensor? pos_embed, Tensor index) -> Tensor");
   // out[b, n] = (rows[b, j] if j < L else fill) + pos_embed[b or 0, n], j = ids_restore[b, n]:

@@ -260,7 +260,63 @@ def test_kernel_checks_guard_direct_calls():
         ([torch.zeros(3)], [], "target has 1 tensors but source has 0"),
     ]:
         with pytest.raises((ValueError, TypeError), match=message):
-            torch.ops.vlfast.ema_update_(target, source, decay)
+            torch.ops.vlfast.ema_update_(target, source, decay, [])
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("copy_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("source_dtype", DTYPES)
+def test_copies_receive_the_updated_target_rounded_once(monkeypatch, backend, device, copy_dtype, source_dtype):
+    if backend == "fused" and _extension.LOAD_ERROR is not None:
+        pytest.skip("vlfast._C not built")
+    monkeypatch.setenv("VLFAST_BACKEND", backend)
+    target = random_tensors(SHAPES, torch.float32, device, seed=21)
+    source = random_tensors(SHAPES, source_dtype, device, seed=22)
+    expected = float64_ema(target, source, 0.995) if backend == "fused" else None
+    plain = [t.clone() for t in target]
+    ema_update_(plain, source, 0.995)  # the same update without copies
+    # every other tensor copied, the rest None or the target itself (both mean: no copy)
+    copies = [torch.full(t.shape, float("nan"), device=device, dtype=copy_dtype) if i % 2 == 0 else (None, t)[i % 4 == 3]
+              for i, t in enumerate(target)]
+    ema_update_(target, source, 0.995, copies=copies)
+    for i, (t, c, p) in enumerate(zip(target, copies, plain)):
+        torch.testing.assert_close(t, p, rtol=0, atol=0)  # copies change nothing about the update
+        if expected is not None:
+            torch.testing.assert_close(t, expected[i])
+        if i % 2 == 0:
+            torch.testing.assert_close(c, t.to(copy_dtype), rtol=0, atol=0)  # what a cast gives: round to nearest
+
+
+def test_copies_of_a_module_pair_by_name_and_skip_shared_tensors():
+    torch.manual_seed(0)
+    target, source = nn.Sequential(nn.Linear(5, 3), nn.LayerNorm(3)), nn.Sequential(nn.Linear(5, 3), nn.LayerNorm(3))
+    copy = nn.Sequential(nn.Linear(5, 3), nn.LayerNorm(3))
+    copy[0].to(torch.bfloat16)
+    copy[1].weight, copy[1].bias = target[1].weight, target[1].bias  # shared: updated once, as the target
+    ema_update_(target, source, 0.5, copies=copy)
+    for name, t in target.named_parameters():
+        assert torch.equal(dict(copy.named_parameters())[name], t.to(dict(copy.named_parameters())[name].dtype)), name
+    with pytest.raises(ValueError, match=r"copies has no tensor named \['1.bias', '1.weight'\]"):
+        ema_update_(target, source, 0.5, copies=nn.Sequential(nn.Linear(5, 3)))
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+def test_bad_copies_are_named(monkeypatch, backend):
+    if backend == "fused" and _extension.LOAD_ERROR is not None:
+        pytest.skip("vlfast._C not built")
+    monkeypatch.setenv("VLFAST_BACKEND", backend)
+    target, source = [torch.zeros(3), torch.zeros(2)], [torch.ones(3), torch.ones(2)]
+    for copies, error, message in [
+        ([None], ValueError, "copies has 1 entries but target has 2"),
+        ([None, torch.zeros(2, dtype=torch.float64)], TypeError, r"the copy of target\[1\] is torch.float64 of a torch.float32 target"),
+        ([torch.zeros(4, dtype=torch.bfloat16), None], ValueError, r"the copy of target\[0\] must be contiguous, of shape \(3,\)"),
+    ]:
+        with pytest.raises(error, match=message):
+            ema_update_(target, source, 0.5, copies=copies)
+    half_target = [torch.zeros(3, dtype=torch.float16)]
+    with pytest.raises(TypeError, match="copies are bfloat16 or float16 copies of float32 targets"):
+        ema_update_(half_target, [torch.ones(3)], 0.5, copies=[torch.zeros(3, dtype=torch.bfloat16)])
 
 
 def test_ema_decay_schedule():
@@ -284,13 +340,15 @@ def test_opcheck(device):
     for decay in (torch.tensor(0.9, dtype=torch.float64), torch.tensor(0.9, device=device)):
         target = random_tensors(SHAPES, torch.float32, device, seed=11) + [torch.randn(4, device=device).half()]
         source = random_tensors(SHAPES, torch.float32, device, seed=12) + [torch.randn(4, device=device)]
-        torch.library.opcheck(torch.ops.vlfast.ema_update_.default, (target, source, decay))
+        torch.library.opcheck(torch.ops.vlfast.ema_update_.default, (target, source, decay, []))
+        copies = [torch.empty(t.shape, device=device, dtype=torch.bfloat16) for t in target[:-1]]
+        torch.library.opcheck(torch.ops.vlfast.ema_update_.default, (target[:-1], source[:-1], decay, copies))
 
 
 @needs_extension
 def test_torch_compile_traces_the_op():
     def step(target, source, decay):
-        torch.ops.vlfast.ema_update_(target, source, decay)
+        torch.ops.vlfast.ema_update_(target, source, decay, [])
         return target[0] * 2
 
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)

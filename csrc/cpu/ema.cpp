@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "../ema_check.h"
@@ -14,14 +15,17 @@ namespace {
 
 constexpr int64_t kChunk = 1 << 15;  // 128 KiB of fp32: a chunk's target and source fit in L2
 
-template <typename T, typename S>
-void ema_range(T* target, const S* source, int64_t n, double decay) {
+// C is the copies' type, void when there are none.
+template <typename T, typename S, typename C>
+void ema_range(T* target, const S* source, C* copy, int64_t n, double decay) {
   // (1 - decay) is formed in double, as torch does for ALBEF's `param * (1. - m)` with a Python float m.
   using A = acc_t<T, S>;
   const A d = static_cast<A>(decay);
   const A w = static_cast<A>(1.0 - decay);
   for (int64_t i = 0; i < n; ++i) {
-    target[i] = static_cast<T>(d * static_cast<A>(target[i]) + w * static_cast<A>(source[i]));
+    const T value = static_cast<T>(d * static_cast<A>(target[i]) + w * static_cast<A>(source[i]));
+    target[i] = value;
+    if constexpr (!std::is_void_v<C>) copy[i] = static_cast<C>(value);  // round to nearest, as .to() does
   }
 }
 
@@ -31,8 +35,8 @@ struct Chunk {
   int64_t end;
 };
 
-void ema_update_cpu(at::TensorList target, at::TensorList source, const at::Tensor& decay) {
-  check_ema_args(target, source, decay);
+void ema_update_cpu(at::TensorList target, at::TensorList source, const at::Tensor& decay, at::TensorList copies) {
+  check_ema_args(target, source, decay, copies);
   const double d = decay.item<double>();
   std::vector<at::Tensor> sources;
   std::vector<Chunk> chunks;
@@ -48,11 +52,23 @@ void ema_update_cpu(at::TensorList target, at::TensorList source, const at::Tens
       const Chunk& chunk = chunks[c];
       const at::Tensor& t = target[chunk.tensor];
       const at::Tensor& s = sources[chunk.tensor];
+      const int64_t n = chunk.end - chunk.begin;
+      if (!copies.empty()) {  // float32 targets (checked) with bfloat16 or float16 copies
+        const at::Tensor& c = copies[chunk.tensor];
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "ema_update_", [&] {
+          using S = scalar_t;
+          AT_DISPATCH_REDUCED_FLOATING_TYPES(c.scalar_type(), "ema_update_", [&] {
+            ema_range(t.data_ptr<float>() + chunk.begin, s.const_data_ptr<S>() + chunk.begin,
+                      c.data_ptr<scalar_t>() + chunk.begin, n, d);
+          });
+        });
+        continue;
+      }
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "ema_update_", [&] {
         using T = scalar_t;
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "ema_update_", [&] {
           ema_range(t.data_ptr<T>() + chunk.begin, s.const_data_ptr<scalar_t>() + chunk.begin,
-                    chunk.end - chunk.begin, d);
+                    static_cast<void*>(nullptr), n, d);
         });
       });
     }
