@@ -264,6 +264,15 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, cuda_
                              lr=lr, fused=True, capturable=cuda_graph)
 
 
+def bf16_target(model: Mamo, autocast: bool) -> None:
+    """Under bf16 autocast (a GPU's step), the fused path keeps the target network's matrix-product
+    weights in bf16 as well, written by each EMA update beside their fp32 values, instead of
+    autocast re-casting every frozen weight at every use (vlfast.nn.MomentumModel's compute_dtype;
+    the reference path re-casts, as ALBEF's code does)."""
+    if autocast and ops_backend("ema_update_") != "reference":
+        model.target.set_compute_dtype(torch.bfloat16)
+
+
 def forward_backward(runner, model: Mamo, batch, grad_clip: float, image_ids=None):
     """The forward of every objective (bf16 autocast on a GPU), backward and gradient clipping:
     the part of the step that torch.compile traces as one graph (``compile=true``). Returns
@@ -341,6 +350,7 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     dataset, collate, model = build(config, out)
     model.to(device)
+    bf16_target(model, autocast=device.type == "cuda")
     if rank > 0:  # then each rank its own draws (rank 0 keeps the stream one process has)
         torch.manual_seed(config.seed + rank)
     optimizer = make_optimizer(model, config.optim.lr, config.optim.weight_decay, config.cuda_graph)

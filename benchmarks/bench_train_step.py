@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from timing import in_turn, timed
-from train import OptimConfig, compile_forward_backward, default_model, forward_backward, make_optimizer, train_step
+from train import OptimConfig, bf16_target, compile_forward_backward, default_model, forward_backward, make_optimizer, train_step
 from vlfast.training import CudaGraphStep
 from vlfast.data.synthetic import SPECIAL_TOKENS, WORDS
 from vlfast.models import Mamo, MamoConfig, TextConfig, VisionConfig
@@ -67,11 +67,14 @@ def skip_unless_runnable(benchmark, implementation: str, config: str, device: st
         pytest.skip("a smoke run does not compile (minutes on a CPU): tests/test_compile.py checks the compiled step")
 
 
-def build_step(config_name: str, device: str, implementation: str = "fused", batch: int = None):
+def build_step(config_name: str, device: str, implementation: str = "fused", batch: int = None,
+               autocast: bool = None):
     """(step function, batch size): a fresh model, its AdamW and one random batch (of the config's
     size unless ``batch``), fixed seeds. Reads VLFAST_BACKEND at each call; set it to
-    BACKENDS[implementation]. The step function's ``forward_backward_args`` are what train.py's
-    compiled part takes (step_cost.py explains it)."""
+    BACKENDS[implementation]. ``autocast``: whether the step will run under bf16 autocast (as
+    train.py's on a GPU; default: on a GPU), which the model is prepared for as train.py does. The
+    step function's ``forward_backward_args`` are what train.py's compiled part takes (step_cost.py
+    explains it)."""
     config, config_batch = CONFIGS[config_name]
     batch = batch or config_batch
     if config.text.vocab_size == 0:  # train.py's default takes its vocabulary from the synthetic set
@@ -79,6 +82,7 @@ def build_step(config_name: str, device: str, implementation: str = "fused", bat
     torch.manual_seed(0)
     with torch.device(device):  # initialised where it runs: ViT-B + BERT-base take seconds on the host
         model = Mamo(config, mask_token_id=4, special_ids=[0, 2, 3])
+    bf16_target(model, autocast=device == "cuda" if autocast is None else autocast)
     graphed = implementation.endswith("cuda_graph")
     optimizer = make_optimizer(model, lr=1e-4, weight_decay=0.02, cuda_graph=graphed)
     images = torch.randn(batch, 3, config.vision.image_size, config.vision.image_size, device=device)

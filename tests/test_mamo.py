@@ -287,3 +287,26 @@ def test_a_non_finite_gradient_with_a_finite_loss_is_skipped_and_reported():
     hook.remove()
     assert math.isfinite(losses["loss"].item()) and not math.isfinite(losses["grad_norm"].item())
     assert all(torch.equal(p, weights[name]) for name, p in model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("backend, copied", [("auto", True), ("reference", False)])
+def test_a_bf16_target_gives_the_losses_of_autocast_casting_it(monkeypatch, backend, copied):
+    """train.bf16_target: under bf16 autocast the fused path runs the target on bf16 copies of its
+    matrix weights that the EMA update writes; autocast would round the same fp32 weights the same way."""
+    from train import bf16_target
+
+    monkeypatch.setenv("VLFAST_BACKEND", backend)
+    images, input_ids, mask = batch()
+    losses = []
+    for bf16 in (False, True):
+        model = tiny()
+        optimizer = make_optimizer(model, lr=1e-3, weight_decay=0.02)
+        bf16_target(model, autocast=bf16)
+        assert (model.target.compute_model is not model.target.model) == (bf16 and copied)
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            for _ in range(2):  # the second step runs on the copies the first update wrote
+                step = train_step(model, model, optimizer, (images, input_ids, mask), grad_clip=5.0)
+        losses.append(step)
+    for name in losses[0]:
+        assert torch.equal(losses[0][name], losses[1][name]), name

@@ -99,3 +99,40 @@ def test_momentum_model_state_dict_round_trip():
     torch.testing.assert_close(restored(torch.ones(1, 4)), momentum(torch.ones(1, 4)))
     with pytest.raises(ValueError, match=r"decay must be in \[0, 1\]"):
         MomentumModel(online, 1.5)
+
+
+def test_momentum_model_in_bf16_runs_as_autocast_would_and_keeps_fp32_state():
+    torch.manual_seed(0)
+    online = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Conv1d(16, 4, 1))
+    plain = MomentumModel(online, 0.9)
+    momentum = MomentumModel(online, 0.9, compute_dtype=torch.bfloat16)
+    x = torch.randn(3, 5, 8)
+    run = lambda m: m.compute_model[2](m.compute_model[:2](x).transpose(1, 2))  # noqa: E731
+    with torch.no_grad():
+        for p in online.parameters():
+            p.add_(torch.randn_like(p))
+    for _ in range(2):  # the copies follow each update
+        plain.update(online)
+        momentum.update(online)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            # autocast casts the fp32 weights to bf16 (round to nearest) at each use: the same numbers
+            assert torch.equal(run(momentum), run(plain))
+    dtypes = {name: p.dtype for name, p in momentum.compute_model.named_parameters()}
+    assert dtypes == {"0.weight": torch.bfloat16, "0.bias": torch.bfloat16, "1.weight": torch.float32,
+                      "1.bias": torch.float32, "2.weight": torch.bfloat16, "2.bias": torch.bfloat16}
+    assert momentum.compute_model[1].weight is momentum.model[1].weight  # shared, not copied
+    state = momentum.state_dict()
+    assert state.keys() == plain.state_dict().keys() and all(v.dtype == torch.float32 for k, v in state.items() if k != "_extra_state")
+    for k, v in state.items():
+        if k != "_extra_state":
+            assert torch.equal(v, plain.state_dict()[k]), k  # the fp32 EMA is the same with or without copies
+    restored = MomentumModel(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Conv1d(16, 4, 1)),
+                             0.9, compute_dtype=torch.bfloat16)
+    restored.load_state_dict(state)  # the copies are rewritten from what was loaded
+    assert torch.equal(restored.compute_model[0].weight, state["model.0.weight"].to(torch.bfloat16))
+    restored.model.load_state_dict(plain.model.state_dict())  # also when loading into the module directly
+    assert torch.equal(restored.compute_model[2].bias, plain.model[2].bias.to(torch.bfloat16))
+    restored.double()  # a conversion makes the copies again from the converted weights
+    assert restored.compute_model[0].weight.dtype == torch.float64  # only float32 weights get copies
+    with pytest.raises(ValueError, match="compute_dtype must be torch.bfloat16, torch.float16 or None"):
+        MomentumModel(online, compute_dtype=torch.float64)

@@ -19,10 +19,18 @@ class MomentumModel(nn.Module):
 
     ``decay`` constant (ALBEF, BLIP: 0.995), or with ``warmup_power`` timm ModelEmaV3's warmup
     (see vlfast.ops.ema_decay).
+
+    ``compute_dtype`` (e.g. torch.bfloat16, for a forward under autocast to it): the matrix
+    products' weights (every nn.Linear and convolution) also exist in that dtype, written by each
+    update in the same pass that updates their float32 values, and calls run on them. Autocast
+    caches its casts only for weights that require grad, so without this it re-casts every frozen
+    weight at every use. The float32 values stay the EMA (an update of 0.005 of a difference is
+    below bf16's spacing near 1) and the state_dict; the other tensors (norms, embeddings) are
+    shared, as autocast runs their ops in float32.
     """
 
     def __init__(self, online: nn.Module, decay: float = 0.995, *, warmup_power: Optional[float] = None,
-                 warmup_gamma: float = 1.0):
+                 warmup_gamma: float = 1.0, compute_dtype: Optional[torch.dtype] = None):
         super().__init__()
         ema_decay(0, decay, warmup_gamma=warmup_gamma, warmup_power=warmup_power)  # validates the schedule
         self.model = copy.deepcopy(online).requires_grad_(False)
@@ -31,16 +39,54 @@ class MomentumModel(nn.Module):
         # computed from it on the device, so no update reads it on the host and a CUDA graph's
         # replays advance it. Saved as extra state, so older checkpoints (an int) still load.
         self.register_buffer("step", torch.zeros((), dtype=torch.int64), persistent=False)
+        # Loading weights into the copy (here or through a parent) rewrites the compute copy too.
+        self.model.register_load_state_dict_post_hook(self._loaded)
+        self.set_compute_dtype(compute_dtype)
+
+    def set_compute_dtype(self, dtype: Optional[torch.dtype]) -> None:
+        """Run calls on ``dtype`` copies of the matrix products' weights (None: on the weights themselves)."""
+        if dtype is not None and dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"compute_dtype must be torch.bfloat16, torch.float16 or None, got {dtype}")
+        self.compute_dtype = dtype
+        # Kept out of the module tree: not in the state_dict, not seen by DDP or .to() (_apply rebuilds it).
+        self.__dict__["_compute"] = None if dtype is None else self._compute_copy(dtype)
+
+    @property
+    def compute_model(self) -> nn.Module:
+        """The module calls run: ``model``, or its copy with ``compute_dtype`` weights."""
+        return self.model if self._compute is None else self._compute
+
+    def _compute_copy(self, dtype: torch.dtype) -> nn.Module:
+        """self.model sharing every tensor, except float32 Linear/conv weights and biases, held in ``dtype``."""
+        shared = {id(t): t for t in (*self.model.parameters(), *self.model.buffers())}
+        compute = copy.deepcopy(self.model, memo=shared)
+        compute._load_state_dict_post_hooks.clear()
+        for module in compute.modules():
+            if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+                for name, weight in list(module.named_parameters(recurse=False)):
+                    if weight.dtype == torch.float32:
+                        setattr(module, name, nn.Parameter(weight.detach().to(dtype), requires_grad=False))
+        return compute
+
+    def _loaded(self, module, incompatible_keys) -> None:
+        if self.compute_dtype is not None:
+            self.set_compute_dtype(self.compute_dtype)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if getattr(self, "compute_dtype", None) is not None:
+            self.set_compute_dtype(self.compute_dtype)  # the weights moved or changed dtype: copy them again
+        return self
 
     @torch.no_grad()
     def update(self, online: nn.Module) -> None:
         decay = self.decay if self.warmup_power is None else \
             ema_decay(self.step, self.decay, warmup_gamma=self.warmup_gamma, warmup_power=self.warmup_power)
-        ema_update_(self.model, online, decay)
+        ema_update_(self.model, online, decay, copies=self._compute)
         self.step.add_(1)
 
     def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+        return self.compute_model(*args, **kwargs)
 
     def get_extra_state(self):
         return {"step": int(self.step)}  # read on the host when saving only

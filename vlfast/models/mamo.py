@@ -145,7 +145,7 @@ class Mamo(nn.Module):
 
         if objectives & {"mrm", "mim"}:  # the targets: the EMA network on the unmasked pair
             with torch.no_grad():
-                target = self.target.model
+                target = self.target.compute_model  # bf16 weights where train.py asks for them
                 target.train(self.training and self.config.target_dropout)
                 target_image = target["visual_encoder"].forward_features(images)
                 target_text = target["bert"](input_ids, attention_mask, mode="text")
