@@ -11,6 +11,7 @@ vocabulary the tokenizer used, loss.png. Several GPUs or CPU processes, one or m
     torchrun --nproc_per_node=8 train.py ...     (optim.batch_size is per process)
 """
 import argparse
+import collections
 import contextlib
 import math
 import os
@@ -32,8 +33,8 @@ from vlfast.data.synthetic import transform as synthetic_transform
 from vlfast.models import Mamo, MamoConfig, TextConfig, VisionConfig
 from vlfast.models.mamo import OBJECTIVES
 from vlfast.models.pretrained import load_text_weights, load_vision_weights
-from vlfast.training import (CudaGraphStep, MetricsLog, check_finite, learning_rate, load_checkpoint, load_config,
-                             plot_losses, save_checkpoint)
+from vlfast.training import (CudaGraphStep, MasterWeightAdamW, MetricsLog, check_finite, learning_rate, load_checkpoint,
+                             load_config, plot_losses, save_checkpoint)
 
 
 @dataclass
@@ -130,6 +131,11 @@ class TrainConfig:
     # (train.compile_forward_backward); the first step compiles (minutes on a CPU). One process;
     # captions padded to data.max_text_length, so every step has the shapes the graph was made for.
     compile: bool = False
+    # On a GPU (bf16 autocast), with vlfast's ops: the matrix weights are bf16 parameters with fp32
+    # masters in the optimizer (vlfast.training.MasterWeightAdamW), and the target network's have bf16
+    # copies that its EMA update writes, so no weight is cast at each step (train.bf16_weights).
+    # false: fp32 weights that autocast casts at each use. The CPU trains in fp32 either way.
+    bf16_weights: bool = True
     seed: int = 0
 
 
@@ -250,27 +256,57 @@ def setup_distributed():
     return dist.get_rank(), world, torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, cuda_graph: bool = False) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, cuda_graph: bool = False,
+                   bf16_weights: bool = False) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (not on biases, LayerNorms, tokens and position
     embeddings). torch's fused kernel: the default (foreach) one made a dozen passes over the
     weights and took 14.7 ms of host time per ViT-B/16 + BERT-base step on an H200
     (benchmarks/results/NVIDIA-H200-2026-11-27-profile-vit_b16_bert_base_224_b64.txt), in a step
-    the host paces. ``cuda_graph``: capturable, for a recorded step (vlfast.training.CudaGraphStep)."""
+    the host paces. ``cuda_graph``: capturable, for a recorded step (vlfast.training.CudaGraphStep).
+    ``bf16_weights``: the model's matrix weights become bf16, their fp32 masters live in the
+    optimizer (vlfast.training.MasterWeightAdamW)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 or "token" in name or "pos_embed" in name else decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                             lr=lr, fused=True, capturable=cuda_graph)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if bf16_weights:
+        return MasterWeightAdamW(model, groups, torch.bfloat16, lr=lr, fused=True, capturable=cuda_graph)
+    return torch.optim.AdamW(groups, lr=lr, fused=True, capturable=cuda_graph)
 
 
-def bf16_target(model: Mamo, autocast: bool) -> None:
-    """Under bf16 autocast (a GPU's step), the fused path keeps the target network's matrix-product
-    weights in bf16 as well, written by each EMA update beside their fp32 values, instead of
-    autocast re-casting every frozen weight at every use (vlfast.nn.MomentumModel's compute_dtype;
-    the reference path re-casts, as ALBEF's code does)."""
-    if autocast and ops_backend("ema_update_") != "reference":
-        model.target.set_compute_dtype(torch.bfloat16)
+def bf16_weights(model: Mamo, autocast: bool, enabled: bool = True) -> bool:
+    """Whether the step keeps its matrix weights in bf16: under bf16 autocast (a GPU's step), on
+    vlfast's path (the reference casts at every use, as ALBEF's code does), unless not ``enabled``.
+    If so, the target network gets bf16 copies of its weights, written by each EMA update beside
+    their fp32 values (vlfast.nn.MomentumModel's compute_dtype); make_optimizer(bf16_weights=True)
+    does the same for the online model. Autocast caches casts only of weights that require grad,
+    so it re-cast every frozen target weight at every use; the online model's it casts once per
+    step, and casts each one's gradient back in the backward: 1707 casts per ViT-B/16 + BERT-base
+    step (benchmarks/step_cost_record.json)."""
+    if not (autocast and enabled and ops_backend() != "reference"):
+        return False
+    model.target.set_compute_dtype(torch.bfloat16)
+    return True
+
+
+def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ (2-norm), with each gradient's norm computed into fp32 by the
+    multi-tensor norm itself: torch's takes bf16 gradients' norms in bf16 and stacks them with one
+    cast each (312 casts per ViT-B/16 + BERT-base step with bf16 weights). The same numbers for
+    fp32 gradients; the norm before clipping is returned."""
+    groups = collections.defaultdict(list)
+    for p in parameters:
+        if p.grad is not None:
+            groups[(p.grad.device, p.grad.dtype)].append(p.grad)
+    if not groups:
+        return torch.zeros(())
+    norms = [norm for grads in groups.values() for norm in torch._foreach_norm(grads, 2.0, dtype=torch.float32)]
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for grads in groups.values():
+        torch._foreach_mul_(grads, scale)
+    return total
 
 
 def forward_backward(runner, model: Mamo, batch, grad_clip: float, image_ids=None):
@@ -283,7 +319,7 @@ def forward_backward(runner, model: Mamo, batch, grad_clip: float, image_ids=Non
     with precision:
         losses = runner(images, input_ids, attention_mask, image_ids=image_ids)
     losses["loss"].backward()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    norm = clip_grad_norm(model.parameters(), grad_clip)
     return {name: value.detach() for name, value in losses.items()}, norm
 
 
@@ -350,10 +386,10 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     dataset, collate, model = build(config, out)
     model.to(device)
-    bf16_target(model, autocast=device.type == "cuda")
+    bf16 = bf16_weights(model, autocast=device.type == "cuda", enabled=config.bf16_weights)
     if rank > 0:  # then each rank its own draws (rank 0 keeps the stream one process has)
         torch.manual_seed(config.seed + rank)
-    optimizer = make_optimizer(model, config.optim.lr, config.optim.weight_decay, config.cuda_graph)
+    optimizer = make_optimizer(model, config.optim.lr, config.optim.weight_decay, config.cuda_graph, bf16)
     start, checkpoint, best = 0, out / "last.pt", -math.inf
     if resume is not None:
         state = load_checkpoint(resume)

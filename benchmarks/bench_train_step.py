@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from timing import in_turn, timed
-from train import OptimConfig, bf16_target, compile_forward_backward, default_model, forward_backward, make_optimizer, train_step
+from train import OptimConfig, bf16_weights, compile_forward_backward, default_model, forward_backward, make_optimizer, train_step
 from vlfast.training import CudaGraphStep
 from vlfast.data.synthetic import SPECIAL_TOKENS, WORDS
 from vlfast.models import Mamo, MamoConfig, TextConfig, VisionConfig
@@ -82,9 +82,9 @@ def build_step(config_name: str, device: str, implementation: str = "fused", bat
     torch.manual_seed(0)
     with torch.device(device):  # initialised where it runs: ViT-B + BERT-base take seconds on the host
         model = Mamo(config, mask_token_id=4, special_ids=[0, 2, 3])
-    bf16_target(model, autocast=device == "cuda" if autocast is None else autocast)
+    bf16 = bf16_weights(model, autocast=device == "cuda" if autocast is None else autocast)
     graphed = implementation.endswith("cuda_graph")
-    optimizer = make_optimizer(model, lr=1e-4, weight_decay=0.02, cuda_graph=graphed)
+    optimizer = make_optimizer(model, lr=1e-4, weight_decay=0.02, cuda_graph=graphed, bf16_weights=bf16)
     images = torch.randn(batch, 3, config.vision.image_size, config.vision.image_size, device=device)
     input_ids = torch.randint(5, config.text.vocab_size, (batch, TEXT_LENGTH), device=device)
     input_ids[:, 0] = 2  # [CLS]

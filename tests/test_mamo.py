@@ -193,9 +193,12 @@ def test_a_non_finite_step_leaves_the_weights_and_the_optimizer_as_they_were():
 def test_the_fused_step_never_waits_for_the_gpu(monkeypatch, backend):
     """No .item(), boolean indexing or host-to-GPU copy: the host can queue the next step while the
     GPU runs this one, and the step can be recorded as a CUDA graph."""
+    from train import bf16_weights
+
     monkeypatch.setenv("VLFAST_BACKEND", backend)
     model = tiny().cuda()
-    optimizer = make_optimizer(model, lr=1e-3, weight_decay=0.02)  # train.py's
+    optimizer = make_optimizer(model, lr=1e-3, weight_decay=0.02,  # train.py's: bf16 weights, fp32 masters
+                               bf16_weights=bf16_weights(model, autocast=True))
     data = [x.cuda() for x in batch()]
     train_step(model, model, optimizer, data, 5.0)  # first calls: Triton compiles, optimizer state
     torch.cuda.synchronize()
@@ -207,12 +210,15 @@ def test_the_fused_step_never_waits_for_the_gpu(monkeypatch, backend):
     torch.cuda.synchronize()  # a kernel's error shows here, not in the next test
 
 
-def tiny_step_on_gpu(lr, graphed):
+def tiny_step_on_gpu(lr, graphed, bf16=False):
     """(step, model, batch): train.py's step and optimizer on the tiny model, eager or a
-    CudaGraphStep. Only the step holds the optimizer, as in bench_train_step: a CudaGraphStep
-    must keep it alive."""
+    CudaGraphStep, with fp32 or (train.py's default on a GPU) bf16 weights. Only the step holds
+    the optimizer, as in bench_train_step: a CudaGraphStep must keep it alive."""
+    from train import bf16_weights
+
     model = tiny().cuda()
-    optimizer = make_optimizer(model, lr=lr, weight_decay=0.02, cuda_graph=True)
+    optimizer = make_optimizer(model, lr=lr, weight_decay=0.02, cuda_graph=True,
+                               bf16_weights=bf16_weights(model, autocast=True, enabled=bf16))
     torch.manual_seed(0)  # masks, negatives and dropout: the same draws for the eager and the graphed run
 
     def step(*data):
@@ -222,11 +228,12 @@ def tiny_step_on_gpu(lr, graphed):
 
 
 @pytest.mark.cuda
-def test_a_graphed_step_equals_the_eager_step():
+@pytest.mark.parametrize("bf16", [False, True])
+def test_a_graphed_step_equals_the_eager_step(bf16):
     runs = []
     orders = [torch.randperm(6) for _ in range(6)]  # a new batch each call: replays must read it
     for graphed in (False, True):
-        step, model, data = tiny_step_on_gpu(1e-3, graphed)
+        step, model, data = tiny_step_on_gpu(1e-3, graphed, bf16)
         runs.append(([{k: v.item() for k, v in step(*(x[order.cuda()] for x in data)).items()} for order in orders],
                      model))
     (eager, eager_model), (graph, graph_model) = runs
@@ -293,7 +300,7 @@ def test_a_non_finite_gradient_with_a_finite_loss_is_skipped_and_reported():
 def test_a_bf16_target_gives_the_losses_of_autocast_casting_it(monkeypatch, backend, copied):
     """train.bf16_target: under bf16 autocast the fused path runs the target on bf16 copies of its
     matrix weights that the EMA update writes; autocast would round the same fp32 weights the same way."""
-    from train import bf16_target
+    from train import bf16_weights
 
     monkeypatch.setenv("VLFAST_BACKEND", backend)
     images, input_ids, mask = batch()
@@ -301,7 +308,7 @@ def test_a_bf16_target_gives_the_losses_of_autocast_casting_it(monkeypatch, back
     for bf16 in (False, True):
         model = tiny()
         optimizer = make_optimizer(model, lr=1e-3, weight_decay=0.02)
-        bf16_target(model, autocast=bf16)
+        bf16_weights(model, autocast=bf16)
         assert (model.target.compute_model is not model.target.model) == (bf16 and copied)
         torch.manual_seed(1)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -310,3 +317,69 @@ def test_a_bf16_target_gives_the_losses_of_autocast_casting_it(monkeypatch, back
         losses.append(step)
     for name in losses[0]:
         assert torch.equal(losses[0][name], losses[1][name]), name
+
+
+def test_bf16_weights_with_fp32_masters_train_as_autocast_does(monkeypatch):
+    """make_optimizer(bf16_weights=True): the forward reads bf16 weights that autocast would have cast
+    from the same fp32 values, the gradients are the same bf16 numbers, and the fp32 update is the
+    same: steps leave the masters equal to autocast's fp32 weights. The target averages the bf16
+    weights (within half a bf16 spacing of the masters): with it frozen the runs stay equal."""
+    from train import bf16_weights
+
+    monkeypatch.setenv("VLFAST_BACKEND", "auto")
+    images, input_ids, mask = batch()
+
+    def run(bf16: bool, steps: int):
+        model = tiny()
+        model.target.decay = 1.0  # the target stays as it is (see the docstring)
+        optimizer = make_optimizer(model, lr=1e-3, weight_decay=0.02,
+                                   bf16_weights=bf16_weights(model, autocast=True, enabled=bf16))
+        torch.manual_seed(1)
+        losses = []
+        for _ in range(steps):  # autocast per step, as train.py's: its cast cache lives as long as the context
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                losses.append(train_step(model, model, optimizer, (images, input_ids, mask), grad_clip=1e9))
+        return model, optimizer, losses
+
+    (fp32_model, _, fp32_losses), (model, optimizer, losses) = run(False, 3), run(True, 3)
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    assert dtypes["visual_encoder.blocks.0.attn.qkv.weight"] == dtypes["text_encoder.bert.encoder.layer.0.output.dense.bias"] \
+        == dtypes["visual_encoder.patch_embed.proj.weight"] == torch.bfloat16
+    assert dtypes["visual_encoder.blocks.0.norm1.weight"] == dtypes["visual_encoder.pos_embed"] == torch.float32
+    # BERT's decoder shares the word embeddings' weight: an embedding is no matrix product, so it stays fp32
+    assert dtypes["text_encoder.bert.embeddings.word_embeddings.weight"] == torch.float32
+    for step, (want, got) in enumerate(zip(fp32_losses, losses)):
+        for name in want:
+            assert torch.equal(want[name], got[name]), (step, name)
+    state, fp32_state = model.state_dict(), fp32_model.state_dict()
+    assert state.keys() == fp32_state.keys()
+    for name, value in fp32_state.items():  # the masters, saved under the parameters' names
+        if isinstance(value, torch.Tensor):
+            assert value.dtype == state[name].dtype and torch.equal(value, state[name]), name
+    # a checkpoint loads back into masters and bf16 weights
+    restored = tiny()
+    restored_optimizer = make_optimizer(restored, lr=1e-3, weight_decay=0.02, bf16_weights=True)
+    restored.load_state_dict(state)
+    restored_optimizer.load_state_dict(optimizer.state_dict())
+    for master, want in zip(restored_optimizer.masters, optimizer.masters):
+        assert torch.equal(master, want)
+    assert torch.equal(restored.visual_encoder.blocks[0].attn.qkv.weight, state["visual_encoder.blocks.0.attn.qkv.weight"].bfloat16())
+
+
+def test_bf16_weights_skip_a_non_finite_step_and_leave_unused_weights_alone():
+    images, input_ids, mask = batch()
+    model = tiny(objectives=("itc", "mlm"))  # the ITM head and MIM/MRM heads get no gradient
+    optimizer = make_optimizer(model, lr=1e-3, weight_decay=0.02, bf16_weights=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        train_step(model, model, optimizer, (images, input_ids, mask), grad_clip=5.0)
+    before = {name: p.clone() for name, p in model.state_dict().items() if isinstance(p, torch.Tensor)}
+    assert model.itm_head.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(model.itm_head.weight, tiny().itm_head.weight.bfloat16(), rtol=0, atol=0)
+    model.text_proj.weight.register_hook(lambda grad: grad * float("inf"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        step = train_step(model, model, optimizer, (images, input_ids, mask), grad_clip=5.0)
+    assert not torch.isfinite(step["grad_norm"])
+    for name, value in model.state_dict().items():
+        if isinstance(value, torch.Tensor) and not name.startswith("target"):
+            assert torch.equal(value, before[name]), name
+    assert all(torch.isfinite(m).all() for m in optimizer.masters)

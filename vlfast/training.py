@@ -4,6 +4,7 @@ code, metrics as JSON lines, the loss-curve PNG, a clear stop on a non-finite lo
 training step recorded as one CUDA graph.
 """
 import dataclasses
+import functools
 import json
 import math
 import typing
@@ -240,3 +241,88 @@ class CudaGraphStep:
                                  f"{mine.dtype} {tuple(mine.shape)}: every call needs the first call's shapes and dtypes")
         for mine, new in zip(self.inputs, inputs):
             mine.copy_(new, non_blocking=True)
+
+
+class MasterWeightAdamW(torch.optim.AdamW):
+    """Mixed precision with float32 master weights, the scheme of apex's FusedAdam
+    (``master_weights``) and Megatron's optimizer: ``model``'s float32 nn.Linear and convolution
+    weights and biases that require grad are turned into ``dtype`` parameters, so a forward under
+    autocast to ``dtype`` reads them without a cast and the backward writes their gradients without
+    one. This optimizer keeps their float32 masters (and moments) and, at each ``step``: copies the
+    ``dtype`` gradients into the masters' float32 gradients (one multi-tensor copy), runs fused
+    AdamW on the masters and the model's other (float32) parameters, and writes the masters back
+    into the ``dtype`` parameters (one multi-tensor copy). The forward and its gradients are
+    those of autocast, which casts the same float32 weights to ``dtype`` at every step; the update
+    is computed in float32 from the same gradients.
+
+    ``param_groups`` are AdamW's, over ``model``'s parameters (taken before the conversion);
+    ``adamw`` its keyword arguments (``found_inf`` set on the optimizer skips a step, as for fused
+    AdamW). ``model.state_dict()`` gives the float32 masters under the parameters' names, and
+    ``model.load_state_dict`` sets them from what it loads, so checkpoints hold float32 weights
+    either way. A parameter shared with another kind of module (BERT's decoder tied to its
+    word embeddings) stays float32.
+    """
+
+    def __init__(self, model: torch.nn.Module, param_groups: List[dict], dtype: torch.dtype = torch.bfloat16,
+                 **adamw):
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype must be torch.bfloat16 or torch.float16, got {dtype}")
+        matmul = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)
+        owners = {}  # id(parameter) -> is every module holding it a matrix product?
+        for module in model.modules():
+            for p in module.parameters(recurse=False):
+                owners[id(p)] = owners.get(id(p), True) and isinstance(module, matmul)
+        names = {id(p): name for name, p in model.named_parameters()}
+        self.low, self.masters, self.master_names = [], [], []  # the dtype parameters, their masters, names
+        masters = {}
+        for p in model.parameters():
+            if owners[id(p)] and p.requires_grad and p.dtype == torch.float32:
+                master = p.detach().clone()
+                master.grad = torch.zeros_like(master)  # allocated once: a CUDA graph reads it at each replay
+                masters[id(p)] = master
+                self.low.append(p)
+                self.masters.append(master)
+                self.master_names.append(names[id(p)])
+                p.data = p.data.to(dtype)
+        groups = [{**group, "params": [masters.get(id(p), p) for p in group["params"]]} for group in param_groups]
+        super().__init__(groups, **adamw)
+        # partial: torch marks the hooks it is given, which a bound method cannot take
+        model.register_state_dict_post_hook(functools.partial(MasterWeightAdamW._masters_into_state_dict, self))
+        model.register_load_state_dict_pre_hook(functools.partial(MasterWeightAdamW._masters_from_state_dict, self))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("MasterWeightAdamW.step takes no closure")
+        buffers = [m.grad for m in self.masters]
+        with_grad = [(p.grad, m) for p, m in zip(self.low, self.masters) if p.grad is not None]
+        if with_grad:
+            torch._foreach_copy_([m.grad for _, m in with_grad], [g for g, _ in with_grad])
+        for p, m in zip(self.low, self.masters):
+            if p.grad is None:
+                m.grad = None  # no gradient this step (an objective left out): AdamW leaves it alone
+        super().step()
+        for m, buffer in zip(self.masters, buffers):
+            m.grad = buffer
+        torch._foreach_copy_(self.low, self.masters)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        masters = {id(m) for m in self.masters}  # their gradient buffers stay: each step overwrites them
+        for p in [*self.low, *(p for group in self.param_groups for p in group["params"] if id(p) not in masters)]:
+            if p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.zero_()
+
+    def _masters_into_state_dict(self, module, state_dict, prefix, local_metadata) -> None:
+        for name, master in zip(self.master_names, self.masters):
+            if prefix + name in state_dict:
+                state_dict[prefix + name] = master.detach()
+
+    def _masters_from_state_dict(self, module, state_dict, prefix, local_metadata, strict, missing, unexpected,
+                                 errors) -> None:
+        with torch.no_grad():
+            for name, master in zip(self.master_names, self.masters):
+                if prefix + name in state_dict:
+                    master.copy_(state_dict[prefix + name])
