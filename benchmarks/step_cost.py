@@ -13,7 +13,8 @@ TorchDispatchMode, which counts:
 - ops: the ops that launch a kernel on a GPU: all but views, metadata and bare allocations (a
   vlfast kernel counts once, whatever it does inside). On a GPU each costs a launch from Python,
   10-30 µs of host time, which is what set the pace of the step on the H200;
-- casts: copies that change the dtype (autocast's weight and activation casts among them);
+- casts: copies that change the dtype (autocast's weight and activation casts among them; a
+  multi-tensor copy, as MasterWeightAdamW's, counts once: it is one launch);
 - host syncs: the ops that make the host wait for a GPU (a scalar read, nonzero, boolean-mask
   indexing), which also stop a CUDA graph from being recorded;
 - bytes: what the ops other than matrix products and attention read and write (the sum of their
@@ -80,10 +81,12 @@ class StepCounter(TorchDispatchMode):
         if name in SYNCS or (name == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
                                                       for i in args[1] if i is not None)):
             self.syncs[f"{func.namespace}.{name}"] += 1
-        if not any(isinstance(t, torch.Tensor) for t in torch.utils._pytree.tree_leaves(out)):
-            return out  # a value for the host (a scalar read, a dtype), not a kernel
+        writes = any(a.alias_info is not None and a.alias_info.is_write for a in func._schema.arguments)
+        if not writes and not any(isinstance(t, torch.Tensor) for t in torch.utils._pytree.tree_leaves(out)):
+            return out  # a value for the host (a scalar read, a dtype), not a kernel; in-place ops
+            # that return nothing (_fused_adamw_, _foreach_mul_, vlfast.ema_update_) do launch one
         self.ops[f"{func.namespace}.{name}"] += 1
-        if name in ("_to_copy", "copy_") and _dtype_changes(func, args, out):
+        if name in ("_to_copy", "copy_", "_foreach_copy_") and _dtype_changes(func, args, out):
             self.casts += 1
         if name not in MATMULS:
             self.bytes += _nbytes((args, kwargs)) + _nbytes(out)
@@ -106,6 +109,8 @@ class ZeroMatmuls(TorchDispatchMode):
 
 
 def _dtype_changes(func, args, out) -> bool:
+    if func.__name__.startswith("_foreach_copy_"):  # one multi-tensor launch: counted as one cast
+        return any(d.dtype != s.dtype for d, s in zip(args[0], args[1]))
     source = args[1] if func.__name__.startswith("copy_") else args[0]
     return isinstance(source, torch.Tensor) and isinstance(out, torch.Tensor) and source.dtype != out.dtype
 
