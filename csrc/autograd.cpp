@@ -48,6 +48,7 @@ struct DropoutAddLayerNorm : torch::autograd::Function<DropoutAddLayerNorm> {
     ctx->save_for_backward({x, residual, weight, mean, rstd, seed});
     ctx->saved_data["p"] = p;
     ctx->mark_non_differentiable({mean, rstd});
+    ctx->set_materialize_grads(false);  // else each backward fills zeros for mean and rstd: 2 kernels per call
     return {out, mean, rstd};
   }
 
@@ -56,6 +57,7 @@ struct DropoutAddLayerNorm : torch::autograd::Function<DropoutAddLayerNorm> {
         find_op<LayerNormGrads(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                const at::Tensor&, const at::Tensor&, double, const at::Tensor&)>(
             "vlfast::dropout_add_layer_norm_backward");
+    if (!grads[0].defined()) return variable_list(7);  // the output was not used
     const variable_list saved = ctx->get_saved_variables();
     auto [grad_x, grad_residual, grad_weight, grad_bias] =
         call_backward(op, grads[0].contiguous(), saved[0], saved[1], saved[2], saved[3], saved[4],
@@ -80,12 +82,14 @@ struct AttentionCpu : torch::autograd::Function<AttentionCpu> {
     ctx->save_for_backward({q, k, v, probs});
     ctx->saved_data["scale"] = scale;
     ctx->mark_non_differentiable({probs});
+    ctx->set_materialize_grads(false);  // else each backward fills a (B, H, L, L) zeros for probs
     return {out, probs};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto op = find_op<Tensor3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                          const at::Tensor&, double)>("vlfast::attention_cpu_backward");
+    if (!grads[0].defined()) return variable_list(5);
     const variable_list saved = ctx->get_saved_variables();
     auto [grad_q, grad_k, grad_v] =
         call_backward(op, grads[0], saved[0], saved[1], saved[2], saved[3], ctx->saved_data["scale"].toDouble());
