@@ -67,6 +67,14 @@ class BertEmbeddings(nn.Module):
         return self.dropout(self.LayerNorm(x))
 
 
+def _autocast_input(x: Tensor) -> Tensor:
+    """``x`` as autocast would cast it for a matrix product (as it is when autocast is off)."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and x.is_floating_point():
+        return x.to(torch.get_autocast_dtype(device))
+    return x
+
+
 class BertSelfAttention(nn.Module):
     def __init__(self, config: TextConfig, key_width: int):
         super().__init__()
@@ -79,6 +87,9 @@ class BertSelfAttention(nn.Module):
         def heads(t):  # (B, L, W) -> (B, H, L, W / H)
             return t.view(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2)
 
+        # One cast per input under autocast, not one per projection: autocast caches weights' casts
+        # only, so query, key and value would each cast the same fp32 states (the same numbers).
+        x, context = (_autocast_input(x),) * 2 if context is x else (_autocast_input(x), _autocast_input(context))
         out = attention(heads(self.query(x)), heads(self.key(context)), heads(self.value(context)),
                         key_padding_mask=key_padding_mask)
         return out.transpose(1, 2).reshape(x.shape)

@@ -90,8 +90,15 @@ def _draw_seed(p: float, device: torch.device) -> Tensor:
     """The Philox key: one draw from the device's default generator (no host sync on the GPU);
     none when nothing is dropped, so eval mode leaves the RNG as it was."""
     if dropout_threshold(p) == 0:
-        return torch.zeros(1, dtype=torch.int64, device=device)
+        if torch.compiler.is_compiling():  # a constant in the graph
+            return torch.zeros(1, dtype=torch.int64, device=device)
+        if device not in _NO_SEED:  # made once: the target network's calls would each make one (48 per ViT-B step)
+            _NO_SEED[device] = torch.zeros(1, dtype=torch.int64, device=device)
+        return _NO_SEED[device]
     return torch.randint(2 ** 62, (1,), device=device)
+
+
+_NO_SEED = {}  # device -> the seed tensor of calls that drop nothing (never written)
 
 
 def _check(x, residual, weight, bias, p, eps) -> None:
