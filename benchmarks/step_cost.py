@@ -4,7 +4,7 @@
     python benchmarks/step_cost.py --explain       # also torch.compile's graphs and breaks (minutes)
     python benchmarks/step_cost.py --write         # and record them in benchmarks/step_cost_record.json
     python benchmarks/step_cost.py --config vit_b16_bert_base_224_b64 --batch 2 --zero-matmuls --write
-                                                   # ViT-B/16 + BERT-base (ITC needs 2), in minutes
+                                                   # ViT-B/16 + BERT-base (ITC needs 2), in half a minute
 
 The step is bench_train_step.py's (forward of all five objectives, backward, clipping, fused AdamW,
 EMA of the target network) under bf16 autocast, as a GPU runs it; it is counted after one warm-up
@@ -27,7 +27,7 @@ BERT-base is counted at a small --batch (bytes and FLOPs do: they are recorded w
 --zero-matmuls skips the arithmetic of torch's matrix products, convolutions and attention (their
 outputs are zeros of the right shape and strides, made on the meta device): the same ops run in
 the same order, so every count is the same (tests/test_step_cost.py checks it on the small model),
-and a ViT-B step is counted in minutes on a CPU whose bf16 matrix products take an hour.
+and a ViT-B step is counted in half a minute on a CPU whose bf16 matrix products take an hour.
 
 The routing is this machine's: on the CPU auto runs the C++ kernels, where a GPU runs Triton
 kernels or torch's SDPA (vlfast.ops.available()); the counts of torch's own ops are the GPU's.

@@ -1,4 +1,6 @@
+import copy
 import math
+import pickle
 
 import pytest
 import torch
@@ -296,34 +298,39 @@ def test_a_non_finite_gradient_with_a_finite_loss_is_skipped_and_reported():
     assert all(torch.equal(p, weights[name]) for name, p in model.named_parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("backend, copied", [("auto", True), ("reference", False)])
-def test_a_bf16_target_gives_the_losses_of_autocast_casting_it(monkeypatch, backend, copied):
-    """train.bf16_target: under bf16 autocast the fused path runs the target on bf16 copies of its
+def test_a_bf16_target_gives_the_losses_of_autocast_casting_it(monkeypatch):
+    """train.bf16_weights: under bf16 autocast the fused path runs the target on bf16 copies of its
     matrix weights that the EMA update writes; autocast would round the same fp32 weights the same way."""
     from train import bf16_weights
 
-    monkeypatch.setenv("VLFAST_BACKEND", backend)
     images, input_ids, mask = batch()
+    monkeypatch.setenv("VLFAST_BACKEND", "reference")  # ALBEF's way: fp32 weights, cast at each use
+    model = tiny()
+    assert not bf16_weights(model, autocast=True) and model.target.compute_model is model.target.model
+    monkeypatch.setenv("VLFAST_BACKEND", "auto")
     losses = []
-    for bf16 in (False, True):
+    for copied in (False, True):
         model = tiny()
-        optimizer = make_optimizer(model, lr=1e-3, weight_decay=0.02)
-        bf16_weights(model, autocast=bf16)
-        assert (model.target.compute_model is not model.target.model) == (bf16 and copied)
+        optimizer = make_optimizer(model, lr=1e-3, weight_decay=0.02)  # fp32 online weights in both runs
+        if copied:
+            model.target.set_compute_dtype(torch.bfloat16)
         torch.manual_seed(1)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            for _ in range(2):  # the second step runs on the copies the first update wrote
-                step = train_step(model, model, optimizer, (images, input_ids, mask), grad_clip=5.0)
-        losses.append(step)
-    for name in losses[0]:
-        assert torch.equal(losses[0][name], losses[1][name]), name
+        steps = []
+        for _ in range(2):  # the second step runs on the copies the first update wrote
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                steps.append(train_step(model, model, optimizer, (images, input_ids, mask), grad_clip=5.0))
+        losses.append(steps)
+    for want, got in zip(*losses):
+        for name in want:
+            assert torch.equal(want[name], got[name]), name
 
 
 def test_bf16_weights_with_fp32_masters_train_as_autocast_does(monkeypatch):
     """make_optimizer(bf16_weights=True): the forward reads bf16 weights that autocast would have cast
     from the same fp32 values, the gradients are the same bf16 numbers, and the fp32 update is the
     same: steps leave the masters equal to autocast's fp32 weights. The target averages the bf16
-    weights (within half a bf16 spacing of the masters): with it frozen the runs stay equal."""
+    weights (within half a bf16 spacing of the masters): with it frozen the runs stay equal. No
+    clipping here: a clipped bf16 gradient is scaled in bf16, one rounding more than autocast's."""
     from train import bf16_weights
 
     monkeypatch.setenv("VLFAST_BACKEND", "auto")
@@ -341,7 +348,7 @@ def test_bf16_weights_with_fp32_masters_train_as_autocast_does(monkeypatch):
                 losses.append(train_step(model, model, optimizer, (images, input_ids, mask), grad_clip=1e9))
         return model, optimizer, losses
 
-    (fp32_model, _, fp32_losses), (model, optimizer, losses) = run(False, 3), run(True, 3)
+    (fp32_model, fp32_optimizer, fp32_losses), (model, optimizer, losses) = run(False, 3), run(True, 3)
     dtypes = {name: p.dtype for name, p in model.named_parameters()}
     assert dtypes["visual_encoder.blocks.0.attn.qkv.weight"] == dtypes["text_encoder.bert.encoder.layer.0.output.dense.bias"] \
         == dtypes["visual_encoder.patch_embed.proj.weight"] == torch.bfloat16
@@ -351,6 +358,10 @@ def test_bf16_weights_with_fp32_masters_train_as_autocast_does(monkeypatch):
     for step, (want, got) in enumerate(zip(fp32_losses, losses)):
         for name in want:
             assert torch.equal(want[name], got[name]), (step, name)
+    fp32_moments, moments = (o.state_dict()["state"] for o in (fp32_optimizer, optimizer))
+    for i, state in fp32_moments.items():  # the masters' moments are autocast's weights' moments
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(state[key], moments[i][key]), (i, key)
     state, fp32_state = model.state_dict(), fp32_model.state_dict()
     assert state.keys() == fp32_state.keys()
     for name, value in fp32_state.items():  # the masters, saved under the parameters' names
@@ -364,6 +375,11 @@ def test_bf16_weights_with_fp32_masters_train_as_autocast_does(monkeypatch):
     for master, want in zip(restored_optimizer.masters, optimizer.masters):
         assert torch.equal(master, want)
     assert torch.equal(restored.visual_encoder.blocks[0].attn.qkv.weight, state["visual_encoder.blocks.0.attn.qkv.weight"].bfloat16())
+    for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):  # copies save fp32 values too
+        copied_state = copied.state_dict()
+        assert all(torch.equal(copied_state[name], value) for name, value in state.items()
+                   if isinstance(value, torch.Tensor))
+        copied.load_state_dict(state)
 
 
 def test_bf16_weights_skip_a_non_finite_step_and_leave_unused_weights_alone():

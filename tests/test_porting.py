@@ -130,8 +130,20 @@ def test_momentum_model_in_bf16_runs_as_autocast_would_and_keeps_fp32_state():
                              0.9, compute_dtype=torch.bfloat16)
     restored.load_state_dict(state)  # the copies are rewritten from what was loaded
     assert torch.equal(restored.compute_model[0].weight, state["model.0.weight"].to(torch.bfloat16))
-    restored.model.load_state_dict(plain.model.state_dict())  # also when loading into the module directly
-    assert torch.equal(restored.compute_model[2].bias, plain.model[2].bias.to(torch.bfloat16))
+    other = {name: value + 1 for name, value in plain.model.state_dict().items()}
+    restored.model.load_state_dict(other)  # also when loading into the module directly
+    assert torch.equal(restored.compute_model[2].bias, other["2.bias"].to(torch.bfloat16))
+    restored.eval()  # the copy the calls run follows the mode
+    assert not restored.compute_model.training
+    tied = torch.nn.ModuleDict({"embed": torch.nn.Embedding(5, 4), "head": torch.nn.Linear(4, 5)})
+    tied.head.weight = tied.embed.weight
+    shared = MomentumModel(tied, 0.5, compute_dtype=torch.bfloat16)
+    assert shared.compute_model.head.weight is shared.model.embed.weight  # tied to an embedding: no copy
+    assert shared.compute_model.head.bias.dtype == torch.bfloat16
+    with torch.no_grad():
+        tied.head.bias.add_(1)
+    shared.update(tied)
+    assert torch.equal(shared.compute_model.head.bias, shared.model.head.bias.bfloat16())
     restored.double()  # a conversion makes the copies again from the converted weights
     assert restored.compute_model[0].weight.dtype == torch.float64  # only float32 weights get copies
     with pytest.raises(ValueError, match="compute_dtype must be torch.bfloat16, torch.float16 or None"):

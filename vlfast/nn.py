@@ -59,14 +59,26 @@ class MomentumModel(nn.Module):
     def _compute_copy(self, dtype: torch.dtype) -> nn.Module:
         """self.model sharing every tensor, except float32 Linear/conv weights and biases, held in ``dtype``."""
         shared = {id(t): t for t in (*self.model.parameters(), *self.model.buffers())}
+        shared[id(self)] = self  # the load hook's bound method refers to self: not a copy of it
         compute = copy.deepcopy(self.model, memo=shared)
         compute._load_state_dict_post_hooks.clear()
+        matmul = (nn.Linear, nn.modules.conv._ConvNd)
+        only_matmuls = {}  # id(weight) -> is every module holding it a matrix product? (a tied embedding is not)
         for module in compute.modules():
-            if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+            for weight in module.parameters(recurse=False):
+                only_matmuls[id(weight)] = only_matmuls.get(id(weight), True) and isinstance(module, matmul)
+        for module in compute.modules():
+            if isinstance(module, matmul):
                 for name, weight in list(module.named_parameters(recurse=False)):
-                    if weight.dtype == torch.float32:
+                    if weight.dtype == torch.float32 and only_matmuls[id(weight)]:
                         setattr(module, name, nn.Parameter(weight.detach().to(dtype), requires_grad=False))
         return compute
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if getattr(self, "_compute", None) is not None:
+            self._compute.train(mode)  # the copy the calls run is not a submodule
+        return self
 
     def _loaded(self, module, incompatible_keys) -> None:
         if self.compute_dtype is not None:

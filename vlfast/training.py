@@ -253,7 +253,9 @@ class MasterWeightAdamW(torch.optim.AdamW):
     AdamW on the masters and the model's other (float32) parameters, and writes the masters back
     into the ``dtype`` parameters (one multi-tensor copy). The forward and its gradients are
     those of autocast, which casts the same float32 weights to ``dtype`` at every step; the update
-    is computed in float32 from the same gradients.
+    is computed in float32 from the same gradients (a gradient clipped before ``step`` is scaled in
+    ``dtype``, one rounding more than autocast's fp32 gradient). Make it after moving the model to
+    its device: the masters are made where the weights are.
 
     ``param_groups`` are AdamW's, over ``model``'s parameters (taken before the conversion);
     ``adamw`` its keyword arguments (``found_inf`` set on the optimizer skips a step, as for fused
@@ -286,9 +288,12 @@ class MasterWeightAdamW(torch.optim.AdamW):
                 p.data = p.data.to(dtype)
         groups = [{**group, "params": [masters.get(id(p), p) for p in group["params"]]} for group in param_groups]
         super().__init__(groups, **adamw)
-        # partial: torch marks the hooks it is given, which a bound method cannot take
-        model.register_state_dict_post_hook(functools.partial(MasterWeightAdamW._masters_into_state_dict, self))
-        model.register_load_state_dict_pre_hook(functools.partial(MasterWeightAdamW._masters_from_state_dict, self))
+        # The hooks hold the names and masters, not the optimizer: a copy of the model (deepcopy,
+        # pickle) copies them with it and keeps saving and loading fp32 values. partial: torch marks
+        # the hooks it is given, which a bound method cannot take.
+        masters_by_name = dict(zip(self.master_names, self.masters))
+        model.register_state_dict_post_hook(functools.partial(_masters_into_state_dict, masters_by_name))
+        model.register_load_state_dict_pre_hook(functools.partial(_masters_from_state_dict, masters_by_name))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -315,14 +320,17 @@ class MasterWeightAdamW(torch.optim.AdamW):
                 else:
                     p.grad.zero_()
 
-    def _masters_into_state_dict(self, module, state_dict, prefix, local_metadata) -> None:
-        for name, master in zip(self.master_names, self.masters):
-            if prefix + name in state_dict:
-                state_dict[prefix + name] = master.detach()
 
-    def _masters_from_state_dict(self, module, state_dict, prefix, local_metadata, strict, missing, unexpected,
-                                 errors) -> None:
-        with torch.no_grad():
-            for name, master in zip(self.master_names, self.masters):
-                if prefix + name in state_dict:
-                    master.copy_(state_dict[prefix + name])
+
+def _masters_into_state_dict(masters: dict, module, state_dict, prefix, local_metadata) -> None:
+    for name, master in masters.items():
+        if prefix + name in state_dict:
+            state_dict[prefix + name] = master.detach()
+
+
+def _masters_from_state_dict(masters: dict, module, state_dict, prefix, local_metadata, strict, missing, unexpected,
+                             errors) -> None:
+    with torch.no_grad():
+        for name, master in masters.items():
+            if prefix + name in state_dict:
+                master.copy_(state_dict[prefix + name])

@@ -48,9 +48,10 @@ def ema_update_(target: Tensors, source: Tensors, decay: Union[float, Tensor], c
     """
     non_float = []
     if isinstance(target, nn.Module) or isinstance(source, nn.Module):
+        target_module = target
+        target, source, names, non_float = _module_tensors(target, source)  # checks both are modules
         if copies is not None:
-            copies = _module_copies(target, copies)
-        target, source, names, non_float = _module_tensors(target, source)
+            copies = _module_copies(target_module, copies)
     else:
         target, source, names = list(target), list(source), None
     if len(target) != len(source):
