@@ -139,9 +139,20 @@ class Mamo(nn.Module):
         ``image_ids`` (B,), pairs that share an image are all ITC positives and never ITM negatives."""
         objectives = set(self.config.objectives)
         bert = self.text_encoder.bert
+        batch = images.shape[0]
         losses = {}
         image, image_feat = self.embed_image(images)  # (B, 1 + N, W)
-        text, text_feat = self.embed_text(input_ids, attention_mask)  # (B, Lt, W)
+        masked_text = bool(objectives & {"mlm", "mrm"})  # f(I, T'): BERT's 80/10/10 masking of the caption
+        if masked_text:
+            masked_ids, labels = mask_tokens(input_ids, vocab_size=self.config.text.vocab_size,
+                                             mask_token_id=self.mask_token_id, special_ids=self.special_ids,
+                                             probability=self.config.text_mask_ratio, generator=generator)
+            # T and T' through the text encoder as one batch of 2B: the same weights, half the launches
+            both = bert(torch.cat([input_ids, masked_ids]), attention_mask.repeat(2, 1), mode="text")
+            text, masked_text_states = both[:batch], both[batch:]
+        else:
+            text = bert(input_ids, attention_mask, mode="text")
+        text_feat = F.normalize(self.text_proj(text[:, 0]), dim=-1)  # (B, Lt, W), (B, embed_dim)
 
         if objectives & {"mrm", "mim"}:  # the targets: the EMA network on the unmasked pair
             with torch.no_grad():
@@ -153,6 +164,8 @@ class Mamo(nn.Module):
                 target_fused_image = self.fuse_image(target["bert"], target_image + target["visual_encoder"].pos_embed,
                                                      target_text, attention_mask)
 
+        # The text stream's fusion pairs: ITM's B positives and 2B negatives, then (I, T'); one pass.
+        fusion_images, fusion_texts, fusion_masks = [], [], []
         if objectives & {"itc", "itm"}:
             with torch.no_grad():
                 self.temp.clamp_(0.001, 0.5)
@@ -168,7 +181,19 @@ class Mamo(nn.Module):
                 if distributed:
                     contrastive = itc_loss(image_feat.detach(), text_feat.detach(), self.temp.detach(),
                                            image_ids=image_ids, smoothing=self.config.smoothing, generator=generator)
-                losses["itm"] = self._itm(image, text, attention_mask, contrastive)
+                neg_image, neg_text = contrastive.neg_image_idx, contrastive.neg_text_idx
+                fusion_images += [image, image[neg_image], image]
+                fusion_texts += [text, text, text[neg_text]]
+                fusion_masks += [attention_mask, attention_mask, attention_mask[neg_text]]
+        if masked_text:
+            fusion_images.append(image)
+            fusion_texts.append(masked_text_states)
+            fusion_masks.append(attention_mask)
+        if fusion_texts:
+            fused = self.fuse_text(bert, torch.cat(fusion_texts), torch.cat(fusion_masks), torch.cat(fusion_images))
+        if "itm" in objectives:  # 2-way matching on the fused [CLS]; column 1 is "match"
+            labels_itm = (torch.arange(3 * batch, device=image.device) < batch).long()  # made on the GPU: no copy
+            losses["itm"] = F.cross_entropy(self.itm_head(fused[:3 * batch, 0]), labels_itm)
 
         if objectives & {"mrm", "mim"}:  # f(I', T): the image encoder sees only the visible patches
             visible, masking = self.visual_encoder.forward_masked(images, self.config.image_mask_ratio, generator)
@@ -180,11 +205,8 @@ class Mamo(nn.Module):
             if "mrm" in objectives:
                 losses["mrm_image"] = F.mse_loss(self.mrm_projector(predicted), _patches_at(target_fused_image, masked))
 
-        if objectives & {"mlm", "mrm"}:  # f(I, T'): BERT's 80/10/10 masking of the caption
-            masked_ids, labels = mask_tokens(input_ids, vocab_size=self.config.text.vocab_size,
-                                             mask_token_id=self.mask_token_id, special_ids=self.special_ids,
-                                             probability=self.config.text_mask_ratio, generator=generator)
-            fused_text = self.fuse_text(bert, bert(masked_ids, attention_mask, mode="text"), attention_mask, image)
+        if masked_text:
+            fused_text = fused[-batch:]  # f(I, T')
             # Every token goes through the heads and the unchosen ones weigh 0 (ALBEF's MLM does the
             # same): selecting the chosen ones, a random number, would wait for the GPU to count them.
             if "mlm" in objectives:
@@ -199,17 +221,6 @@ class Mamo(nn.Module):
             losses["mrm"] = (losses.pop("mrm_image") + losses.pop("mrm_text")) / 2
         losses["loss"] = sum(losses.values())
         return losses
-
-    def _itm(self, image, text, attention_mask, contrastive) -> Tensor:
-        """2-way matching on the fused text [CLS] of B positives, B (negative image, text) and
-        B (image, negative text) pairs, the negatives from itc_loss's draw."""
-        neg_image, neg_text = contrastive.neg_image_idx, contrastive.neg_text_idx
-        images = torch.cat([image, image[neg_image], image])
-        texts = torch.cat([text, text, text[neg_text]])
-        masks = torch.cat([attention_mask, attention_mask, attention_mask[neg_text]])
-        batch = image.shape[0]
-        labels = (torch.arange(3 * batch, device=image.device) < batch).long()  # made on the GPU: no copy, no wait
-        return F.cross_entropy(self.itm_logits(images, texts, masks), labels)
 
 
 def _masked_positions(masking) -> Tensor:
