@@ -327,14 +327,30 @@ def forward_backward(runner, model: Mamo, batch, grad_clip: float, image_ids=Non
     return {name: value.detach() for name, value in losses.items()}, norm
 
 
-def compile_forward_backward(function=forward_backward):
-    """``function`` compiled as one graph (an error, not a silent split, if it cannot be): dynamo
+def check_whole_step_options(config: TrainConfig, device: torch.device, world: int) -> None:
+    """compile=true and cuda_graph=true take the step of one process as a whole: DDP's hooks are not
+    traced, and the image ids' check and ALBEF's sampling (itc_loss's reference: --ops reference or
+    VLFAST_REFERENCE_OPS) read values on the host mid-step. A CUDA graph also needs a GPU."""
+    itc = ops_backend("itc_loss")
+    refused = world > 1 or config.image_id_positives or itc == "reference"
+    this_run = (f"this run: {device.type}, {world} processes, image_id_positives={config.image_id_positives}, "
+                f"itc_loss {itc}")
+    for option, wanted, gpu in (("compile=true compiles", config.compile, False),
+                                ("cuda_graph=true records", config.cuda_graph, True)):
+        if wanted and (refused or (gpu and device.type != "cuda")):
+            raise ValueError(f"{option} the step of one process{' on a GPU' if gpu else ''}, without "
+                             f"image_id_positives and itc_loss's reference (both read values on the host "
+                             f"mid-step; DDP's hooks are not traced); {this_run}")
+
+
+def compile_forward_backward():
+    """train.forward_backward compiled as one graph (an error, not a silent split, if it cannot be): dynamo
     traces the backward call too (trace_autograd_ops), so inductor fuses forward and backward.
     The optimizer and the EMA stay eager: each is already one multi-tensor kernel per dtype
     (fused AdamW is not traceable), and a CUDA graph records them with the rest."""
     if not hasattr(torch._dynamo.config, "trace_autograd_ops"):  # older torch: the backward splits the graph
-        return torch.compile(function)
-    compiled = torch.compile(function, fullgraph=True)
+        return torch.compile(forward_backward)
+    compiled = torch.compile(forward_backward, fullgraph=True)
 
     def run(*args, **kwargs):
         with torch._dynamo.config.patch(trace_autograd_ops=True):
@@ -375,17 +391,7 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
     Returns (checkpoint path, the step it holds)."""
     check_optim(config.optim)
     rank, world, device = setup_distributed()
-    if config.compile and (world > 1 or config.image_id_positives or ops_backend("itc_loss") == "reference"):
-        raise ValueError(f"compile=true compiles the step of one process without image_id_positives and itc_loss's "
-                         f"reference (DDP's hooks are not traced; the ids' check and ALBEF's sampling read values "
-                         f"on the host); this run: {world} processes, image_id_positives={config.image_id_positives}, "
-                         f"itc_loss {ops_backend('itc_loss')}")
-    if config.cuda_graph and (device.type != "cuda" or world > 1 or config.image_id_positives
-                              or ops_backend("itc_loss") == "reference"):
-        raise ValueError(f"cuda_graph=true records the step of one process on a GPU, without image_id_positives "
-                         f"and itc_loss's reference (--ops reference or VLFAST_REFERENCE_OPS; both read values on "
-                         f"the host mid-step); this run: {device.type}, {world} processes, "
-                         f"image_id_positives={config.image_id_positives}, itc_loss {ops_backend('itc_loss')}")
+    check_whole_step_options(config, device, world)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     dataset, collate, model = build(config, out)
@@ -503,7 +509,7 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
             image_ids = image_ids.to(device, non_blocking=True) if config.image_id_positives else None
             losses = train_step(runner, model, optimizer, batch, config.optim.grad_clip, image_ids, step_function)
         names = names or [k if k in ("loss", "grad_norm") else f"loss_{k}" for k in losses]
-        pending.append((step, torch.stack([v.detach().float() for v in losses.values()])))  # a copy: a graph overwrites its outputs
+        pending.append((step, torch.stack([v.float() for v in losses.values()])))  # a copy: a graph overwrites its outputs
         progress.update()
         evaluating = evaluate is not None and config.optim.eval_every and (step + 1) % config.optim.eval_every == 0
         saving = (step + 1) % config.optim.checkpoint_every == 0 or step + 1 == total
