@@ -339,8 +339,9 @@ def check_whole_step_options(config: TrainConfig, device: torch.device, world: i
                                 ("cuda_graph=true records", config.cuda_graph, True)):
         if wanted and (refused or (gpu and device.type != "cuda")):
             raise ValueError(f"{option} the step of one process{' on a GPU' if gpu else ''}, without "
-                             f"image_id_positives and itc_loss's reference (both read values on the host "
-                             f"mid-step; DDP's hooks are not traced); {this_run}")
+                             f"image_id_positives and itc_loss's reference (--ops reference or "
+                             f"VLFAST_REFERENCE_OPS; both read values on the host mid-step; DDP's hooks are "
+                             f"not traced); {this_run}")
 
 
 def compile_forward_backward():

@@ -282,3 +282,18 @@ def test_empty_batch_and_p_one():
     x, residual = make_inputs((3, 8), torch.float32, torch.float32, "cpu")[:2]
     out = dropout_add_layer_norm(x, residual, torch.ones(8), torch.zeros(8), 1.0)  # everything dropped
     torch.testing.assert_close(out, F.layer_norm(residual, (8,), eps=1e-12))
+
+
+def test_the_shared_seed_of_calls_that_drop_nothing_survives_inference_mode(monkeypatch):
+    # calls with p = 0 share one seed tensor, made at the first such call: one made under
+    # inference_mode would be an inference tensor, which a later training call cannot save for backward
+    import sys
+
+    module = sys.modules["vlfast.ops.dropout_add_layer_norm"]
+    monkeypatch.setattr(module, "_NO_SEED", {})
+    x, weight, bias = torch.randn(3, 8), torch.ones(8), torch.zeros(8)
+    with torch.inference_mode():
+        module.dropout_add_layer_norm(x, x, weight, bias, 0.0)
+    trained = x.clone().requires_grad_()
+    module.dropout_add_layer_norm(trained, x, weight, bias, 0.0).sum().backward()
+    assert trained.grad is not None and torch.isfinite(trained.grad).all()

@@ -70,7 +70,7 @@ class BertEmbeddings(nn.Module):
 def _autocast_input(x: Tensor) -> Tensor:
     """``x`` as autocast would cast it for a matrix product (as it is when autocast is off)."""
     device = x.device.type
-    if torch.is_autocast_enabled(device) and x.is_floating_point():
+    if torch.is_autocast_enabled(device) and x.is_floating_point() and x.dtype != torch.float64:  # autocast skips fp64
         return x.to(torch.get_autocast_dtype(device))
     return x
 
@@ -88,7 +88,9 @@ class BertSelfAttention(nn.Module):
             return t.view(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2)
 
         # One cast per input under autocast, not one per projection: autocast caches weights' casts
-        # only, so query, key and value would each cast the same fp32 states (the same numbers).
+        # only, so query, key and value would each cast the same fp32 states. The forward's numbers
+        # are the same; the backward sums the three projections' input gradients in bf16 before the
+        # one cast back (as autocast does for a weight used several times), not in fp32 after three.
         x, context = (_autocast_input(x),) * 2 if context is x else (_autocast_input(x), _autocast_input(context))
         out = attention(heads(self.query(x)), heads(self.key(context)), heads(self.value(context)),
                         key_padding_mask=key_padding_mask)

@@ -152,7 +152,7 @@ class Mamo(nn.Module):
             text, masked_text_states = both[:batch], both[batch:]
         else:
             text = bert(input_ids, attention_mask, mode="text")
-        text_feat = F.normalize(self.text_proj(text[:, 0]), dim=-1)  # (B, Lt, W), (B, embed_dim)
+        text_feat = F.normalize(self.text_proj(text[:, 0]), dim=-1)  # text (B, Lt, W), text_feat (B, embed_dim)
 
         if objectives & {"mrm", "mim"}:  # the targets: the EMA network on the unmasked pair
             with torch.no_grad():
@@ -190,7 +190,8 @@ class Mamo(nn.Module):
             fusion_texts.append(masked_text_states)
             fusion_masks.append(attention_mask)
         if fusion_texts:
-            fused = self.fuse_text(bert, torch.cat(fusion_texts), torch.cat(fusion_masks), torch.cat(fusion_images))
+            one = lambda tensors: tensors[0] if len(tensors) == 1 else torch.cat(tensors)  # noqa: E731 (no copy of one)
+            fused = self.fuse_text(bert, one(fusion_texts), one(fusion_masks), one(fusion_images))
         if "itm" in objectives:  # 2-way matching on the fused [CLS]; column 1 is "match"
             labels_itm = (torch.arange(3 * batch, device=image.device) < batch).long()  # made on the GPU: no copy
             losses["itm"] = F.cross_entropy(self.itm_head(fused[:3 * batch, 0]), labels_itm)
