@@ -90,8 +90,9 @@ def _draw_seed(p: float, device: torch.device) -> Tensor:
     """The Philox key: one draw from the device's default generator (no host sync on the GPU);
     none when nothing is dropped, so eval mode leaves the RNG as it was."""
     if dropout_threshold(p) == 0:
-        fake = torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
-        if torch.compiler.is_compiling() or fake:  # a constant in the graph; a fake tensor must not be kept
+        # under torch.compile a constant in the graph (dynamo cannot trace the mode query); a fake
+        # tensor (FakeTensorMode without compile) must not be kept
+        if torch.compiler.is_compiling() or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE):
             return torch.zeros(1, dtype=torch.int64, device=device)
         if device not in _NO_SEED:  # made once: the target network's calls would each make one (48 per ViT-B step)
             with torch.inference_mode(False):  # a normal tensor even when first made under inference_mode
