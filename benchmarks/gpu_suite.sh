@@ -111,7 +111,7 @@ run_bench() {  # run_bench FILE [OUTPUT SELECTION]: benchmarks/bench_FILE.py int
     local json="$results/$name-${2:-$1}.json" select="$selection${3:+ and ($3)}"
     $python -m pytest -q -p no:cacheprovider "benchmarks/bench_$1.py" --benchmark-enable "${timing[@]}" \
         -k "$select" "${per_test_limit[@]}" --benchmark-json="$json" --benchmark-columns=median,rounds || fail "bench_${2:-$1}"
-    [[ -s $json ]] && publish "$json"
+    [[ -s $json ]] && $python benchmarks/slim_results.py "$json" && publish "$json"  # raw rounds dropped
 }
 run_bench ceilings
 if [[ $part != ops ]]; then

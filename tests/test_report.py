@@ -130,3 +130,20 @@ def test_a_step_on_a_listed_card_gets_its_mfu_against_the_datasheet_peak(tmp_pat
     table = subprocess.run([sys.executable, str(RESULTS.parent / "report.py"), str(tmp_path / "NVIDIA-H200-2026-01-01-step.json")],
                            capture_output=True, text=True, check=True).stdout
     assert "MFU 7.0% of the measured matmul rate, 4.2% of the 989 TFLOP/s datasheet peak" in table, table
+
+
+def test_committed_results_hold_no_raw_rounds_and_slimming_keeps_the_summary(tmp_path):
+    # every round's timing made the results folder 6 MB; report.py reads the summary only
+    for path in RESULTS.glob("*.json"):
+        assert all("data" not in bench["stats"] for bench in json.loads(path.read_text())["benchmarks"]), path.name
+    assert sum(p.stat().st_size for p in RESULTS.iterdir()) < 1_000_000
+    raw = tmp_path / "Card-2026-01-01-op.json"
+    stats = {"median": 1e-3, "iqr": 1e-4, "q1": 9e-4, "q3": 1.1e-3, "rounds": 3, "data": [9e-4, 1e-3, 1.1e-3]}
+    raw.write_text(json.dumps({"machine_info": {"cpu": {}}, "commit_info": {"id": "abc"},
+                               "benchmarks": [{"name": "bench_op", "stats": stats, "extra_info": {"GB/s": 1.0}}]}))
+    result = subprocess.run([sys.executable, str(RESULTS.parent / "slim_results.py"), str(raw)],
+                            capture_output=True, text=True, check=True)
+    assert "slimmed" in result.stdout
+    slim = json.loads(raw.read_text())
+    assert slim["benchmarks"][0]["stats"] == {k: v for k, v in stats.items() if k != "data"}
+    assert slim["commit_info"] == {"id": "abc"} and slim["benchmarks"][0]["extra_info"] == {"GB/s": 1.0}
