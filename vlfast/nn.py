@@ -12,6 +12,19 @@ from torch import Tensor, nn
 from vlfast.ops import attention, ema_decay, ema_update_
 
 
+MATMUL_MODULES = (nn.Linear, nn.modules.conv._ConvNd)  # the modules whose weights autocast casts
+
+
+def matmul_weights(module: nn.Module) -> set:
+    """ids of the parameters of ``module`` held only by Linear and convolution modules: the weights
+    a mixed-precision run keeps in bf16 (a weight tied to an embedding, as BERT's decoder, is not)."""
+    only = {}
+    for m in module.modules():
+        for weight in m.parameters(recurse=False):
+            only[id(weight)] = only.get(id(weight), True) and isinstance(m, MATMUL_MODULES)
+    return {key for key, value in only.items() if value}
+
+
 class MomentumModel(nn.Module):
     """The EMA copy of ``online``: a frozen deep copy at creation (ALBEF's ``copy_params``),
     ``update(online)`` after each optimizer step (ALBEF's ``_momentum_update``, in one
@@ -62,15 +75,11 @@ class MomentumModel(nn.Module):
         shared[id(self)] = self  # the load hook's bound method refers to self: not a copy of it
         compute = copy.deepcopy(self.model, memo=shared)
         compute._load_state_dict_post_hooks.clear()
-        matmul = (nn.Linear, nn.modules.conv._ConvNd)
-        only_matmuls = {}  # id(weight) -> is every module holding it a matrix product? (a tied embedding is not)
+        only_matmuls = matmul_weights(compute)
         for module in compute.modules():
-            for weight in module.parameters(recurse=False):
-                only_matmuls[id(weight)] = only_matmuls.get(id(weight), True) and isinstance(module, matmul)
-        for module in compute.modules():
-            if isinstance(module, matmul):
+            if isinstance(module, MATMUL_MODULES):
                 for name, weight in list(module.named_parameters(recurse=False)):
-                    if weight.dtype == torch.float32 and only_matmuls[id(weight)]:
+                    if weight.dtype == torch.float32 and id(weight) in only_matmuls:
                         setattr(module, name, nn.Parameter(weight.detach().to(dtype), requires_grad=False))
         return compute
 

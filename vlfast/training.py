@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from vlfast.files import write_atomically
+from vlfast.nn import matmul_weights
 
 
 def load_config(config_class, path: Optional[str] = None, overrides: Iterable[str] = (), base: Optional[dict] = None):
@@ -269,16 +270,12 @@ class MasterWeightAdamW(torch.optim.AdamW):
                  **adamw):
         if dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f"dtype must be torch.bfloat16 or torch.float16, got {dtype}")
-        matmul = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)
-        owners = {}  # id(parameter) -> is every module holding it a matrix product?
-        for module in model.modules():
-            for p in module.parameters(recurse=False):
-                owners[id(p)] = owners.get(id(p), True) and isinstance(module, matmul)
+        only_matmuls = matmul_weights(model)
         names = {id(p): name for name, p in model.named_parameters()}
         self.low, self.masters, self.master_names = [], [], []  # the dtype parameters, their masters, names
         masters = {}
         for p in model.parameters():
-            if owners[id(p)] and p.requires_grad and p.dtype == torch.float32:
+            if id(p) in only_matmuls and p.requires_grad and p.dtype == torch.float32:
                 master = p.detach().clone()
                 master.grad = torch.zeros_like(master)  # allocated once: a CUDA graph reads it at each replay
                 masters[id(p)] = master
