@@ -10,8 +10,7 @@ On the CPU the same code runs at small sizes in fp32 (a smoke test, not a ceilin
 import pytest
 import torch
 
-from conftest import DEVICES
-from timing import timed
+from timing import DEVICES, timed
 
 COPY_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 28}  # fp32: 1 GiB per buffer on CUDA, far over L2
 MATMUL_SIDE = {"cpu": 512, "cuda": 8192}

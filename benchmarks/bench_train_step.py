@@ -4,7 +4,7 @@ fused kernels, except where auto picks a torch path: vlfast.ops.available()) aga
 plain-torch reference (VLFAST_BACKEND, what `train.py --ops` sets): same model, same random batch.
 fused_compiled: the same step with torch.compile over forward, backward and clipping (`train.py
 compile=true`). On CUDA also fused_cuda_graph and fused_compiled_cuda_graph: the step recorded
-once as a CUDA graph and replayed (vlfast.training.CudaGraphStep, as `train.py cuda_graph=true`
+once as a CUDA graph and replayed (vlfast.trainer.CudaGraphStep, as `train.py cuda_graph=true`
 runs it), which the fused step allows because it never waits for the GPU; the reference cannot
 be recorded (ALBEF's negative sampling reads each draw on the host).
 
@@ -29,10 +29,10 @@ import pytest
 import torch
 
 from timing import in_turn, timed
-from train import OptimConfig, bf16_weights, compile_forward_backward, default_model, forward_backward, make_optimizer, train_step
-from vlfast.training import CudaGraphStep
 from vlfast.data.synthetic import SPECIAL_TOKENS, WORDS
 from vlfast.models import Mamo, MamoConfig, TextConfig, VisionConfig
+from vlfast.trainer import (CudaGraphStep, OptimConfig, bf16_weights, compile_forward_backward, default_model,
+                            forward_backward, make_optimizer, train_step)
 
 VIT_B16_BERT_BASE = MamoConfig(vision=VisionConfig(), text=TextConfig(), embed_dim=256)
 CONFIGS = {  # name: (model, batch)

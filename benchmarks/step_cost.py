@@ -40,7 +40,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # train.py, when run as a script
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # vlfast from a checkout, when run as a script
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
@@ -149,7 +149,7 @@ def count(config: str = "tiny", implementation: str = "fused", explain: bool = F
         if explain:
             import torch._dynamo
 
-            from train import forward_backward
+            from vlfast.trainer import forward_backward
 
             torch._dynamo.reset()
             with torch._dynamo.config.patch(trace_autograd_ops=True), torch.autocast("cpu", dtype=torch.bfloat16):

@@ -1,13 +1,16 @@
 """The timing loop every benchmark shares: warm up, synchronise inside the timed call on CUDA,
 and record the card, peak memory and GPU busy time (CUDA) and effective bandwidth (when the
 bytes moved are given); and the alternating pairs that compare two steps on a machine whose
-speed drifts."""
+speed drifts; the devices they run on."""
 import time
 
+import pytest
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
+CUDA = torch.cuda.is_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]  # conftest.py skips "cuda" without a GPU
 PASSES = ("forward", "forward_backward")  # an op's forward as training runs it (autograd records), or with its backward
 BUSY = {"cuda": (ProfilerActivity.CUDA, DeviceType.CUDA, "self_device_time_total"),
         "cpu": (ProfilerActivity.CPU, DeviceType.CPU, "self_cpu_time_total")}

@@ -5,36 +5,11 @@ import pickle
 import pytest
 import torch
 
-from train import make_optimizer, train_step
-from vlfast.data import SyntheticImageText
-from vlfast.data.synthetic import SPECIAL_TOKENS, WORDS
-from vlfast.models import Mamo, MamoConfig, TextConfig, VisionConfig
+from helpers import batch, tiny
+from vlfast.models import Mamo
 from vlfast.models.mamo import _masked_positions, _patches_at
 from vlfast.ops import random_masking, random_masking_reference
-from vlfast.training import CudaGraphStep
-
-WIDTH = 64
-VOCAB = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *WORDS])}
-
-
-def tiny(objectives=("mrm", "mim", "mlm", "itc", "itm")):
-    config = MamoConfig(
-        vision=VisionConfig(image_size=32, patch_size=8, width=WIDTH, depth=2, heads=4),
-        text=TextConfig(vocab_size=len(VOCAB), width=WIDTH, depth=3, heads=4, intermediate=128, max_positions=24,
-                        fusion_layer=1, encoder_width=WIDTH, dropout=0.0),
-        embed_dim=32, objectives=tuple(objectives))
-    torch.manual_seed(0)
-    return Mamo(config, mask_token_id=VOCAB["[MASK]"], special_ids=[VOCAB[t] for t in ("[PAD]", "[CLS]", "[SEP]")])
-
-
-def batch(size=6):
-    data = SyntheticImageText("train", images=size, image_size=32, captions_per_image=1)
-    items = [data[i] for i in range(size)]
-    words = [[VOCAB["[CLS]"], *(VOCAB[w] for w in item["caption"].split()), VOCAB["[SEP]"]] for item in items]
-    length = max(map(len, words))
-    input_ids = torch.tensor([w + [VOCAB["[PAD]"]] * (length - len(w)) for w in words])
-    return torch.stack([item["image"] for item in items]), input_ids, (input_ids != VOCAB["[PAD]"]).long()
-
+from vlfast.trainer import CudaGraphStep, bf16_weights, make_optimizer, train_step
 
 def test_all_objectives_finite_and_decreasing_on_a_fixed_batch():
     model = tiny()
@@ -195,8 +170,6 @@ def test_a_non_finite_step_leaves_the_weights_and_the_optimizer_as_they_were():
 def test_the_fused_step_never_waits_for_the_gpu(monkeypatch, backend):
     """No .item(), boolean indexing or host-to-GPU copy: the host can queue the next step while the
     GPU runs this one, and the step can be recorded as a CUDA graph."""
-    from train import bf16_weights
-
     monkeypatch.setenv("VLFAST_BACKEND", backend)
     model = tiny().cuda()
     optimizer = make_optimizer(model, lr=1e-3, weight_decay=0.02,  # train.py's: bf16 weights, fp32 masters
@@ -216,8 +189,6 @@ def tiny_step_on_gpu(lr, graphed, bf16=False):
     """(step, model, batch): train.py's step and optimizer on the tiny model, eager or a
     CudaGraphStep, with fp32 or (train.py's default on a GPU) bf16 weights. Only the step holds
     the optimizer, as in bench_train_step: a CudaGraphStep must keep it alive."""
-    from train import bf16_weights
-
     model = tiny().cuda()
     optimizer = make_optimizer(model, lr=lr, weight_decay=0.02, cuda_graph=True,
                                bf16_weights=bf16_weights(model, autocast=True, enabled=bf16))
@@ -301,8 +272,6 @@ def test_a_non_finite_gradient_with_a_finite_loss_is_skipped_and_reported():
 def test_a_bf16_target_gives_the_losses_of_autocast_casting_it(monkeypatch):
     """train.bf16_weights: under bf16 autocast the fused path runs the target on bf16 copies of its
     matrix weights that the EMA update writes; autocast would round the same fp32 weights the same way."""
-    from train import bf16_weights
-
     images, input_ids, mask = batch()
     monkeypatch.setenv("VLFAST_BACKEND", "reference")  # ALBEF's way: fp32 weights, cast at each use
     model = tiny()
@@ -331,8 +300,6 @@ def test_bf16_weights_with_fp32_masters_train_as_autocast_does(monkeypatch):
     same: steps leave the masters equal to autocast's fp32 weights. The target averages the bf16
     weights (within half a bf16 spacing of the masters): with it frozen the runs stay equal. No
     clipping here: a clipped bf16 gradient is scaled in bf16, one rounding more than autocast's."""
-    from train import bf16_weights
-
     monkeypatch.setenv("VLFAST_BACKEND", "auto")
     images, input_ids, mask = batch()
 

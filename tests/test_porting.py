@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from conftest import DEVICES
 from examples.albef_style_step import AlbefStyle, random_batch
+from helpers import DEVICES
 from vlfast.nn import Attention, MomentumModel, key_padding_mask
 
 

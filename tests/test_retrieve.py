@@ -13,8 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
-from test_mamo import batch, tiny
-from test_train import ROOT, TINY
+from helpers import ROOT, TINY, batch, tiny
 from vlfast.data.synthetic import SyntheticImageText, render
 from vlfast.retrieval import Embeddings, query_rows, two_stage_scores
 

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from conftest import needs_extension
+from helpers import needs_extension
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))

@@ -1,17 +1,12 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["data.images=24", "data.captions_per_image=1", "optim.batch_size=4",
-        "optim.max_steps=6", "optim.warmup_steps=2", "optim.log_every=1", "optim.checkpoint_every=100",
-        "model.vision.image_size=32", "model.vision.width=32", "model.vision.heads=2", "model.vision.depth=1",
-        "model.text.width=32", "model.text.heads=2", "model.text.depth=2", "model.text.fusion_layer=1",
-        "model.text.intermediate=64", "model.text.encoder_width=32", "model.embed_dim=16"]
+from helpers import ROOT, TINY
+from vlfast.trainer import TrainConfig, load_config, make_dataset
 
 
 def run(*args, processes=1):
@@ -250,26 +245,20 @@ def test_karpathy_data_and_pretrained_timm_and_hf_weights(tmp_path):
 
 @pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load(config):
-    sys.path.insert(0, str(ROOT))
-    import train
-
-    loaded = train.load_config(train.TrainConfig, config)
+    loaded = load_config(TrainConfig, config)
     assert loaded.data.dataset in ("synthetic", "karpathy", "pretrain")
 
 
 def test_pretrain_corpus_trains_and_evaluates_on_karpathy_files(tmp_path):
-    sys.path.insert(0, str(ROOT))
-    import train
-
-    config = train.load_config(train.TrainConfig, ROOT / "configs" / "4m.yaml")
+    config = load_config(TrainConfig, ROOT / "configs" / "4m.yaml")
     with pytest.raises(ValueError, match="needs data.pretrain_files"):
-        train.make_dataset(config, "train")
+        make_dataset(config, "train")
     with pytest.raises(ValueError, match="data.dataset=pretrain needs data.test_file and data.image_root"):
-        train.make_dataset(config, "test")
+        make_dataset(config, "test")
     (tmp_path / "a.json").write_text(json.dumps([{"image": "x.jpg", "caption": ["one", "two"]}]))
     (tmp_path / "b.json").write_text(json.dumps([{"image": "y.jpg", "caption": "three"}]))
     (tmp_path / "test.json").write_text(json.dumps([{"image": "x.jpg", "caption": ["one"]}]))
-    config = train.load_config(train.TrainConfig, ROOT / "configs" / "4m.yaml",
+    config = load_config(TrainConfig, ROOT / "configs" / "4m.yaml",
                                [f"data.pretrain_files=[{tmp_path / 'a.json'}, {tmp_path / 'b.json'}]",
                                 f"data.test_file={tmp_path / 'test.json'}", f"data.image_root={tmp_path}"])
-    assert len(train.make_dataset(config, "train")) == 2 and train.make_dataset(config, "test").split == "test"
+    assert len(make_dataset(config, "train")) == 2 and make_dataset(config, "test").split == "test"

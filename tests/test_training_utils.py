@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from vlfast.files import write_atomically
-from vlfast.training import (CudaGraphStep, MetricsLog, check_finite, learning_rate, load_checkpoint, load_config,
-                             plot_losses, save_checkpoint)
+from vlfast.trainer import (CudaGraphStep, MetricsLog, check_finite, learning_rate, load_checkpoint, load_config,
+                            plot_losses, save_checkpoint)
 
 
 @dataclass

@@ -1,0 +1,240 @@
+"""The training loop: set up (processes, model, optimizer, resume), then step after step with
+the losses read once per log interval, checkpoints, an optional evaluation hook, and a stop at
+max_steps, after ``stop_after`` steps or at a time limit.
+"""
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from vlfast.models import Mamo
+from vlfast.models.mamo import OBJECTIVES
+from vlfast.trainer.builders import BatchOrder, build_training, setup_distributed
+from vlfast.trainer.config import TrainConfig, check_optim
+from vlfast.trainer.optimizer import bf16_weights, learning_rate, make_optimizer
+from vlfast.trainer.outputs import MetricsLog, check_finite, load_checkpoint, plot_losses, save_checkpoint
+from vlfast.trainer.step import CudaGraphStep, check_whole_step_options, compile_forward_backward, forward_backward, \
+    train_step
+
+
+def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int = None,
+          time_limit: float = None, evaluate: Callable[[Mamo, int], float] = None) -> Tuple[Path, Optional[int]]:
+    """Train to config.optim.max_steps, or stop early (checkpoint written) after ``stop_after``
+    steps or ``time_limit`` seconds of this invocation; ``resume`` continues exactly (with as many
+    processes as the run that wrote the checkpoint).
+    Every optim.eval_every steps ``evaluate(model, step)`` (called on every rank, model in eval
+    mode) scores the model; the best-scoring weights are kept in best.pt.
+    Returns (checkpoint path, the step it holds)."""
+    check_optim(config.optim)
+    rank, world, device = setup_distributed()
+    check_whole_step_options(config, device, world)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)  # the same initial weights on every rank
+    dataset, collate, model = build_training(config, out)
+    model.to(device)
+    bf16 = bf16_weights(model, autocast=device.type == "cuda", enabled=config.bf16_weights)
+    if rank > 0:  # then each rank its own draws (rank 0 keeps the stream one process has)
+        torch.manual_seed(config.seed + rank)
+    optimizer = make_optimizer(model, config.optim.lr, config.optim.weight_decay, config.cuda_graph, bf16)
+    start, best = restore(resume, model, optimizer, rank, world, device) if resume is not None else (0, -math.inf)
+    set_optimizer_settings(optimizer, config.cuda_graph, device)
+    # Objectives left out leave parameters without gradients, which DDP must be told about.
+    # No buffer needs broadcasting: the only one, the target's update count, is the same on every rank.
+    runner = model if world == 1 else DDP(model, find_unused_parameters=set(config.model.objectives) != set(OBJECTIVES),
+                                          broadcast_buffers=False)
+    log = MetricsLog(out / "metrics.jsonl")
+    if rank == 0:  # a new run starts a new log; a resumed one drops what it will log again (steps
+        # logged after its checkpoint by a run that then crashed). An eval record's step counts steps done.
+        log.keep(lambda record: record["step"] - ("eval_score" in record) < start)
+    step_function = compile_forward_backward() if config.compile else forward_backward
+    graphed = None
+    if config.cuda_graph:
+        graphed = CudaGraphStep(lambda *batch: train_step(runner, model, optimizer, batch, config.optim.grad_clip,
+                                                          forward_backward=step_function))
+    checkpoint, total, optim = out / "last.pt", config.optim.max_steps, config.optim
+
+    def save(step):
+        save_run(checkpoint, model, optimizer, step, config, best, rank, world, device)
+
+    progress = tqdm(total=total, initial=start, desc="train", disable=rank != 0)
+    saved_at = start if resume is not None else None
+    losses_read = LossReader(world, lambda: checkpoint if saved_at is not None else None)
+    clock = StopClock(stop_after, time_limit, start, world, optim.log_every, device)
+    skipped = 0
+    loader = make_loader(dataset, collate, config, start, rank, world, device)
+    for step, (images, input_ids, attention_mask, image_ids, skipped_now) in enumerate(loader, start=start):
+        skipped += skipped_now
+        stopping = clock.stopping(step)
+        if step >= total or stopping:
+            losses_read()  # checked before anything is saved
+            if stopping and saved_at != step:
+                save(step)
+                saved_at = step
+            break
+        lr = learning_rate(step, base_lr=optim.lr, warmup_steps=optim.warmup_steps, total_steps=total,
+                           min_lr=optim.min_lr)
+        set_learning_rate(optimizer, lr, config.cuda_graph)
+        batch = tuple(x.to(device, non_blocking=True) for x in (images, input_ids, attention_mask))
+        if graphed is not None:
+            losses = graphed(*batch)
+        else:
+            image_ids = image_ids.to(device, non_blocking=True) if config.image_id_positives else None
+            losses = train_step(runner, model, optimizer, batch, optim.grad_clip, image_ids, step_function)
+        losses_read.add(step, losses)
+        progress.update()
+        evaluating = evaluate is not None and optim.eval_every and (step + 1) % optim.eval_every == 0
+        saving = (step + 1) % optim.checkpoint_every == 0 or step + 1 == total
+        if step % optim.log_every == 0 or saving or evaluating:  # saving: the last step too
+            values = losses_read()  # before anything is saved: no checkpoint follows a non-finite loss unseen
+            if rank == 0 and (step % optim.log_every == 0 or step == total - 1):
+                log.write({"step": step, "lr": lr, **values, **({"skipped_images": skipped} if skipped else {})})
+            progress.set_postfix(values, refresh=False)
+        if evaluating:
+            best = evaluate_and_keep_best(evaluate, model, step + 1, best, config, out / "best.pt", log, rank)
+        if saving:
+            save(step + 1)
+            saved_at = step + 1
+    progress.close()
+    if skipped:
+        print(f"rank {rank}: {skipped} unreadable images skipped (their next entries served instead)")
+    if rank == 0:
+        plot_losses(log.read(), out / "loss.png")
+    return checkpoint, saved_at
+
+
+def restore(resume: Path, model: Mamo, optimizer, rank: int, world: int, device: torch.device) -> Tuple[int, float]:
+    """Weights, optimizer state and this rank's random state from a run's checkpoint; returns
+    (the step it holds, the best evaluation score so far)."""
+    state = load_checkpoint(resume)
+    if "rng" not in state:
+        raise ValueError(f"--resume {resume}: no optimizer and random state in it (best.pt holds weights "
+                         f"only): start a new run from it with init.checkpoint={resume}")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    saved = state["rng"]  # one entry per process of the run that wrote it
+    if len(saved) != world:
+        print(f"warning: {resume} was written by {len(saved)} processes, this run has {world}: "
+              "batches and random draws will not continue exactly")
+    if "generator" in saved[0]:
+        print(f"warning: {resume} comes from a vlfast whose masks and negatives had their own generator: "
+              "they continue from the default one, so the random draws will not continue exactly")
+    torch.set_rng_state(saved[rank % len(saved)]["torch"])  # masks, negatives and dropout on the CPU
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(saved[rank % len(saved)]["cuda"], device)  # and on the GPU
+    print(f"resumed from {resume} at step {state['step']}")
+    return state["step"], state.get("best_score", -math.inf)
+
+
+def set_optimizer_settings(optimizer, cuda_graph: bool, device: torch.device) -> None:
+    """This run's settings: a resumed optimizer comes with those of the run that saved it (older
+    runs: not fused; a recorded step reads its learning rate from the GPU)."""
+    for group in optimizer.param_groups:
+        group["fused"], group["capturable"] = True, cuda_graph
+        group["lr"] = torch.tensor(float(group["lr"]), device=device) if cuda_graph else float(group["lr"])
+    for parameter_state in optimizer.state.values():  # fused AdamW keeps its step counts beside the weights
+        parameter_state["step"] = parameter_state["step"].to(device, torch.float32)
+
+
+def set_learning_rate(optimizer, lr: float, cuda_graph: bool) -> None:
+    """In place on the GPU tensor a recorded step reads, else as a number."""
+    for group in optimizer.param_groups:
+        if cuda_graph:
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
+def make_loader(dataset, collate, config: TrainConfig, start: int, rank: int, world: int, device: torch.device):
+    """Workers decode and augment the next batches while this process trains. The loader's own
+    generator keeps it from drawing on the global RNG (dropout's, restored on resume); random
+    augmentation (Karpathy training) restarts its draws on resume, so there it is not exact."""
+    return torch.utils.data.DataLoader(dataset, batch_sampler=BatchOrder(len(dataset), config, start, rank, world),
+                                       collate_fn=collate, num_workers=config.data.num_workers,
+                                       pin_memory=device.type == "cuda",
+                                       generator=torch.Generator().manual_seed(config.seed * 1000 + rank))
+
+
+class LossReader:
+    """Each step's losses stay on the device until a read: the host's one wait for the GPU per
+    interval. A read averages every pending step's losses over the ranks and checks them (a
+    non-finite one stops every rank at the same step; train_step skipped its update), and returns
+    the last step's, rounded. ``last_checkpoint()``: the checkpoint a stop names."""
+
+    def __init__(self, world: int, last_checkpoint: Callable[[], Optional[Path]]):
+        self.world, self.last_checkpoint = world, last_checkpoint
+        self.pending: List[Tuple[int, torch.Tensor]] = []
+        self.names = None
+
+    def add(self, step: int, losses: dict) -> None:
+        self.names = self.names or [k if k in ("loss", "grad_norm") else f"loss_{k}" for k in losses]
+        self.pending.append((step, torch.stack([v.float() for v in losses.values()])))  # a copy: a graph overwrites its outputs
+
+    def __call__(self) -> dict:
+        if not self.pending:
+            return {}
+        steps = [step for step, _ in self.pending]
+        values = torch.stack([value for _, value in self.pending])
+        self.pending.clear()
+        if self.world > 1:
+            dist.all_reduce(values)
+            values /= self.world
+        for step, row in zip(steps, values.tolist()):
+            row = dict(zip(self.names, row))
+            check_finite(step, row, self.last_checkpoint())
+        return {name: round(value, 5) for name, value in row.items()}
+
+
+class StopClock:
+    """Whether to stop before a step: after ``stop_after`` steps of this invocation, or past
+    ``time_limit`` seconds, checked at every step with one process and, with several, agreed at
+    the log interval (where the host reads anyway) so every rank stops at the same step."""
+
+    def __init__(self, stop_after: Optional[int], time_limit: Optional[float], start: int, world: int,
+                 log_every: int, device: torch.device):
+        self.stop_after, self.time_limit, self.start, self.world, self.log_every, self.device = \
+            stop_after, time_limit, start, world, log_every, device
+        self.started = time.time()
+
+    def stopping(self, step: int) -> bool:
+        stopping = self.stop_after is not None and step >= self.start + self.stop_after
+        if self.time_limit is not None and (self.world == 1 or step % self.log_every == 0):
+            stopping = stopping or time.time() - self.started > self.time_limit
+            if self.world > 1:
+                agreed = torch.tensor(float(stopping), device=self.device)  # NCCL reduces CUDA tensors only
+                dist.all_reduce(agreed)
+                stopping = bool(agreed)
+        return stopping
+
+
+def save_run(path: Path, model: Mamo, optimizer, step: int, config: TrainConfig, best: float, rank: int,
+             world: int, device: torch.device) -> None:
+    """The checkpoint a run resumes from. Called on every rank: each one's random state goes in."""
+    rng = [{"torch": torch.get_rng_state(),
+            **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}] * world
+    if world > 1:
+        dist.all_gather_object(rng, rng[0])
+    if rank == 0:
+        save_checkpoint(path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                               "step": step, "rng": rng, "config": asdict(config), "best_score": best})
+
+
+def evaluate_and_keep_best(evaluate: Callable[[Mamo, int], float], model: Mamo, steps_done: int, best: float,
+                           config: TrainConfig, path: Path, log: MetricsLog, rank: int) -> float:
+    """Scores the model (eval mode, every rank), logs the score and keeps the best weights at
+    ``path``; returns the best score so far."""
+    model.eval()
+    score = evaluate(model, steps_done)
+    model.train()
+    improved, best = score > best, max(best, score)
+    if rank == 0:
+        log.write({"step": steps_done, "eval_score": score})
+        if improved:
+            save_checkpoint(path, {"model": model.state_dict(), "step": steps_done,
+                                   "config": asdict(config), "best_score": best})
+    return best
