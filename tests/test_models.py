@@ -102,12 +102,12 @@ def test_fusion_mode_cross_attends_to_image_tokens():
     image = torch.randn(2, 5, 48)
     with torch.no_grad():
         text = model(input_ids, mode="text")
-        fused = model(mode="fusion", text_states=text, image=image)
-        other = model(mode="fusion", text_states=text, image=torch.randn(2, 5, 48))
+        fused = model(mode="fusion", states=text, context=image)
+        other = model(mode="fusion", states=text, context=torch.randn(2, 5, 48))
     assert fused.shape == (2, 7, 64) and not torch.allclose(fused, other)
     assert sum(1 for layer in model.encoder.layer if layer.crossattention is not None) == 2
-    with pytest.raises(ValueError, match="mode='fusion' needs text_states"):
-        model(mode="fusion", text_states=text)
+    with pytest.raises(ValueError, match="mode='fusion' needs states"):
+        model(mode="fusion", states=text)
     with pytest.raises(ValueError, match="mode must be 'text' or 'fusion'"):
         model(input_ids, mode="multimodal")
 

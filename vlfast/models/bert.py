@@ -138,10 +138,10 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertResidual(config, config.intermediate)
 
-    def forward(self, x, mask, image=None, image_mask=None):
+    def forward(self, x, mask, context=None, context_mask=None):
         x = self.attention(x, x, mask)
         if self.crossattention is not None:
-            x = self.crossattention(x, image, image_mask)
+            x = self.crossattention(x, context, context_mask)
         return self.output(self.intermediate(x), x)
 
 
@@ -153,7 +153,8 @@ class BertEncoder(nn.Module):
 
 class BertModel(nn.Module):
     """mode="text": layers [0, fusion_layer) on token ids; mode="fusion": the remaining layers on
-    text states (the text mode's output) with cross-attention to `image` tokens."""
+    ``states`` with cross-attention to ``context``. ALBEF's fusion passes the text mode's output as
+    states and the image tokens as context; MAMO's image stream swaps the two (vlfast.models.Mamo)."""
 
     def __init__(self, config: TextConfig = TextConfig()):
         super().__init__()
@@ -165,21 +166,23 @@ class BertModel(nn.Module):
         self.apply(init_weights)
 
     def forward(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None, *,
-                mode: str = "text", text_states: Optional[Tensor] = None, image: Optional[Tensor] = None,
-                image_mask: Optional[Tensor] = None) -> Tensor:
-        """attention_mask / image_mask: (B, L) with 1 (True) at real tokens, as Hugging Face's."""
+                mode: str = "text", states: Optional[Tensor] = None, context: Optional[Tensor] = None,
+                context_mask: Optional[Tensor] = None) -> Tensor:
+        """attention_mask (of input_ids or states) / context_mask: (B, L) with 1 (True) at real
+        tokens, as Hugging Face's; None: every token is real."""
         mask = None if attention_mask is None else attention_mask.bool()
-        image_mask = None if image_mask is None else image_mask.bool()
+        context_mask = None if context_mask is None else context_mask.bool()
         if mode == "text":
             x, layers = self.embeddings(input_ids), self.encoder.layer[:self.config.fusion_layer]
         elif mode == "fusion":
-            if text_states is None or image is None:
-                raise ValueError("mode='fusion' needs text_states (the text mode's output) and image tokens")
-            x, layers = text_states, self.encoder.layer[self.config.fusion_layer:]
+            if states is None or context is None:
+                raise ValueError("mode='fusion' needs states (e.g. the text mode's output) and the context they "
+                                 "cross-attend to (e.g. image tokens)")
+            x, layers = states, self.encoder.layer[self.config.fusion_layer:]
         else:
             raise ValueError(f"mode must be 'text' or 'fusion', got {mode!r}")
         for layer in layers:
-            x = layer(x, mask, image, image_mask)
+            x = layer(x, mask, context, context_mask)
         return x
 
 

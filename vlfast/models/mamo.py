@@ -101,14 +101,14 @@ class Mamo(nn.Module):
     @staticmethod
     def fuse_text(bert: BertModel, text: Tensor, text_mask: Tensor, image: Tensor) -> Tensor:
         """Fused text (B, Lt, W): the text stream cross-attends to the image tokens."""
-        return bert(attention_mask=text_mask, mode="fusion", text_states=text, image=image)
+        return bert(attention_mask=text_mask, mode="fusion", states=text, context=image)
 
     @staticmethod
     def fuse_image(bert: BertModel, image: Tensor, text: Tensor, text_mask: Tensor) -> Tensor:
         """Fused image (B, 1 + N, W): the image stream, through the same layers, cross-attends to the text.
         ``image`` already carries its position embedding (see the module's docstring). Each objective runs
         only the stream its loss reads: the other would cost a stack of layers for nothing."""
-        return bert(mode="fusion", text_states=image, image=text, image_mask=text_mask)
+        return bert(mode="fusion", states=image, context=text, context_mask=text_mask)
 
     def fuse_masked_image(self, visible: Tensor, ids_restore: Tensor, text: Tensor, text_mask: Tensor) -> Tensor:
         """f(I', T) at every image position (B, 1 + N, W): the encoder's output on the visible patches

@@ -42,7 +42,9 @@ class PatchEmbed(nn.Module):
         return self.proj(images).flatten(2).transpose(1, 2)  # (B, N, D)
 
 
-class Attention(nn.Module):
+class ViTAttention(nn.Module):
+    """timm's Attention (its parameter names: qkv, proj) over vlfast.ops.attention."""
+
     def __init__(self, width: int, heads: int):
         super().__init__()
         self.heads = heads
@@ -69,7 +71,7 @@ class Block(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
         self.norm1 = nn.LayerNorm(config.width, eps=1e-6)
-        self.attn = Attention(config.width, config.heads)
+        self.attn = ViTAttention(config.width, config.heads)
         self.norm2 = nn.LayerNorm(config.width, eps=1e-6)
         self.mlp = Mlp(config.width, int(config.width * config.mlp_ratio))
 
