@@ -21,25 +21,36 @@ def test_results_table_is_generated_from_the_committed_results():
     assert "| cpu: " in generated and "× |" in generated
 
 
-def test_readme_headline_is_generated_from_the_committed_results():
+def test_readme_and_docs_tables_are_generated_from_the_committed_results():
     files = sorted(str(p) for p in RESULTS.glob("*.json"))
-    generated = subprocess.run([sys.executable, "benchmarks/report.py", "--headline", *files], cwd=RESULTS.parents[1],
-                               capture_output=True, text=True, check=True).stdout.strip()
-    readme = (RESULTS.parents[1] / "README.md").read_text()
-    assert readme.split("<!-- headline: start -->\n")[1].split("\n<!-- headline: end -->")[0] == generated
-    assert "| cpu: " in generated and "(paired)" in generated
+    root = RESULTS.parents[1]
+    generate = lambda option: subprocess.run([sys.executable, "benchmarks/report.py", option, *files], cwd=root,
+                                             capture_output=True, text=True, check=True).stdout.strip()
+    block = lambda path, name: path.read_text().split(f"<!-- {name}: start -->\n")[1].split(f"\n<!-- {name}: end -->")[0]
+    headline, shapes = generate("--headline"), generate("--by-shape")
+    assert block(root / "README.md", "headline") == headline
+    assert block(root / "docs" / "benchmarks.md", "by-shape") == shapes
+    assert "| cpu: " in shapes and "(paired)" in shapes
+    for page in ("ema_update_", "patch_gather", "itc_loss", "attention", "dropout_add_layer_norm"):
+        assert f"(docs/ops/{page}.md)" in headline and (root / "docs" / "ops" / f"{page}.md").exists()
+    assert "speed-up, NVIDIA H200" in headline and "CPU, 2 cores" in headline
 
 
-def test_readme_option_rewrites_only_the_headline_block(tmp_path):
-    readme = tmp_path / "README.md"
+def test_readme_option_rewrites_only_the_two_blocks(tmp_path):
+    readme, docs = tmp_path / "README.md", tmp_path / "docs" / "benchmarks.md"
     readme.write_text("intro\n<!-- headline: start -->\nold table\n<!-- headline: end -->\nrest\n")
+    docs.parent.mkdir()
+    docs.write_text("top\n<!-- by-shape: start -->\nold rows\n<!-- by-shape: end -->\nend\n")
     (tmp_path / "Card-2026-01-01-op.json").write_text(json.dumps({"benchmarks": [
-        bench("bench_op", 1e-3, {"implementation": "vlfast"}, {}), bench("bench_op", 2e-3, {"implementation": "reference"}, {})]}))
+        bench("bench_ema", 1e-3, {"implementation": "vlfast"}, {}), bench("bench_ema", 2e-3, {"implementation": "albef_loop"}, {})]}))
     subprocess.run([sys.executable, str(RESULTS.parent / "report.py"), "--readme", str(readme),
                     str(tmp_path / "Card-2026-01-01-op.json")], check=True)
     text = readme.read_text()
-    assert text.startswith("intro\n<!-- headline: start -->\n| device |") and text.endswith("\n<!-- headline: end -->\nrest\n")
-    assert "2.00×" in text and "old table" not in text
+    assert text.startswith("intro\n<!-- headline: start -->\n| op |") and text.endswith("\n<!-- headline: end -->\nrest\n")
+    assert "| 2.00× |" in text and "old table" not in text
+    text = docs.read_text()
+    assert text.startswith("top\n<!-- by-shape: start -->\n| device |") and text.endswith("\n<!-- by-shape: end -->\nend\n")
+    assert "| 2.00× |" in text and "old rows" not in text
 
 
 def bench(name, median, params, extra, device="cuda", file="bench_x.py"):
@@ -70,26 +81,37 @@ def test_gpu_rows_get_the_roofline_of_their_own_run(tmp_path):
     assert not any("bench_copy_bandwidth" in row and "roofline" in row for row in rows)
 
 
-def test_headline_shows_the_newest_run_of_each_file_forward_backward_and_the_paired_step(tmp_path):
+def test_tables_show_the_newest_run_of_each_file_forward_backward_and_the_paired_step(tmp_path):
     write = lambda name, benchmarks: (tmp_path / name).write_text(json.dumps({"benchmarks": benchmarks}))
-    op = lambda implementation, median, passes: bench("bench_op", median, {"implementation": implementation,
-                                                                          "passes": passes}, {})
-    write("Card-2026-01-01-op.json", [op("vlfast", 1e-3, "forward_backward"), op("reference", 9e-3, "forward_backward")])
-    write("Card-2026-02-02-op.json", [op("vlfast", 1e-3, "forward_backward"), op("reference", 3e-3, "forward_backward"),
-                                      op("vlfast", 1e-3, "forward"), op("reference", 5e-3, "forward")])
+    op = lambda implementation, median, passes, device="cuda", shape="a": bench(
+        "bench_ema", median, {"implementation": implementation, "passes": passes, "shape": shape}, {}, device=device)
+    write("Card-2026-01-01-op.json", [op("vlfast", 1e-3, "forward_backward"), op("albef_loop", 9e-3, "forward_backward")])
+    write("Card-2026-02-02-op.json", [op("vlfast", 1e-3, "forward_backward"), op("albef_loop", 3e-3, "forward_backward"),
+                                      op("vlfast", 1e-3, "forward"), op("albef_loop", 5e-3, "forward"),
+                                      op("vlfast", 1e-3, "forward_backward", shape="b"),
+                                      op("albef_loop", 6e-3, "forward_backward", shape="b")])
+    write("Cpu-2026-02-02-op.json", [op("vlfast", 2e-3, "forward_backward", "cpu"), op("albef_loop", 3e-3, "forward_backward", "cpu")])
     step = lambda name, median, implementation, extra: bench(name, median, {"implementation": implementation}, extra,
                                                              file="bench_step.py")
     write("Card-2026-01-01-step.json", [step("bench_train_step", 0.1, "fused", {}),
                                         step("bench_train_step", 0.2, "reference", {}),
-                                        step("bench_train_step_paired", 0.3, "fused", {"reference/fused": 1.5})])
-    table = subprocess.run([sys.executable, str(RESULTS.parent / "report.py"), "--headline",
-                            *sorted(map(str, tmp_path.glob("*.json")))], capture_output=True, text=True, check=True).stdout
+                                        step("bench_train_step_paired", 0.3, "fused", {"reference/fused": 1.5}),
+                                        step("bench_train_step_paired", 0.3, "fused_compiled", {"reference/fused_compiled": 1.7})])
+    files = sorted(map(str, tmp_path.glob("*.json")))
+    generate = lambda option: subprocess.run([sys.executable, str(RESULTS.parent / "report.py"), option, *files],
+                                             capture_output=True, text=True, check=True).stdout
+    table = generate("--by-shape")
     rows = [line for line in table.splitlines() if line.startswith("| Card")]
-    assert len(rows) == 2, table  # the op's newest forward + backward row, the step's paired row
-    op_row, = [row for row in rows if "bench_op" in row]
-    assert "3.00×" in op_row and "Card-2026-02-02" in op_row and "reference 3.000 ms" in op_row
-    step_row, = [row for row in rows if "bench_train_step" in row]
-    assert "bench_train_step_paired" in step_row and "1.50× (paired)" in step_row
+    assert len(rows) == 4, table  # the op's newest forward + backward rows, the step's two paired rows
+    op_row = [row for row in rows if "shape=a" in row][0]
+    assert "3.00×" in op_row and "Card-2026-02-02" in op_row and "albef_loop 3.000 ms" in op_row
+    assert any("bench_train_step_paired" in row and "1.50× (paired)" in row for row in rows)
+    # one line per op: the range over its shapes per device, the default path only, the files it comes from
+    table = generate("--headline")
+    assert table.splitlines()[0] == "| op | replaces | speed-up, Card | speed-up, CPU | results |", table
+    ema, step_line = [line for line in table.splitlines()[2:]]
+    assert "| 3.00–6.00× | 1.50× |" in ema and "`Card-2026-02-02-op.json`, `Cpu-2026-02-02-op.json`" in ema
+    assert "| 1.50× | – |" in step_line and "1.70" not in step_line
 
 
 def test_busy_seconds_counts_the_device_time_of_each_call(monkeypatch):
