@@ -1,4 +1,4 @@
-import math
+"""pytest's hooks and fixtures for tests/ and benchmarks/ (the helpers tests share: tests/helpers.py)."""
 import os
 
 import pytest
@@ -11,11 +11,6 @@ if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from vlfast import _extension  # noqa: E402  (after TRITON_INTERPRET is set)
-
-# Tests of what only the compiled kernels do (their rounding, their registration): without
-# vlfast._C the ops run their references, which these tests do not describe.
-needs_extension = pytest.mark.skipif(_extension.LOAD_ERROR is not None,
-                                     reason="vlfast._C is not built: python setup.py build_ext --inplace")
 
 
 def pytest_configure(config):
@@ -32,14 +27,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
-
-
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
-
-
-def chi_square_quantile(dof: int, z: float = 4.753) -> float:
-    """Upper quantile of chi-square(dof) at the normal z (4.753: 1 - 1e-6), Wilson-Hilferty."""
-    return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
 
 
 @pytest.fixture(autouse=True)

@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import CUDA, DEVICES
-from timing import PASSES, timed
+from timing import CUDA, DEVICES, PASSES, timed
+from vlfast._extension import has_kernel
 from vlfast.ops import attention, attention_reference
-from vlfast.ops.attention import CPU_KERNEL_MAX_SCORES
+from vlfast.ops.padded_attention import CPU_KERNEL_MAX_SCORES
 
 SHAPES = {  # name: (Lq, Lk, padded)
     "vit_self_197": (197, 197, False),
@@ -32,10 +32,11 @@ IMPLEMENTATIONS = {
         q, k, v, attn_mask=None if mask is None else mask[:, None, None, :]),
     "eager": lambda q, k, v, mask: attention_reference(q, k, v, key_padding_mask=mask),
 }
-if CUDA:
-    IMPLEMENTATIONS["triton"] = lambda q, k, v, mask: torch.ops.vlfast.attention_forward(q, k, v, mask, q.shape[-1] ** -0.5)[0]
-if hasattr(torch.ops.vlfast, "attention_cpu"):  # the CPU kernel where auto runs SDPA instead (long sequences)
-    IMPLEMENTATIONS["cpu_kernel"] = lambda q, k, v, mask: torch.ops.vlfast.attention_cpu(
+# torch.ops.vlfast.attention: on CUDA the Triton kernels, on the CPU the C++ kernel
+if CUDA and has_kernel("attention", "cuda"):
+    IMPLEMENTATIONS["triton"] = lambda q, k, v, mask: torch.ops.vlfast.attention(q, k, v, mask, q.shape[-1] ** -0.5)[0]
+if has_kernel("attention", "cpu"):  # the CPU kernel where auto runs SDPA instead (long sequences)
+    IMPLEMENTATIONS["cpu_kernel"] = lambda q, k, v, mask: torch.ops.vlfast.attention(
         q, k, v, mask, q.shape[-1] ** -0.5)[0]
 
 

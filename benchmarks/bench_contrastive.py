@@ -13,17 +13,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import CUDA, DEVICES
-from timing import PASSES, timed
-from vlfast._extension import triton_path
+from timing import CUDA, DEVICES, PASSES, timed
+from vlfast._extension import implementation
 from vlfast.ops import contrastive
 
 DIM = 256
 BATCHES = [64, 256] + ([1024] if CUDA else [])
 KEYS = {"in_batch": 1, "gathered_8x": 8}
 IMPLEMENTATIONS = {
-    "vlfast": lambda image, text, tau, keys, generator: contrastive._fused_loss(
-        image, text, tau, None, keys, triton_path("itc_loss", image.device.type, contrastive.triton is not None), True, 1e-4, generator),
+    "vlfast": lambda image, text, tau, keys, generator: contrastive._loss_on_keys(
+        image, text, tau, None, keys, implementation("itc_loss", image.device.type), True, 1e-4, generator),
     "albef_loop": lambda image, text, tau, keys, generator: contrastive._reference_loss(
         image, text, tau, None, keys, True, 1e-4, generator, per_row_sampling=True),
     "vectorised_multinomial": lambda image, text, tau, keys, generator: contrastive._reference_loss(

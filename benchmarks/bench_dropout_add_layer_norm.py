@@ -14,8 +14,7 @@ import itertools
 import pytest
 import torch
 
-from conftest import CUDA, DEVICES
-from timing import PASSES, timed
+from timing import CUDA, DEVICES, PASSES, timed
 from vlfast.ops import dropout_add_layer_norm, dropout_add_layer_norm_reference
 
 SHAPES = {"tiny_itm": (96 * 30, 128), "bert_base_b64": (64 * 40, 768)}

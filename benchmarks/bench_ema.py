@@ -13,8 +13,7 @@ import itertools
 import pytest
 import torch
 
-from conftest import DEVICES
-from timing import timed
+from timing import DEVICES, timed
 from vlfast.ops import ema_update_
 
 BYTES_PER_ELEMENT = 12

@@ -14,8 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICES
-from timing import timed
+from timing import DEVICES, timed
 from vlfast.ops import (attention, attention_reference, dropout_add_layer_norm, dropout_add_layer_norm_reference,
                         ema_update_, ema_update_reference, itc_loss, itc_loss_reference, random_masking,
                         random_masking_reference, unmask, unmask_reference)

@@ -13,8 +13,7 @@ mask token, position embedding) and writes the kept rows' gradient.
 import pytest
 import torch
 
-from conftest import DEVICES
-from timing import PASSES, timed
+from timing import DEVICES, PASSES, timed
 from vlfast.ops import random_masking, random_masking_reference, unmask, unmask_reference
 
 PATCHES, DIM, MASK_RATIO = 196, 768, 0.75

@@ -50,9 +50,9 @@ ALLOCATIONS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_s
 SYNCS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive", "equal",
          "is_nonzero"}
 MATMULS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "convolution", "convolution_backward", "_scaled_dot_product_flash_attention",
-           "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention", "attention_cpu",
-           "attention_cpu_backward", "attention_forward", "attention_backward", "_scaled_dot_product_flash_attention_for_cpu",
-           "_scaled_dot_product_flash_attention_for_cpu_backward", "itc_rows"}
+           "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention", "attention",
+           "attention_backward", "_scaled_dot_product_flash_attention_for_cpu",
+           "_scaled_dot_product_flash_attention_for_cpu_backward", "itc_loss_rows"}
 
 
 def _is_view(func) -> bool:

@@ -10,24 +10,42 @@ extern "C" PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(vlfast, m) {
-  // decay is a 0-d tensor so a learnable or scheduled decay on the GPU costs no host sync.
-  // copies: empty, or one per target (an fp32 master) that receives the updated value rounded to
-  // its bf16/fp16 dtype in the same pass: the weights a mixed-precision forward reads.
+  // One schema (and one for its backward) per public op vlfast.ops.X, named X or, where the kernel
+  // is a part of the op, X_<part>. Kernels: csrc/cpu and csrc/cuda (TORCH_LIBRARY_IMPL beside
+  // them), Triton's from the op's Python module (torch.library.register_kernel); autograd:
+  // csrc/autograd.cpp; fake (meta) implementations: the op's Python module. The table of which
+  // file holds what: docs/design.md, "Where each op lives".
+
+  // ema_update_: in place, no autograd. decay is a 0-d tensor so a learnable or scheduled decay on
+  // the GPU costs no host sync. copies: empty, or one per target (an fp32 master) that receives the
+  // updated value rounded to its bf16/fp16 dtype in the same pass: the weights a mixed-precision
+  // forward reads.
   m.def("ema_update_(Tensor(a!)[] target, Tensor[] source, Tensor decay, Tensor(b!)[] copies) -> ()");
-  // out[b, l] = src[b, index[b, l]] + pos_embed[b or 0, index[b, l]]: the visible patches.
-  m.def("gather_rows(Tensor src, Tensor? pos_embed, Tensor index) -> Tensor");
+  // random_masking's kernel, the gather of the kept patches (the op draws the permutation in torch):
+  // out[b, l] = src[b, index[b, l]] + pos_embed[b or 0, index[b, l]]. Its backward is unmask's kernel.
+  m.def("random_masking(Tensor src, Tensor? pos_embed, Tensor index) -> Tensor");
   // out[b, n] = (rows[b, j] if j < L else fill) + pos_embed[b or 0, n], j = ids_restore[b, n]:
-  // the patches back at their positions, fill (zeros if None) at the masked ones.
-  m.def("unmask_rows(Tensor rows, Tensor ids_restore, Tensor? fill, Tensor? pos_embed) -> Tensor");
-  // (LayerNorm(dropout(x, p) + residual), row mean, row 1/std) over the rows of (..., D); the mask comes from
-  // Philox at element index under seed, so the backward regenerates it. CUDA: a Triton kernel.
+  // the patches back at their positions, fill (zeros if None) at the masked ones. Its backward is
+  // random_masking's kernel.
+  m.def("unmask(Tensor rows, Tensor ids_restore, Tensor? fill, Tensor? pos_embed) -> Tensor");
+  // itc_loss's kernel, one direction of the loss: per query row (loss = lse − mean positive score,
+  // one sampled negative, lse, #positives) against the keys; itc_loss calls it once per direction
+  // and averages. Triton on CUDA (and on the CPU under the Triton interpreter).
+  m.def("itc_loss_rows(Tensor query, Tensor key, Tensor temperature, Tensor? query_ids, Tensor? key_ids, "
+        "SymInt key_offset, Tensor seed, float smoothing, bool sample) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("itc_loss_rows_backward(Tensor grad, Tensor query, Tensor key, Tensor temperature, Tensor? query_ids, "
+        "Tensor? key_ids, SymInt key_offset, Tensor lse, Tensor npos) -> (Tensor, Tensor, Tensor)");
+  // (softmax(q·kᵀ·scale, key_padding_mask)·v, aux) for (B, H, L, Dh) q, k, v; aux is what the
+  // backward takes instead of recomputing: on the CPU (C++) the probabilities, (B, H, Lq, Lk padded
+  // to 8) in the math dtype; on CUDA (Triton) the row log-sum-exp, (B, H, Lq) fp32.
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float scale) -> (Tensor, Tensor)");
+  m.def("attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor out, "
+        "Tensor aux, float scale) -> (Tensor, Tensor, Tensor)");
+  // (LayerNorm(dropout(x, p) + residual), row mean, row 1/std) over the rows of (..., D); the mask
+  // comes from Philox at element index under seed, so the backward regenerates it. CPU: C++; CUDA:
+  // Triton.
   m.def("dropout_add_layer_norm(Tensor x, Tensor residual, Tensor weight, Tensor bias, float p, float eps, "
         "Tensor seed) -> (Tensor, Tensor, Tensor)");
   m.def("dropout_add_layer_norm_backward(Tensor grad, Tensor x, Tensor residual, Tensor weight, Tensor mean, "
         "Tensor rstd, float p, Tensor seed) -> (Tensor, Tensor, Tensor, Tensor)");
-  // (softmax(q·kᵀ·scale, key_padding_mask)·v, the probabilities) for (B, H, L, Dh) q, k, v on the
-  // CPU; the backward takes the probabilities instead of recomputing them.
-  m.def("attention_cpu(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float scale) -> (Tensor, Tensor)");
-  m.def("attention_cpu_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor probs, float scale) "
-        "-> (Tensor, Tensor, Tensor)");
 }

@@ -1,4 +1,4 @@
-"""Compiles vlfast's Triton kernels (contrastive, attention, dropout_add_layer_norm) for real GPUs (sm_80, sm_90) without one: Triton's ptxas
+"""Compiles vlfast's Triton kernels (itc_loss, attention, dropout_add_layer_norm) for real GPUs (sm_80, sm_90) without one: Triton's ptxas
 builds the cubins here, so a kernel that only the interpreter has run cannot fail to compile on
 a lent card. Run by tests/test_contrastive.py in a process without TRITON_INTERPRET.
 
@@ -11,10 +11,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from vlfast.kernels import attention, dropout_add_layer_norm, itc
-from vlfast.ops.attention import _launch_config as attention_config
+from vlfast.kernels import attention, dropout_add_layer_norm, itc_loss
 from vlfast.ops.contrastive import _launch_config as itc_config
-from vlfast.ops.dropout_add_layer_norm import _launch_config as layer_norm_config
+from vlfast.ops.padded_attention import _launch_config as attention_config
+from vlfast.ops.residual_layer_norm import _launch_config as layer_norm_config
 
 POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.float64: "*fp64"}
 SCALARS = {"B": "i32", "N": "i32", "D": "i32", "key_offset": "i32", "smoothing": "fp32", "H": "i32", "LQ": "i32",
@@ -60,13 +60,13 @@ def compile_for(fn, arch, pointers, constexprs, **options):
 def main():
     for arch in (80, 90):
         for dtype in POINTER:
-            itc_kernel(itc.itc_rows_forward, dtype, arch, HAS_IDS=True, SAMPLE=True, SMOOTH=True)
-            itc_kernel(itc.itc_rows_backward_query, dtype, arch, HAS_IDS=True)
-            itc_kernel(itc.itc_rows_backward_key, dtype, arch, HAS_IDS=True)
+            itc_kernel(itc_loss.itc_loss_rows_forward, dtype, arch, HAS_IDS=True, SAMPLE=True, SMOOTH=True)
+            itc_kernel(itc_loss.itc_loss_rows_backward_query, dtype, arch, HAS_IDS=True)
+            itc_kernel(itc_loss.itc_loss_rows_backward_key, dtype, arch, HAS_IDS=True)
             for fn in (attention.attention_forward, attention.attention_backward_kv, attention.attention_backward_q):
                 if dtype != torch.float64:  # fp64 attention runs SDPA
                     attention_kernel(fn, dtype, 64, arch, HAS_MASK=True)
-        itc_kernel(itc.itc_rows_forward, torch.bfloat16, arch, HAS_IDS=False, SAMPLE=False, SMOOTH=False)
+        itc_kernel(itc_loss.itc_loss_rows_forward, torch.bfloat16, arch, HAS_IDS=False, SAMPLE=False, SMOOTH=False)
         for dim in (16, 40, 128):
             attention_kernel(attention.attention_forward, torch.bfloat16, dim, arch, HAS_MASK=False)
             attention_kernel(attention.attention_backward_kv, torch.bfloat16, dim, arch, HAS_MASK=False)

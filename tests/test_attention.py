@@ -5,15 +5,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICES, needs_extension
+from helpers import DEVICES, needs_extension
 from vlfast import _extension
 from vlfast.ops import attention, attention_reference
 
 pytestmark = pytest.mark.usefixtures("poisoned_memory")  # conftest: NaN in every torch.empty
 
-attention_module = importlib.import_module("vlfast.ops.attention")  # the name vlfast.ops.attention is the function
+attention_module = importlib.import_module("vlfast.ops.padded_attention")
 
-needs_triton = pytest.mark.skipif(attention_module.triton is None, reason="Triton not installed")
+# The Triton kernels register with vlfast._C's schemas: without it they do not run.
+needs_triton = pytest.mark.skipif(attention_module.triton is None or _extension.LOAD_ERROR is not None,
+                                  reason="Triton not installed or vlfast._C not built")
 # "auto": the C++ kernel on the CPU, SDPA on CUDA; "sdpa": auto without the C++ kernel (the CPU
 # when vlfast._C is not built; on CUDA the same as auto); "triton": the Triton kernels
 # (interpreted on the CPU); "reference": eager.
@@ -27,7 +29,7 @@ def path(request, monkeypatch):
         pytest.skip("on CUDA auto is the sdpa path")
     monkeypatch.setenv("VLFAST_BACKEND", backend)
     if request.param == "sdpa":
-        monkeypatch.setattr(attention_module, "use_fused", lambda op, device_type: False)
+        monkeypatch.setattr(attention_module, "implementation", lambda op, device_type: "torch")
     return request.param
 
 
@@ -236,16 +238,37 @@ def test_bad_inputs(path, kwargs, error, message):
         attention(arguments.pop("q"), arguments.pop("k"), arguments.pop("v"), **arguments)
 
 
-@needs_triton
+@needs_extension
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
+    """The schema's kernel on each device: C++ on the CPU (aux: probabilities), Triton on CUDA (aux:
+    log-sum-exp); its fake branches on the device."""
+    if device == "cuda" and attention_module.triton is None:
+        pytest.skip("Triton not installed")
     q, k, v, mask = make(2, 2, 9, 13, 16, torch.float32, device, seed=6)
     for args in [(q, k, v, mask, 0.25), (q, k, v, None, 0.25)]:
-        torch.library.opcheck(torch.ops.vlfast.attention_forward.default, args)
-    out, lse = torch.ops.vlfast.attention_forward(q, k, v, mask, 0.25)
+        torch.library.opcheck(torch.ops.vlfast.attention.default, args)
+    out, aux = torch.ops.vlfast.attention(q, k, v, mask, 0.25)
+    assert aux.shape == ((2, 2, 9, 16) if device == "cpu" else (2, 2, 9))
     plain = [x.detach() for x in (q, k, v)]
     torch.library.opcheck(torch.ops.vlfast.attention_backward.default,
-                          (torch.randn_like(out), *plain, mask, out.detach(), lse, 0.25))
+                          (torch.randn_like(out), *plain, mask, out.detach(), aux, 0.25))
+
+
+@needs_triton
+def test_triton_launchers_give_what_the_fake_says_on_cuda():
+    """The Triton launchers (the schema's CUDA kernels), run on the CPU by the interpreter, against
+    the fake implementation's shapes, strides and dtypes for a CUDA call."""
+    q, k, v, mask = make(2, 2, 9, 13, 16, torch.float32, "cpu", seed=6)
+    plain = [x.detach() for x in (q, k, v)]
+    out, lse = attention_module.triton_forward(*plain, mask, 0.25)
+    grads = attention_module.triton_backward(torch.randn_like(out), *plain, mask, out, lse, 0.25)
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        fakes = [torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="cuda") for x in (*plain, out, lse)]
+        fake_out, fake_lse = torch.ops.vlfast.attention(*fakes[:3], None, 0.25)
+        fake_grads = torch.ops.vlfast.attention_backward(fake_out, *fakes[:3], None, *fakes[3:], 0.25)
+    for got, fake in zip((out, lse, *grads), (fake_out, fake_lse, *fake_grads)):
+        assert (got.shape, got.stride(), got.dtype) == (fake.shape, fake.stride(), fake.dtype)
 
 
 @needs_extension
@@ -265,11 +288,12 @@ def test_auto_leaves_long_sequences_to_sdpa_on_the_cpu(monkeypatch):
 def test_cpu_kernel_opcheck():
     q, k, v, mask = make(2, 2, 9, 13, 16, torch.float32, "cpu", seed=6)
     for args in [(q, k, v, mask, 0.25), (q, k, v, None, 0.25), tuple(x.double() for x in (q, k, v)) + (mask, 0.25)]:
-        torch.library.opcheck(torch.ops.vlfast.attention_cpu.default, args)
-    out, probs = torch.ops.vlfast.attention_cpu(q, k, v, mask, 0.25)
+        torch.library.opcheck(torch.ops.vlfast.attention.default, args)
+    out, probs = torch.ops.vlfast.attention(q, k, v, mask, 0.25)
     assert probs.shape == (2, 2, 9, 16) and probs[..., 13:].eq(0).all()  # rows padded to 8 keys
     plain = [x.detach() for x in (q, k, v)]
-    torch.library.opcheck(torch.ops.vlfast.attention_cpu_backward.default, (torch.randn_like(out), *plain, probs, 0.25))
+    torch.library.opcheck(torch.ops.vlfast.attention_backward.default,
+                          (torch.randn_like(out), *plain, mask, out.detach(), probs, 0.25))
 
 
 @needs_extension
@@ -277,7 +301,7 @@ def test_cpu_kernel_second_derivative_raises_when_taken():
     """create_graph=True gives the same gradients, with a graph; differentiating through the
     backward kernel raises."""
     q, k, v, mask = make(2, 2, 5, 7, 16, torch.float32, "cpu", seed=7)
-    out = torch.ops.vlfast.attention_cpu(q, k, v, mask, 0.25)[0]
+    out = torch.ops.vlfast.attention(q, k, v, mask, 0.25)[0]
     plain = torch.autograd.grad(out.square().sum(), (q, k, v), retain_graph=True)
     grads = torch.autograd.grad(out.square().sum(), (q, k, v), create_graph=True)
     assert grads[0].requires_grad and all(torch.equal(g, p) for g, p in zip(grads, plain))
@@ -289,7 +313,7 @@ def test_cpu_kernel_second_derivative_raises_when_taken():
 def test_cpu_kernel_bad_inputs():
     """Direct calls of the op get the C++ checks."""
     q = torch.zeros(2, 3, 5, 16)
-    op = torch.ops.vlfast.attention_cpu
+    op = torch.ops.vlfast.attention
     with pytest.raises(ValueError, match=r"q must be \(B, H, Lq >= 1, Dh a multiple of 8\)"):
         op(torch.zeros(2, 3, 5, 12), torch.zeros(2, 3, 5, 12), torch.zeros(2, 3, 5, 12), None, 1.0)
     with pytest.raises(ValueError, match=r"k must be \(B=2, H=3, Lk >= 1, Dh=16\)"):
@@ -302,5 +326,5 @@ def test_cpu_kernel_bad_inputs():
         op(q.long(), q.long(), q.long(), None, 1.0)
     with pytest.raises(ValueError, match=r"key_padding_mask must be a contiguous bool \(B=2, Lk=5\)"):
         op(q, q, q, torch.ones(2, 5, dtype=torch.long), 1.0)
-    with pytest.raises(ValueError, match="probs must be the forward's"):
-        torch.ops.vlfast.attention_cpu_backward(q, q, q, q, torch.zeros(2, 3, 5, 5), 1.0)
+    with pytest.raises(ValueError, match="aux must be the CPU forward's"):
+        torch.ops.vlfast.attention_backward(q, q, q, q, None, q, torch.zeros(2, 3, 5, 5), 1.0)

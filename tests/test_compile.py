@@ -6,7 +6,9 @@ import torch
 import torch._dynamo
 import torch.nn.functional as F
 
-from test_mamo import batch, tiny
+from helpers import batch, tiny
+from vlfast import _extension
+from vlfast._extension import implementation
 from vlfast.ops import attention, dropout_add_layer_norm, ema_update_, itc_loss, random_masking, unmask
 
 
@@ -39,6 +41,40 @@ def test_each_op_compiles_without_a_graph_break():
     compiled_equals_eager(lambda t, s: (ema_update_(t, s, 0.9), t)[1], [x.clone() for x in target], source)
 
 
+@pytest.fixture
+def fused_then_settings_read_again(monkeypatch):
+    """VLFAST_BACKEND=fused for the test; afterwards the environment is read again eagerly, since
+    compiled code uses the last eager reading (vlfast._extension.settings)."""
+    monkeypatch.setenv("VLFAST_BACKEND", "fused")
+    yield
+    monkeypatch.undo()
+    _extension.settings()
+
+
+def test_a_triton_op_compiles_through_its_cpp_autograd(fused_then_settings_read_again):
+    """itc_loss's kernel (Triton launchers behind a C++ schema and C++ autograd, one SymInt saved):
+    aot_eager traces that autograd on fake tensors; the loss and its gradients equal eager's. On
+    the CPU the kernel runs in Triton's interpreter (conftest sets it without a GPU)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if implementation("itc_loss", device) not in ("kernel", "interpreted"):
+        pytest.skip("no Triton kernel for itc_loss here")
+    g = torch.Generator().manual_seed(0)
+    image, text = (F.normalize(torch.randn(6, 16, generator=g), dim=-1).to(device).requires_grad_() for _ in range(2))
+    tau = torch.tensor(0.07, device=device, requires_grad=True)
+
+    def loss_and_grads(function):
+        loss = function(image, text, tau)
+        return loss, torch.autograd.grad(loss, (image, text, tau))
+
+    def function(i, t, temperature):
+        return itc_loss(i, t, temperature, sample_negatives=False).loss
+
+    torch._dynamo.reset()
+    eager = loss_and_grads(function)
+    compiled = loss_and_grads(torch.compile(function, backend="aot_eager", fullgraph=True))
+    torch.testing.assert_close(compiled, eager)
+
+
 def test_the_models_forward_is_one_graph():
     """All five objectives' forward, drawing from torch's default generator (an explicit
     torch.Generator argument still breaks the graph at each draw)."""
@@ -58,7 +94,7 @@ def test_the_inductor_compiled_step_equals_the_eager_step():
     random numbers as eager torch does, so the masks, negatives and dropout are the same draws."""
     import time
 
-    from train import compile_forward_backward, forward_backward, make_optimizer, train_step
+    from vlfast.trainer import compile_forward_backward, forward_backward, make_optimizer, train_step
 
     runs = []
     for function in (forward_backward, "compiled"):
@@ -89,7 +125,7 @@ def test_the_inductor_compiled_step_equals_the_eager_step():
 
 
 def test_the_step_to_compile_is_one_graph():
-    from train import forward_backward
+    from vlfast.trainer import forward_backward
 
     model = tiny()
     data = batch()

@@ -8,13 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import CUDA, DEVICES, chi_square_quantile
+from helpers import CUDA, DEVICES, chi_square_quantile
+from vlfast import _extension
 from vlfast.ops import contrastive, itc_loss, itc_loss_reference
 
 pytestmark = pytest.mark.usefixtures("poisoned_memory")  # conftest: NaN in every torch.empty
 
-has_triton = contrastive.triton is not None
-needs_triton = pytest.mark.skipif(not has_triton, reason="Triton not installed")
+# The Triton kernels register with vlfast._C's schemas: without it they do not run.
+has_triton = contrastive.triton is not None and _extension.LOAD_ERROR is None
+needs_triton = pytest.mark.skipif(not has_triton, reason="Triton not installed or vlfast._C not built")
 # "torch": the vectorised path the CPU runs; "triton": the kernels (interpreted on the CPU).
 PATHS = ["torch", pytest.param("triton", marks=needs_triton)]
 
@@ -81,7 +83,7 @@ def test_gathered_keys_rectangular(device, with_ids):
     key_ids = (torch.arange(keys, device=device) % 4) if with_ids else None
     query_ids = key_ids[offset:offset + batch] if with_ids else None
     seed = torch.zeros(1, dtype=torch.int64, device=device)
-    rows, negative, _, npos = torch.ops.vlfast.itc_rows(query, key, tau, query_ids, key_ids, offset, seed, 0.0, True)
+    rows, negative, _, npos = torch.ops.vlfast.itc_loss_rows(query, key, tau, query_ids, key_ids, offset, seed, 0.0, True)
 
     # Written out here, not vlfast's _positives: the torch path shares that helper with the reference.
     positives = torch.zeros(batch, keys, dtype=torch.bool, device=device)
@@ -99,7 +101,7 @@ def test_gathered_keys_rectangular(device, with_ids):
     for g, w in zip(got, expected):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
     assert torch.autograd.gradcheck(
-        lambda q, k, t: torch.ops.vlfast.itc_rows(q, k, t, query_ids, key_ids, offset, seed, 0.0, False)[0],
+        lambda q, k, t: torch.ops.vlfast.itc_loss_rows(q, k, t, query_ids, key_ids, offset, seed, 0.0, False)[0],
         (query, key, tau))
 
 
@@ -110,7 +112,7 @@ def draw_negatives(path, query, key, tau, query_ids, key_ids, smoothing, draws, 
     generator = torch.Generator(query.device).manual_seed(seed)
     if path == "triton":
         seeds = torch.randint(0, 2**31 - 1, (1,), generator=generator, device=query.device)
-        return torch.ops.vlfast.itc_rows(queries, key, tau, ids, key_ids, 0, seeds, smoothing, True)[1]
+        return torch.ops.vlfast.itc_loss_rows(queries, key, tau, ids, key_ids, 0, seeds, smoothing, True)[1]
     positives = ids[:, None] == key_ids[None, :]
     return contrastive._rows_torch(queries @ key.t() / tau, positives, smoothing, True, generator)[1]
 
@@ -237,12 +239,12 @@ def test_opcheck(device):
     seed = torch.zeros(1, dtype=torch.int64, device=device)
     ids = torch.tensor([0, 1, 0, 2, 3, 3], device=device)
     for args in [(query, key, tau, None, None, 0, seed, 0.0, True), (query, key, tau, ids, ids, 0, seed, 1e-4, True)]:
-        torch.library.opcheck(torch.ops.vlfast.itc_rows.default, args)
-    _, _, lse, npos = torch.ops.vlfast.itc_rows(query, key, tau, ids, ids, 0, seed, 0.0, False)
+        torch.library.opcheck(torch.ops.vlfast.itc_loss_rows.default, args)
+    _, _, lse, npos = torch.ops.vlfast.itc_loss_rows(query, key, tau, ids, ids, 0, seed, 0.0, False)
     grad = torch.rand(6, device=device)
     # No second derivative (double backward raises): the backward op is checked on plain tensors.
     plain = [x.detach() for x in (query, key, tau)]
-    torch.library.opcheck(torch.ops.vlfast.itc_rows_backward.default, (grad, *plain, ids, ids, 0, lse, npos))
+    torch.library.opcheck(torch.ops.vlfast.itc_loss_rows_backward.default, (grad, *plain, ids, ids, 0, lse, npos))
 
 
 def _distributed_worker(rank, world, init_file, backend, batch, result_dir):

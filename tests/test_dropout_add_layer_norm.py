@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICES, needs_extension
+from helpers import DEVICES, needs_extension
 from vlfast import _extension
 from vlfast.ops import dropout_add_layer_norm, dropout_add_layer_norm_reference
-from vlfast.ops.dropout_add_layer_norm import _draw_seed, triton, triton_backward, triton_forward
+from vlfast.ops.residual_layer_norm import _draw_seed, triton, triton_backward, triton_forward
 
 pytestmark = pytest.mark.usefixtures("poisoned_memory")  # conftest: NaN in every torch.empty
 
@@ -130,7 +130,7 @@ def test_without_dropout_equals_hugging_face_and_draws_nothing(device, x_dtype, 
 @pytest.mark.cuda
 def test_gpu_runs_hugging_face_by_default_and_the_kernel_when_fused(monkeypatch):
     x, residual, weight, bias = make_inputs((3, 5, 32), torch.bfloat16, torch.float32, "cuda")
-    module = importlib.import_module("vlfast.ops.dropout_add_layer_norm")
+    module = importlib.import_module("vlfast.ops.residual_layer_norm")
     with mock.patch.object(module, "dropout_add_layer_norm_reference", wraps=dropout_add_layer_norm_reference) as ref:
         monkeypatch.setenv("VLFAST_BACKEND", "auto")
         dropout_add_layer_norm(x, residual, weight, bias, 0.1)
@@ -289,7 +289,7 @@ def test_the_shared_seed_of_calls_that_drop_nothing_survives_inference_mode(monk
     # inference_mode would be an inference tensor, which a later training call cannot save for backward
     import sys
 
-    module = sys.modules["vlfast.ops.dropout_add_layer_norm"]
+    module = sys.modules["vlfast.ops.residual_layer_norm"]
     monkeypatch.setattr(module, "_NO_SEED", {})
     x, weight, bias = torch.randn(3, 8), torch.ones(8), torch.zeros(8)
     with torch.inference_mode():

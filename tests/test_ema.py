@@ -1,12 +1,13 @@
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import DEVICES, needs_extension
+from helpers import DEVICES, needs_extension
 from vlfast import _extension
 from vlfast.ops import available, ema_decay, ema_update_, ema_update_reference
 
@@ -373,11 +374,11 @@ def test_available_reports_the_built_kernels():
 
 def test_backend_switch(monkeypatch):
     monkeypatch.setenv("VLFAST_BACKEND", "reference")
-    assert not _extension.use_fused("ema_update_", "cpu")
+    assert _extension.implementation("ema_update_", "cpu") == "reference"
     monkeypatch.setenv("VLFAST_BACKEND", "fused")
     monkeypatch.setitem(_extension.KERNELS, "no_such_op", "no_such_kernel")
     with pytest.raises(RuntimeError, match="no cpu kernel for no_such_op.*python setup.py build_ext --inplace"):
-        _extension.use_fused("no_such_op", "cpu")
+        _extension.implementation("no_such_op", "cpu")
     monkeypatch.setenv("VLFAST_BACKEND", "fast")
     with pytest.raises(ValueError, match="VLFAST_BACKEND must be auto, fused or reference, got 'fast'"):
         ema_update_([torch.zeros(1)], [torch.ones(1)], 0.5)
@@ -386,31 +387,53 @@ def test_backend_switch(monkeypatch):
 def test_reference_ops_switch_one_op(monkeypatch):
     monkeypatch.setenv("VLFAST_BACKEND", "auto")
     monkeypatch.setenv("VLFAST_REFERENCE_OPS", " attention,unmask ")
-    assert _extension.triton_path("attention", "cuda", True) == "reference"
-    assert _extension.triton_path("itc_loss", "cuda", True) == "triton"
-    assert not _extension.use_fused("unmask", "cpu")
-    assert _extension.use_fused("ema_update_", "cpu") == _extension.has_kernel("ema_update_", "cpu")
+    assert _extension.implementation("attention", "cuda") == "reference"
+    assert _extension.implementation("itc_loss", "cuda") == (
+        "kernel" if _extension.has_kernel("itc_loss_rows", "cuda") else "torch")
+    assert _extension.implementation("unmask", "cpu") == "reference"
+    assert _extension.implementation("ema_update_", "cpu") == (
+        "kernel" if _extension.has_kernel("ema_update_", "cpu") else "reference")
     monkeypatch.setenv("VLFAST_REFERENCE_OPS", "attention,dropout")
     with pytest.raises(ValueError, match=r"VLFAST_REFERENCE_OPS names no op \['dropout'\]; the ops: ema_update_, "):
         ema_update_([torch.zeros(1)], [torch.ones(1)], 0.5)
 
 
-def test_triton_ops_choose_their_path_from_one_table(monkeypatch):
+@needs_extension
+@pytest.mark.skipif(not _extension.has_kernel("attention", "cuda"), reason="Triton not installed")
+def test_one_function_chooses_every_path_from_one_table(monkeypatch, request):
+    request.addfinalizer(lambda: _extension._SETTINGS.update(read=None))  # decide again after the patches
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setenv("VLFAST_BACKEND", "auto")
     for op, device in _extension.TORCH_BY_DEFAULT:  # the table available() reports
-        assert _extension.triton_path(op, device, True) == "torch", (op, device)
-    assert _extension.triton_path("itc_loss", "cuda", True) == "triton"
-    assert _extension.triton_path("itc_loss", "cuda", False) == "torch"
+        assert _extension.implementation(op, device) == "torch", (op, device)
+    assert _extension.implementation("itc_loss", "cuda") == "kernel"
+    assert _extension.implementation("attention", "cpu") == "kernel"  # the C++ kernel
+    monkeypatch.setitem(_extension._KERNELS_FOUND, ("itc_loss_rows", "cuda"), False)  # as without Triton
+    monkeypatch.setenv("VLFAST_REFERENCE_OPS", "unmask")  # new settings: each choice is made again
+    assert _extension.implementation("itc_loss", "cuda") == "torch"
     monkeypatch.setenv("VLFAST_BACKEND", "fused")
-    assert _extension.triton_path("attention", "cuda", True) == "triton"
-    assert _extension.triton_path("attention", "cpu", True) == "torch"  # Triton on a CPU: interpreter only
+    with pytest.raises(RuntimeError, match="VLFAST_BACKEND=fused but vlfast has no cuda kernel for itc_loss"):
+        _extension.implementation("itc_loss", "cuda")
+    assert _extension.implementation("attention", "cuda") == "kernel"
+    assert _extension.implementation("attention", "cpu") == "kernel"  # Triton on a CPU: interpreter only
+    assert _extension.implementation("itc_loss", "cpu") == "torch"
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert _extension.triton_path("attention", "cpu", True) == "triton"
-    with pytest.raises(RuntimeError, match="VLFAST_BACKEND=fused but attention has no Triton kernel"):
-        _extension.triton_path("attention", "cuda", False)
+    assert _extension.implementation("attention", "cpu") == "interpreted"
+    assert _extension.implementation("dropout_add_layer_norm", "cpu") == "kernel"  # its tests call the launchers
     monkeypatch.setenv("VLFAST_BACKEND", "reference")
-    assert _extension.triton_path("itc_loss", "cuda", True) == "reference"
+    assert _extension.implementation("attention", "cuda") == "reference"
+    assert available()["attention"] == {"cpu": "reference", "cuda": "reference"}
+
+
+def test_each_choice_is_made_once_per_setting(monkeypatch):
+    monkeypatch.setenv("VLFAST_BACKEND", "auto")
+    with mock.patch.object(_extension, "_decide", wraps=_extension._decide) as decide:
+        for _ in range(3):
+            _extension.implementation("unmask", "cpu")
+        monkeypatch.setenv("VLFAST_BACKEND", "reference")
+        for _ in range(3):
+            _extension.implementation("unmask", "cpu")
+    assert decide.call_count in (1, 2)  # once per setting (none where an earlier call decided it already)
 
 
 def test_import_without_extension_warns_once_and_uses_the_reference():

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import DEVICES, chi_square_quantile, needs_extension
+from helpers import DEVICES, chi_square_quantile, needs_extension
 from vlfast import _extension
 from vlfast.ops import random_masking, random_masking_reference, unmask, unmask_reference
 
@@ -137,13 +137,13 @@ def test_gradcheck(device):
     tokens = torch.randn(2, 9, 5, generator=g, dtype=torch.float64).to(device).requires_grad_()
     pos_embed = torch.randn(1, 9, 5, generator=g, dtype=torch.float64).to(device).requires_grad_()
     ids_keep = torch.stack([torch.randperm(9, generator=g)[:4] for _ in range(2)]).to(device)
-    assert torch.autograd.gradcheck(torch.ops.vlfast.gather_rows, (tokens, pos_embed, ids_keep))
+    assert torch.autograd.gradcheck(torch.ops.vlfast.random_masking, (tokens, pos_embed, ids_keep))
     ids_restore = torch.stack([torch.randperm(9, generator=g) for _ in range(2)]).to(device)
     visible = tokens[:, :4].detach().contiguous().requires_grad_()
     fill = torch.randn(5, generator=g, dtype=torch.float64).to(device).requires_grad_()
     pos_per_sample = torch.randn(2, 9, 5, generator=g, dtype=torch.float64).to(device).requires_grad_()
-    assert torch.autograd.gradcheck(torch.ops.vlfast.unmask_rows, (visible, ids_restore, fill, pos_per_sample))
-    assert torch.autograd.gradgradcheck(torch.ops.vlfast.unmask_rows, (visible, ids_restore, fill, pos_embed))
+    assert torch.autograd.gradcheck(torch.ops.vlfast.unmask, (visible, ids_restore, fill, pos_per_sample))
+    assert torch.autograd.gradgradcheck(torch.ops.vlfast.unmask, (visible, ids_restore, fill, pos_embed))
 
 
 @needs_extension
@@ -157,17 +157,17 @@ def test_opcheck(device):
     visible = torch.randn(3, 5, 6, generator=g).to(device, torch.bfloat16).requires_grad_()
     fill = torch.randn(6, generator=g).to(device).requires_grad_()
     for args in [(tokens, pos_embed, ids_keep), (tokens, None, ids_keep), (tokens.half(), pos_embed, ids_keep)]:
-        torch.library.opcheck(torch.ops.vlfast.gather_rows.default, args)
+        torch.library.opcheck(torch.ops.vlfast.random_masking.default, args)
     for args in [(visible, ids_restore, fill, pos_embed), (visible, ids_restore, None, None),
                  (tokens[:, :5].contiguous(), ids_restore, fill, None)]:
-        torch.library.opcheck(torch.ops.vlfast.unmask_rows.default, args)
+        torch.library.opcheck(torch.ops.vlfast.unmask.default, args)
 
 
 @needs_extension
 def test_torch_compile_traces_masking_and_unmask():
     def step(tokens, pos_embed, mask_token, ids_keep, ids_restore):
-        visible = torch.ops.vlfast.gather_rows(tokens, pos_embed, ids_keep)
-        return torch.ops.vlfast.unmask_rows(visible * 2, ids_restore, mask_token, None).square().sum()
+        visible = torch.ops.vlfast.random_masking(tokens, pos_embed, ids_keep)
+        return torch.ops.vlfast.unmask(visible * 2, ids_restore, mask_token, None).square().sum()
 
     tokens = torch.randn(2, 9, 8, requires_grad=True)
     pos_embed = torch.randn(1, 9, 8)
@@ -240,7 +240,7 @@ def test_out_of_range_ids_raise_on_cpu():
     with pytest.raises(IndexError, match=r"ids_restore holds 9, outside \[0, 5\)"):
         unmask(visible, torch.tensor([[0, 1, 2, 3, 9]]), token)
     with pytest.raises(IndexError, match=r"index holds -1, outside \[0, 5\)"):
-        torch.ops.vlfast.gather_rows(torch.zeros(1, 5, 4), None, torch.tensor([[0, -1]]))
+        torch.ops.vlfast.random_masking(torch.zeros(1, 5, 4), None, torch.tensor([[0, -1]]))
 
 
 @pytest.mark.cuda

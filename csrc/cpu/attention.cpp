@@ -1,7 +1,8 @@
-// CPU kernels of attention: softmax(q·kᵀ·scale, key-padding mask)·v at VLP's lengths (tens to a
-// few hundred tokens). Each (batch, head) holds its whole Lq×Lk block of scores, so the softmax
-// is exact in one pass, with no online rescaling, and the forward keeps the probabilities for the
-// backward, as eager attention does, where SDPA's flash kernel recomputes them from q and k.
+// CPU kernels of vlfast::attention and attention_backward: softmax(q·kᵀ·scale, key-padding
+// mask)·v at VLP's lengths (tens to a few hundred tokens). Each (batch, head) holds its whole
+// Lq×Lk block of scores, so the softmax is exact in one pass, with no online rescaling, and the
+// forward keeps the probabilities (its aux) for the backward, as eager attention does, where
+// SDPA's flash kernel recomputes them from q and k.
 // The products are register tiles written as plain loops, which the AVX2 clone vectorises (torch
 // does not export its CPU BLAS wrapper to extensions).
 #include <ATen/ATen.h>
@@ -175,7 +176,7 @@ at::Tensor new_heads(const at::Tensor& like, int64_t length) {
   return at::empty({like.size(0), length, like.size(1), like.size(3)}, like.options()).transpose(1, 2);
 }
 
-// (output in q's dtype, probabilities (B, H, Lq, Lk padded to 8) in the math dtype).
+// (output in q's dtype, aux: the probabilities (B, H, Lq, Lk padded to 8) in the math dtype).
 std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                                const std::optional<at::Tensor>& key_padding_mask, double scale) {
   check_qkv(q_in, k_in, v_in);
@@ -229,10 +230,13 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q_in, const at:
   return {out.to(q_in.scalar_type()), probs};
 }
 
-// (grad q, grad k, grad v) in q's dtype, from the forward's probabilities.
+// (grad q, grad k, grad v) in q's dtype, from the forward's probabilities (its aux); the mask and
+// the output, which the GPU's kernel takes, are in them already.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& q_in,
                                                             const at::Tensor& k_in, const at::Tensor& v_in,
-                                                            const at::Tensor& probs, double scale) {
+                                                            const std::optional<at::Tensor>& /*key_padding_mask*/,
+                                                            const at::Tensor& /*out*/, const at::Tensor& probs,
+                                                            double scale) {
   check_qkv(q_in, k_in, v_in);
   TORCH_CHECK_VALUE(grad_out_in.sizes() == q_in.sizes() && grad_out_in.scalar_type() == q_in.scalar_type(),
                     "grad_out must have q's shape and dtype");
@@ -241,7 +245,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& gr
   const at::Tensor q = operand(q_in), k = operand(k_in), v = operand(v_in), grad_out = operand(grad_out_in);
   TORCH_CHECK_VALUE(probs.sizes() == at::IntArrayRef({batch, heads, queries, padded}) && probs.is_contiguous() &&
                         probs.scalar_type() == q.scalar_type(),
-                    "probs must be the forward's contiguous (B, H, Lq, Lk padded to 8) probabilities");
+                    "aux must be the CPU forward's contiguous (B, H, Lq, Lk padded to 8) probabilities");
   at::Tensor grad_q = new_heads(q, queries), grad_k = new_heads(q, keys), grad_v = new_heads(q, keys);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_backward", [&] {
     using T = scalar_t;
@@ -272,8 +276,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& gr
 }  // namespace
 
 TORCH_LIBRARY_IMPL(vlfast, CPU, m) {
-  m.impl("attention_cpu", &forward_cpu);
-  m.impl("attention_cpu_backward", &backward_cpu);
+  m.impl("attention", &forward_cpu);
+  m.impl("attention_backward", &backward_cpu);
 }
 
 }  // namespace vlfast

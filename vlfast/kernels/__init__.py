@@ -1,1 +1,1 @@
-"""Triton kernels, one module per op; the public ops in vlfast.ops wrap them."""
+"""Triton kernels, one module per op, named for it; the public ops in vlfast.ops launch them as their schemas' CUDA kernels."""

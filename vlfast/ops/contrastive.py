@@ -3,8 +3,10 @@
 ALBEF, BLIP and X-VLM compute the B×N similarity matrix, its log-softmax for the loss, its
 softmax again for the ITM negatives, zero the positives and draw one negative per row with a
 Python loop of `torch.multinomial` (2·B launches and host syncs per step). On the GPU this op
-is tiled Triton kernels (vlfast.kernels.itc) that never store the matrix; on the CPU the same
-loss vectorised in torch (the matrix is stored; negatives by one inverse-CDF draw per row).
+is tiled Triton kernels (vlfast.kernels.itc_loss) that never store the matrix, behind
+torch.ops.vlfast.itc_loss_rows (one direction's per-row losses and negatives; autograd in
+csrc/autograd.cpp); on the CPU the same loss vectorised in torch (the matrix is stored;
+negatives by one inverse-CDF draw per row).
 """
 import math
 import os
@@ -15,12 +17,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from vlfast._extension import no_double_backward, triton_path
+from vlfast import _extension
+from vlfast._extension import implementation
 
 try:
     import triton
 
-    from vlfast.kernels import itc as itc_kernels
+    from vlfast.kernels import itc_loss as itc_kernels
 except ImportError:  # a torch build without Triton: the vectorised torch path everywhere
     triton = None
 
@@ -58,13 +61,14 @@ def itc_loss(image_feat: Tensor, text_feat: Tensor, temperature: Union[Tensor, f
     row has a negative costs one host sync.
     """
     temperature = _check_inputs(image_feat, text_feat, temperature, image_ids, smoothing, generator)
-    path = triton_path("itc_loss", image_feat.device.type, triton is not None)
+    path = implementation("itc_loss", image_feat.device.type)
     if path == "reference":
         return itc_loss_reference(image_feat, text_feat, temperature, image_ids=image_ids,
                                   sample_negatives=sample_negatives, smoothing=smoothing,
                                   all_gather=all_gather, generator=generator)
     keys = _gather_batch(image_feat, text_feat, image_ids, all_gather)
-    return _fused_loss(image_feat, text_feat, temperature, image_ids, keys, path, sample_negatives, smoothing, generator)
+    return _loss_on_keys(image_feat, text_feat, temperature, image_ids, keys, path, sample_negatives, smoothing,
+                         generator)
 
 
 class Keys(NamedTuple):
@@ -75,22 +79,23 @@ class Keys(NamedTuple):
     offset: int  # where this rank's rows start among the N
 
 
-def _fused_loss(image_feat, text_feat, temperature, image_ids, keys: Keys, path: str, sample_negatives: bool,
-                smoothing: float, generator) -> ContrastiveOutput:
-    """itc_loss once the keys are gathered (benchmarks call it with keys made as if by 8 ranks)."""
+def _loss_on_keys(image_feat, text_feat, temperature, image_ids, keys: Keys, path: str, sample_negatives: bool,
+                  smoothing: float, generator) -> ContrastiveOutput:
+    """itc_loss once the keys are gathered, on the kernel (path "kernel" or "interpreted") or the
+    vectorised torch path ("torch"); benchmarks call it with keys made as if by 8 ranks."""
     image_all, text_all, ids_all, offset = keys
     if sample_negatives:
         _check_every_row_has_a_negative(ids_all, text_all.shape[0])
-    if path == "triton":
+    if path in ("kernel", "interpreted"):  # the kernel (interpreted: Triton's on CPU tensors, in its interpreter)
         seeds = torch.randint(0, 2**31 - 1, (2,), device=image_feat.device, generator=generator)
         if not isinstance(temperature, Tensor):
             temperature = torch.tensor(temperature, device=image_feat.device)
-        rows_i2t, neg_text = torch.ops.vlfast.itc_rows(image_feat.contiguous(), text_all.contiguous(), temperature,
-                                                       image_ids, ids_all, offset, seeds[:1], smoothing,
-                                                       sample_negatives)[:2]
-        rows_t2i, neg_image = torch.ops.vlfast.itc_rows(text_feat.contiguous(), image_all.contiguous(), temperature,
-                                                        image_ids, ids_all, offset, seeds[1:], smoothing,
-                                                        sample_negatives)[:2]
+        rows_i2t, neg_text = torch.ops.vlfast.itc_loss_rows(image_feat.contiguous(), text_all.contiguous(), temperature,
+                                                            image_ids, ids_all, offset, seeds[:1], smoothing,
+                                                            sample_negatives)[:2]
+        rows_t2i, neg_image = torch.ops.vlfast.itc_loss_rows(text_feat.contiguous(), image_all.contiguous(),
+                                                             temperature, image_ids, ids_all, offset, seeds[1:],
+                                                             smoothing, sample_negatives)[:2]
     else:
         positives = _positives(image_ids, ids_all, offset, image_feat.shape[0], text_all.shape[0], image_feat.device)
         dtype = torch.promote_types(image_feat.dtype, torch.float32)
@@ -255,8 +260,8 @@ def _check_inputs(image_feat, text_feat, temperature, image_ids, smoothing, gene
     return temperature
 
 
-# The Triton path as torch.library custom ops (opaque to torch.compile, traceable through their
-# fake implementations; on the CPU triton_op failed opcheck, see docs/design.md).
+# The kernels of torch.ops.vlfast.itc_loss_rows (schema: csrc/vlfast.cpp; autograd:
+# csrc/autograd.cpp): Triton's launchers, registered for CUDA and, for the interpreter, the CPU.
 
 def _launch_config(query: Tensor):
     dim = query.shape[1]
@@ -268,68 +273,56 @@ def _launch_config(query: Tensor):
                 ACC=itc_kernels.tl.float64 if accumulate == torch.float64 else itc_kernels.tl.float32), accumulate
 
 
-if triton is not None:
+def triton_forward(query: Tensor, key: Tensor, temperature: Tensor, query_ids: Optional[Tensor],
+                   key_ids: Optional[Tensor], key_offset: int, seed: Tensor, smoothing: float,
+                   sample: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per query row: (loss = lse − mean positive score, sampled negative, lse, #positives)."""
+    batch, dim = query.shape
+    keys = key.shape[0]
+    config, accumulate = _launch_config(query)
+    row_loss = torch.empty(batch, dtype=accumulate, device=query.device)
+    lse = torch.empty_like(row_loss)
+    npos = torch.empty(batch, dtype=torch.int32, device=query.device)
+    negative = torch.full((batch,), -1, dtype=torch.int64, device=query.device)
+    grid = (triton.cdiv(batch, config["BLOCK_M"]),)
+    itc_kernels.itc_loss_rows_forward[grid](
+        query, key, temperature, query_ids, key_ids, seed, row_loss, negative, lse, npos,
+        batch, keys, dim, key_offset, smoothing,
+        HAS_IDS=query_ids is not None, SAMPLE=sample, SMOOTH=sample and smoothing > 0, **config)
+    return row_loss, negative, lse, npos
 
-    @torch.library.custom_op("vlfast::itc_rows", mutates_args=(), device_types=("cpu", "cuda"))
-    def _itc_rows(query: Tensor, key: Tensor, temperature: Tensor, query_ids: Optional[Tensor],
-                  key_ids: Optional[Tensor], key_offset: int, seed: Tensor, smoothing: float,
-                  sample: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Per query row: (loss = lse − mean positive score, sampled negative, lse, #positives)."""
-        batch, dim = query.shape
-        keys = key.shape[0]
-        config, accumulate = _launch_config(query)
-        row_loss = torch.empty(batch, dtype=accumulate, device=query.device)
-        lse = torch.empty_like(row_loss)
-        npos = torch.empty(batch, dtype=torch.int32, device=query.device)
-        negative = torch.full((batch,), -1, dtype=torch.int64, device=query.device)
-        grid = (triton.cdiv(batch, config["BLOCK_M"]),)
-        itc_kernels.itc_rows_forward[grid](
-            query, key, temperature, query_ids, key_ids, seed, row_loss, negative, lse, npos,
-            batch, keys, dim, key_offset, smoothing,
-            HAS_IDS=query_ids is not None, SAMPLE=sample, SMOOTH=sample and smoothing > 0, **config)
-        return row_loss, negative, lse, npos
 
-    @_itc_rows.register_fake
-    def _(query, key, temperature, query_ids, key_ids, key_offset, seed, smoothing, sample):
+def triton_backward(grad: Tensor, query: Tensor, key: Tensor, temperature: Tensor, query_ids: Optional[Tensor],
+                    key_ids: Optional[Tensor], key_offset: int, lse: Tensor,
+                    npos: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    batch, dim = query.shape
+    keys = key.shape[0]
+    config, accumulate = _launch_config(query)
+    grad = grad.contiguous()
+    dq = torch.empty(batch, dim, dtype=accumulate, device=query.device)
+    dk = torch.empty(keys, dim, dtype=accumulate, device=query.device)
+    dtau_rows = torch.empty(batch, dtype=accumulate, device=query.device)
+    common = (query, key, temperature, query_ids, key_ids, lse, npos, grad)
+    itc_kernels.itc_loss_rows_backward_query[(triton.cdiv(batch, config["BLOCK_M"]),)](
+        *common, dq, dtau_rows, batch, keys, dim, key_offset, HAS_IDS=query_ids is not None, **config)
+    itc_kernels.itc_loss_rows_backward_key[(triton.cdiv(keys, config["BLOCK_N"]),)](
+        *common, dk, batch, keys, dim, key_offset, HAS_IDS=query_ids is not None, **config)
+    return dq.to(query.dtype), dk.to(key.dtype), dtau_rows.sum().to(temperature.dtype)
+
+
+if _extension.LOAD_ERROR is None:
+
+    @torch.library.register_fake("vlfast::itc_loss_rows")
+    def _itc_loss_rows_fake(query, key, temperature, query_ids, key_ids, key_offset, seed, smoothing, sample):
         accumulate = torch.float64 if query.dtype == torch.float64 else torch.float32
         batch = query.shape[0]
         return (query.new_empty(batch, dtype=accumulate), query.new_empty(batch, dtype=torch.int64),
                 query.new_empty(batch, dtype=accumulate), query.new_empty(batch, dtype=torch.int32))
 
-    @torch.library.custom_op("vlfast::itc_rows_backward", mutates_args=(), device_types=("cpu", "cuda"))
-    def _itc_rows_backward(grad: Tensor, query: Tensor, key: Tensor, temperature: Tensor,
-                           query_ids: Optional[Tensor], key_ids: Optional[Tensor], key_offset: int,
-                           lse: Tensor, npos: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        batch, dim = query.shape
-        keys = key.shape[0]
-        config, accumulate = _launch_config(query)
-        grad = grad.contiguous()
-        dq = torch.empty(batch, dim, dtype=accumulate, device=query.device)
-        dk = torch.empty(keys, dim, dtype=accumulate, device=query.device)
-        dtau_rows = torch.empty(batch, dtype=accumulate, device=query.device)
-        common = (query, key, temperature, query_ids, key_ids, lse, npos, grad)
-        itc_kernels.itc_rows_backward_query[(triton.cdiv(batch, config["BLOCK_M"]),)](
-            *common, dq, dtau_rows, batch, keys, dim, key_offset, HAS_IDS=query_ids is not None, **config)
-        itc_kernels.itc_rows_backward_key[(triton.cdiv(keys, config["BLOCK_N"]),)](
-            *common, dk, batch, keys, dim, key_offset, HAS_IDS=query_ids is not None, **config)
-        return dq.to(query.dtype), dk.to(key.dtype), dtau_rows.sum().to(temperature.dtype)
-
-    @_itc_rows_backward.register_fake
-    def _(grad, query, key, temperature, query_ids, key_ids, key_offset, lse, npos):
+    @torch.library.register_fake("vlfast::itc_loss_rows_backward")
+    def _itc_loss_rows_backward_fake(grad, query, key, temperature, query_ids, key_ids, key_offset, lse, npos):
         return torch.empty_like(query), torch.empty_like(key), torch.empty_like(temperature)
 
-    def _itc_rows_setup(ctx, inputs, output):
-        query, key, temperature, query_ids, key_ids, key_offset, _, _, _ = inputs
-        _, negative, lse, npos = output
-        ctx.mark_non_differentiable(negative, lse, npos)  # only the row losses carry gradients
-        ctx.save_for_backward(query, key, temperature, query_ids, key_ids, lse, npos)
-        ctx.key_offset = key_offset
-
-    def _itc_rows_grad(ctx, grad_rows, _negative, _lse, _npos):
-        query, key, temperature, query_ids, key_ids, lse, npos = ctx.saved_tensors
-        dq, dk, dtau = torch.ops.vlfast.itc_rows_backward(grad_rows, query, key, temperature, query_ids, key_ids,
-                                                          ctx.key_offset, lse, npos)
-        return dq, dk, dtau, None, None, None, None, None, None
-
-    _itc_rows.register_autograd(_itc_rows_grad, setup_context=_itc_rows_setup)
-    _itc_rows_backward.register_autograd(no_double_backward("itc_loss"))
+    if triton is not None:
+        torch.library.register_kernel("vlfast::itc_loss_rows", ("cpu", "cuda"), triton_forward)
+        torch.library.register_kernel("vlfast::itc_loss_rows_backward", ("cpu", "cuda"), triton_backward)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from vlfast import _extension
-from vlfast._extension import use_fused
+from vlfast._extension import implementation
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 Tensors = Union[nn.Module, Sequence[Tensor]]
@@ -80,7 +80,7 @@ def ema_update_(target: Tensors, source: Tensors, decay: Union[float, Tensor], c
 
 def _update(target: list, source: list, decay, copies: list, names) -> None:
     """One kernel launch (per device dtype group) over the pairs of one group, all with copies or none."""
-    if use_fused("ema_update_", target[0].device.type):
+    if implementation("ema_update_", target[0].device.type) == "kernel":
         if not isinstance(decay, Tensor):
             decay = torch.tensor(decay, dtype=torch.float64)
         # The kernel checks every pair itself (in Python that costs more than the update of a

@@ -5,12 +5,14 @@ MAE's `random_masking` adds the position embedding, then gathers with an index r
 gathers again, then adds position embeddings. Here each direction is one kernel that reads each
 needed row once and writes each output row once, with the position embedding added on the way:
 
-    gather_rows(src, pos, index)[b, l] = src[b, index[b, l]] + pos[b or 0, index[b, l]]
-    unmask_rows(rows, ids_restore, fill, pos)[b, n] = (rows[b, j] if j < L else fill) + pos[b or 0, n],
+    torch.ops.vlfast.random_masking(src, pos, index)[b, l] = src[b, index[b, l]] + pos[b or 0, index[b, l]]
+    torch.ops.vlfast.unmask(rows, ids_restore, fill, pos)[b, n] = (rows[b, j] if j < L else fill) + pos[b or 0, n],
         j = ids_restore[b, n]
 
-Each is the other's backward: the gradient of a gather is an unmask with zero fill and that of
-an unmask is a gather, so two kernels per device serve all four directions.
+(random_masking's kernel is only the gather: the op draws the permutation in torch.) Each is the
+other's backward: the gradient of a gather is an unmask with zero fill and that of an unmask is a
+gather, so two kernels per device serve all four directions. Kernels: csrc/cpu/patch_gather.cpp,
+csrc/cuda/patch_gather.cpp (+ patch_gather_kernel.cu); autograd: csrc/autograd.cpp.
 """
 from typing import NamedTuple, Optional
 
@@ -18,7 +20,7 @@ import torch
 from torch import Tensor
 
 from vlfast import _extension
-from vlfast._extension import use_fused
+from vlfast._extension import implementation
 
 
 class Masking(NamedTuple):
@@ -50,7 +52,7 @@ def random_masking(tokens: Tensor, mask_ratio: float, *, pos_embed: Optional[Ten
     _check_pos_embed(pos_embed, tokens, batch, patches, dim)
     if generator is not None and generator.device.type != tokens.device.type:
         raise ValueError(f"generator is on {generator.device}, tokens on {tokens.device}")
-    if not use_fused("random_masking", tokens.device.type):
+    if implementation("random_masking", tokens.device.type) != "kernel":
         return random_masking_reference(tokens, mask_ratio, pos_embed=pos_embed, generator=generator)
 
     # Written for the host's cost per call as much as the kernels' (a user pays it at every call):
@@ -60,7 +62,7 @@ def random_masking(tokens: Tensor, mask_ratio: float, *, pos_embed: Optional[Ten
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = _inverse_permutation(ids_shuffle)
     ids_keep = ids_shuffle.narrow(1, 0, keep).contiguous()
-    visible = torch.ops.vlfast.gather_rows(tokens.contiguous(), _promoted(pos_embed, tokens), ids_keep)
+    visible = torch.ops.vlfast.random_masking(tokens.contiguous(), _promoted(pos_embed, tokens), ids_keep)
     mask = ids_restore.ge(keep).to(torch.float32)
     return Masking(visible, mask, ids_restore, ids_keep)
 
@@ -93,14 +95,14 @@ def unmask(visible: Tensor, ids_restore: Tensor, mask_token: Tensor, *, pos_embe
         raise ValueError(f"mask_token is on {mask_token.device}, visible on {visible.device}")
     patches = ids_restore.shape[1]
     _check_pos_embed(pos_embed, visible, batch, patches, dim)
-    if not use_fused("unmask", visible.device.type):
+    if implementation("unmask", visible.device.type) != "kernel":
         return unmask_reference(visible, ids_restore, mask_token, pos_embed=pos_embed)
 
     dtype = torch.promote_types(visible.dtype, mask_token.dtype)
     if pos_embed is not None:
         dtype = torch.promote_types(dtype, pos_embed.dtype)
-    return torch.ops.vlfast.unmask_rows(visible.contiguous(), ids_restore.contiguous(),
-                                        mask_token.reshape(dim).to(dtype), _promoted(pos_embed, visible, dtype))
+    return torch.ops.vlfast.unmask(visible.contiguous(), ids_restore.contiguous(),
+                                   mask_token.reshape(dim).to(dtype), _promoted(pos_embed, visible, dtype))
 
 
 def random_masking_reference(tokens: Tensor, mask_ratio: float, *, pos_embed: Optional[Tensor] = None,
@@ -170,13 +172,13 @@ def _inverse_permutation(permutation: Tensor) -> Tensor:
 
 if _extension.LOAD_ERROR is None:
 
-    @torch.library.register_fake("vlfast::gather_rows")
-    def _gather_rows_fake(src, pos_embed, index):
+    @torch.library.register_fake("vlfast::random_masking")
+    def _random_masking_fake(src, pos_embed, index):
         dtype = src.dtype if pos_embed is None else pos_embed.dtype
         return src.new_empty((src.shape[0], index.shape[1], src.shape[2]), dtype=dtype)
 
-    @torch.library.register_fake("vlfast::unmask_rows")
-    def _unmask_rows_fake(rows, ids_restore, fill, pos_embed):
+    @torch.library.register_fake("vlfast::unmask")
+    def _unmask_fake(rows, ids_restore, fill, pos_embed):
         dtype = fill.dtype if fill is not None else pos_embed.dtype if pos_embed is not None else rows.dtype
         return rows.new_empty((rows.shape[0], ids_restore.shape[1], rows.shape[2]), dtype=dtype)
 

@@ -1,12 +1,14 @@
-"""LayerNorm(dropout(x) + residual) in one pass: the output sublayer of every post-norm BERT layer
-(Hugging Face's BertSelfOutput and BertOutput, in ALBEF, BLIP and X-VLM's text and fusion encoders).
+"""vlfast.ops.dropout_add_layer_norm: LayerNorm(dropout(x) + residual) in one pass, the output
+sublayer of every post-norm BERT layer (Hugging Face's BertSelfOutput and BertOutput, in ALBEF,
+BLIP and X-VLM's text and fusion encoders).
 
 Torch runs it as dropout (a Bernoulli draw into a mask, a division, a product), an add and a
 LayerNorm, and stores the mask and the sum for the backward. Here one kernel reads x and the
 residual once and writes the output and two statistics per row. The mask is never stored: it
 comes from Philox4x32-10, keyed by a seed drawn from torch's default generator and counted by
-element index, so the backward regenerates it. On the CPU the kernel is C++ (csrc/cpu), on the
-GPU Triton (vlfast.kernels.dropout_add_layer_norm); both draw the same mask from the same seed.
+element index, so the backward regenerates it. On the CPU the kernel is C++
+(csrc/cpu/dropout_add_layer_norm.cpp), on the GPU Triton (vlfast.kernels.dropout_add_layer_norm,
+registered below as the schema's CUDA kernel); both draw the same mask from the same seed.
 On the GPU the Triton kernel runs only when VLFAST_BACKEND=fused: by default (auto) the GPU runs
 Hugging Face's code, measured faster on an H200 at BERT's shapes (fwd+bwd 0.41 against 1.49 ms
 for 2560×768; benchmarks/results/NVIDIA-H200-2026-11-27-dropout_add_layer_norm.json), where the
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlfast import _extension
-from vlfast._extension import has_kernel, no_double_backward, triton_path, use_fused
+from vlfast._extension import backend, implementation, kernel_refuses
 
 try:
     import triton
@@ -59,11 +61,11 @@ def dropout_add_layer_norm(x: Tensor, residual: Tensor, weight: Tensor, bias: Te
     """
     _check(x, residual, weight, bias, p, eps)
     p = float(p) if training else 0.0
-    if x.device.type == "cuda":  # Triton only when asked for (module docstring)
-        takes = triton is not None and has_kernel("dropout_add_layer_norm", "cuda") and _triton_takes(x, residual)
-        fused = triton_path("dropout_add_layer_norm", "cuda", takes) == "triton"
-    else:
-        fused = use_fused("dropout_add_layer_norm", x.device.type)
+    fused = implementation("dropout_add_layer_norm", x.device.type) == "kernel"
+    if fused and x.device.type == "cuda" and not _triton_takes(x, residual):  # Triton's kernel does not take it
+        if backend("dropout_add_layer_norm") == "fused":
+            raise kernel_refuses("dropout_add_layer_norm", f"fp64 or D > {MAX_TRITON_WIDTH}")
+        fused = False
     if not fused:
         return dropout_add_layer_norm_reference(x, residual, weight, bias, p, eps=eps, training=training)
     dtype = torch.promote_types(x.dtype, residual.dtype)
@@ -204,10 +206,7 @@ if _extension.LOAD_ERROR is None:
     def _backward_fake(grad, x, residual, weight, mean, rstd, p, seed):
         return torch.empty_like(x), torch.empty_like(residual), torch.empty_like(weight), torch.empty_like(weight)
 
-    # The forward's autograd is C++; under create_graph=True it calls the backward op through
-    # this formula, so that a second derivative raises when it is taken.
-    torch.library.register_autograd("vlfast::dropout_add_layer_norm_backward",
-                                    no_double_backward("dropout_add_layer_norm"))
+    # Autograd: C++ (csrc/autograd.cpp), which also raises if a second derivative is taken.
     if triton is not None:
         torch.library.register_kernel("vlfast::dropout_add_layer_norm", "cuda", triton_forward)
         torch.library.register_kernel("vlfast::dropout_add_layer_norm_backward", "cuda", triton_backward)

@@ -1,4 +1,4 @@
-// Shape checks shared by the CPU and CUDA kernels of gather_rows / unmask_rows, run before any
+// Shape checks shared by the CPU and CUDA kernels of random_masking / unmask, run before any
 // memory is touched. vlfast.ops.patch_gather validates with readable errors first; these keep
 // direct calls of torch.ops.vlfast.* in bounds. Index values are checked by the kernels.
 #pragma once
@@ -28,14 +28,14 @@ inline void check_index(const at::Tensor& index, const char* name, int64_t batch
   TORCH_CHECK_VALUE(index.device() == like.device(), name, " is on ", index.device(), ", not ", like.device());
 }
 
-inline RowsShape check_gather_rows(const at::Tensor& src, const std::optional<at::Tensor>& pos, const at::Tensor& index) {
+inline RowsShape check_random_masking(const at::Tensor& src, const std::optional<at::Tensor>& pos, const at::Tensor& index) {
   TORCH_CHECK_VALUE(src.dim() == 3 && src.is_contiguous(), "src must be a contiguous (B, N, D) tensor, got ", src.sizes());
   check_index(index, "index", src.size(0), src);
   const int64_t pos_batch = check_pos_embed(pos, src, src.size(1), src.size(2));
   return {src.size(0), src.size(1), index.size(1), src.size(2), pos_batch};
 }
 
-inline RowsShape check_unmask_rows(const at::Tensor& rows, const at::Tensor& ids_restore,
+inline RowsShape check_unmask(const at::Tensor& rows, const at::Tensor& ids_restore,
                                    const std::optional<at::Tensor>& fill, const std::optional<at::Tensor>& pos) {
   TORCH_CHECK_VALUE(rows.dim() == 3 && rows.is_contiguous(), "rows must be a contiguous (B, L, D) tensor, got ", rows.sizes());
   check_index(ids_restore, "ids_restore", rows.size(0), rows);

@@ -1,4 +1,4 @@
-// Host-side interface of rows_kernel.cu (no torch headers): the row gather of the visible patches
+// Host-side interface of patch_gather_kernel.cu (no torch headers): the row gather of the visible patches
 // and its inverse, the unmask, each one pass with the position embedding added.
 #pragma once
 #include <cuda_runtime_api.h>
@@ -22,7 +22,7 @@ struct RowsArgs {
 // unmask: out[b, n] = (src[b, j] if j < rows_in else fill) + pos[b or 0, n], j = ids[b, n].
 // An id outside its range (gather: [0, rows_in), unmask: [0, rows_out)) makes its row NaN: the
 // kernels never read out of bounds and never sync the host to check.
-cudaError_t rows_cuda_launch(const RowsArgs& args, bool unmask, FloatKind src_kind, FloatKind out_kind,
+cudaError_t patch_gather_cuda_launch(const RowsArgs& args, bool unmask, FloatKind src_kind, FloatKind out_kind,
                              cudaStream_t stream);
 
 }  // namespace vlfast

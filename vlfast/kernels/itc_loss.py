@@ -1,4 +1,5 @@
-"""Triton kernels of the contrastive loss with hard-negative sampling (vlfast.ops.contrastive).
+"""Triton kernels of itc_loss, the contrastive loss with hard-negative sampling (vlfast.ops.contrastive):
+the CUDA (and interpreted CPU) kernels of torch.ops.vlfast.itc_loss_rows and itc_loss_rows_backward.
 
 One direction at a time: B query rows against N keys, s = q·k / τ. The forward walks the key
 tiles once per block of rows, keeping for each row the running max and sum of exp (the
@@ -55,7 +56,7 @@ def _score_grads(s, positive, col_ok, LSE, NPOS, GRAD, safe_rows, row_ok, ACC: t
 
 
 @triton.jit
-def itc_rows_forward(Q, K, TAU, QIDS, KIDS, SEED, ROW_LOSS, NEG, LSE, NPOS,
+def itc_loss_rows_forward(Q, K, TAU, QIDS, KIDS, SEED, ROW_LOSS, NEG, LSE, NPOS,
                      B, N, D, key_offset, smoothing,
                      HAS_IDS: tl.constexpr, SAMPLE: tl.constexpr, SMOOTH: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -120,7 +121,7 @@ def itc_rows_forward(Q, K, TAU, QIDS, KIDS, SEED, ROW_LOSS, NEG, LSE, NPOS,
 
 
 @triton.jit
-def itc_rows_backward_query(Q, K, TAU, QIDS, KIDS, LSE, NPOS, GRAD, DQ, DTAU_ROWS,
+def itc_loss_rows_backward_query(Q, K, TAU, QIDS, KIDS, LSE, NPOS, GRAD, DQ, DTAU_ROWS,
                             B, N, D, key_offset,
                             HAS_IDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
@@ -140,7 +141,7 @@ def itc_rows_backward_query(Q, K, TAU, QIDS, KIDS, LSE, NPOS, GRAD, DQ, DTAU_ROW
 
 
 @triton.jit
-def itc_rows_backward_key(Q, K, TAU, QIDS, KIDS, LSE, NPOS, GRAD, DK,
+def itc_loss_rows_backward_key(Q, K, TAU, QIDS, KIDS, LSE, NPOS, GRAD, DK,
                           B, N, D, key_offset,
                           HAS_IDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):

@@ -1,16 +1,20 @@
-"""Fused attention with a key-padding mask, for self-attention and cross-attention (Lq ≠ Lk).
+"""vlfast.ops.attention: fused attention with a key-padding mask, for self-attention and
+cross-attention (Lq ≠ Lk).
 
 A BERT key-padding mask pushes `scaled_dot_product_attention` off its flash kernel, and eager
 attention (ALBEF's xbert) materialises B·H·Lq·Lk scores several times. On the CPU a C++ kernel
 (csrc/cpu/attention.cpp) takes each (batch, head) whole: at VLP lengths its Lq×Lk scores fit in
 cache, the softmax needs no online rescaling, and the backward reuses the forward's
 probabilities (kept as eager attention keeps them: B·H·Lq·Lk floats, where SDPA keeps O(Lq)).
-On CUDA a masked call runs flash-attention-style Triton kernels (vlfast.kernels.attention) when
+On CUDA a call runs flash-attention-style Triton kernels (vlfast.kernels.attention) when
 VLFAST_BACKEND=fused; by default (auto) every CUDA call runs SDPA (with the mask, its
 memory-efficient kernel): measured on an H200 at VLP lengths, the Triton path's fwd+bwd took
 1.08 ms against SDPA's 0.46 ms (40 padded text tokens;
 benchmarks/results/NVIDIA-H200-2026-11-27-attention.json), times that hardly grow with the size
 there: host overhead, not GPU work, sets them.
+Both kernels are torch.ops.vlfast.attention (schema: csrc/vlfast.cpp), whose second output, aux,
+is what each kernel's backward takes: the CPU's probabilities, the GPU's row log-sum-exp; its
+autograd is C++ (csrc/autograd.cpp).
 """
 import math
 import numbers
@@ -22,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlfast import _extension
-from vlfast._extension import backend, no_double_backward, triton_path, use_fused
+from vlfast._extension import backend, implementation, kernel_refuses
 
 try:
     import triton
@@ -60,16 +64,22 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Optional[Ten
     if scale is not None and not (isinstance(scale, numbers.Real) and not isinstance(scale, bool) and math.isfinite(scale)):
         raise ValueError(f"scale must be a finite number or None, got {scale!r}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    # Triton only when asked for (module docstring: SDPA measured faster). No fp64: Triton's
-    # fp64 dot does not compile at these tile sizes (tests/compile_kernels_for_gpu.py).
-    path = triton_path("attention", q.device.type, triton is not None and q.dtype != torch.float64)
+    path = implementation("attention", q.device.type)
     if path == "reference":
         return attention_reference(q, k, v, key_padding_mask=mask, scale=scale)
-    if path == "triton":
-        return torch.ops.vlfast.attention_forward(q, k, v, mask, scale)[0]
-    if q.device.type == "cpu" and use_fused("attention", "cpu") and (
-            q.shape[2] * k.shape[2] <= CPU_KERNEL_MAX_SCORES or backend("attention") == "fused"):
-        return torch.ops.vlfast.attention_cpu(q, k, v, mask, scale)[0]
+    # No fp64 in Triton: its fp64 dot does not compile at these tile sizes (tests/compile_kernels_for_gpu.py).
+    if path == "interpreted":
+        if q.dtype != torch.float64 and not torch.compiler.is_compiling():
+            return _InterpretedTriton.apply(q, k, v, mask, scale)
+        path = "kernel"  # the CPU's C++ kernel (dynamo cannot trace Triton's interpreter)
+    if path == "kernel" and q.device.type == "cpu":  # the C++ kernel up to CPU_KERNEL_MAX_SCORES, unless fused
+        if q.shape[2] * k.shape[2] <= CPU_KERNEL_MAX_SCORES or backend("attention") == "fused":
+            return torch.ops.vlfast.attention(q, k, v, mask, scale)[0]
+    elif path == "kernel":  # Triton's (by default auto leaves the GPU to SDPA: module docstring)
+        if q.dtype != torch.float64:
+            return torch.ops.vlfast.attention(q, k, v, mask, scale)[0]
+        if backend("attention") == "fused":
+            raise kernel_refuses("attention", "fp64")
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     attend_all, has_key = _without_empty_rows(mask)
@@ -130,33 +140,8 @@ def _check(q, k, v, key_padding_mask) -> Optional[Tensor]:
     return key_padding_mask.bool().contiguous()
 
 
-def _padded_keys(keys: int) -> int:
-    return -(-keys // 8) * 8  # the CPU kernel's probabilities pad their rows to 8 keys
-
-
-if _extension.LOAD_ERROR is None:
-
-    @torch.library.register_fake("vlfast::attention_cpu")
-    def _attention_cpu_fake(q, k, v, key_padding_mask, scale):
-        math_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        batch, heads, queries, _ = q.shape
-        return (q.new_empty(batch, queries, heads, q.shape[3]).transpose(1, 2),
-                q.new_empty(batch, heads, queries, _padded_keys(k.shape[2]), dtype=math_dtype))
-
-    @torch.library.register_fake("vlfast::attention_cpu_backward")
-    def _attention_cpu_backward_fake(grad_out, q, k, v, probs, scale):
-        def heads(t):
-            return t.new_empty(t.shape[0], t.shape[2], t.shape[1], t.shape[3]).transpose(1, 2)
-
-        return heads(q), heads(k), heads(v)
-
-    # The forward's autograd is C++ (csrc/autograd.cpp); under create_graph=True it calls the
-    # backward op through this formula, so that a second derivative raises when it is taken.
-    torch.library.register_autograd("vlfast::attention_cpu_backward", no_double_backward("attention"))
-
-
-# The Triton path as torch.library custom ops, as for itc_loss (docs/design.md: triton_op failed
-# opcheck on the CPU under the interpreter).
+# The Triton kernels: the CUDA kernels of torch.ops.vlfast.attention and attention_backward
+# (the CPU's are C++, csrc/cpu/attention.cpp), registered below.
 
 def _launch_config(q: Tensor, k: Tensor):
     dim = q.shape[-1]
@@ -175,67 +160,90 @@ def _unit_last_stride(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-if triton is not None:
+def triton_forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
+                   scale: float) -> Tuple[Tensor, Tensor]:
+    """(output (B, H, Lq, Dh), aux: the row log-sum-exp (B, H, Lq) fp32, +inf for rows with no key)."""
+    q, k, v = (_unit_last_stride(x) for x in (q, k, v))
+    batch, heads, queries, dim = q.shape
+    keys = k.shape[2]
+    out = torch.empty(batch, heads, queries, dim, dtype=q.dtype, device=q.device)
+    lse = torch.empty(batch, heads, queries, dtype=torch.float32, device=q.device)
+    config = _launch_config(q, k)
+    grid = (triton.cdiv(queries, config["BLOCK_M"]), batch * heads)
+    attention_kernels.attention_forward[grid](
+        q, k, v, key_padding_mask, out, lse, *_strides(q, k, v), heads, queries, keys, dim, scale,
+        HAS_MASK=key_padding_mask is not None, **config)
+    return out, lse
 
-    @torch.library.custom_op("vlfast::attention_forward", mutates_args=(), device_types=("cpu", "cuda"))
-    def _attention_forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
-                           scale: float) -> Tuple[Tensor, Tensor]:
-        """(output (B, H, Lq, Dh), row log-sum-exp (B, H, Lq) fp32, +inf for rows with no key)."""
-        q, k, v = (_unit_last_stride(x) for x in (q, k, v))
-        batch, heads, queries, dim = q.shape
-        keys = k.shape[2]
-        out = torch.empty(batch, heads, queries, dim, dtype=q.dtype, device=q.device)
-        lse = torch.empty(batch, heads, queries, dtype=torch.float32, device=q.device)
-        config = _launch_config(q, k)
-        grid = (triton.cdiv(queries, config["BLOCK_M"]), batch * heads)
-        attention_kernels.attention_forward[grid](
-            q, k, v, key_padding_mask, out, lse, *_strides(q, k, v), heads, queries, keys, dim, scale,
-            HAS_MASK=key_padding_mask is not None, **config)
-        return out, lse
 
-    @_attention_forward.register_fake
-    def _(q, k, v, key_padding_mask, scale):
-        return (torch.empty_like(q, memory_format=torch.contiguous_format),
-                q.new_empty(q.shape[:3], dtype=torch.float32))
+def triton_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
+                    out: Tensor, lse: Tensor, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    q, k, v = (_unit_last_stride(x) for x in (q, k, v))
+    grad_out = grad_out.contiguous()
+    batch, heads, queries, dim = q.shape
+    keys = k.shape[2]
+    delta = (grad_out.float() * out.float()).sum(-1).contiguous()  # rowsum(dO ∘ O), (B, H, Lq)
+    dq = torch.empty(batch, heads, queries, dim, dtype=q.dtype, device=q.device)
+    dk = torch.empty(batch, heads, keys, dim, dtype=k.dtype, device=q.device)
+    dv = torch.empty_like(dk)
+    config = _launch_config(q, k)
+    common = (*_strides(q, k, v), heads, queries, keys, dim, scale)
+    attention_kernels.attention_backward_kv[(triton.cdiv(keys, config["BLOCK_N"]), batch * heads)](
+        q, k, v, key_padding_mask, grad_out, lse, delta, dk, dv, *common,
+        HAS_MASK=key_padding_mask is not None, **config)
+    attention_kernels.attention_backward_q[(triton.cdiv(queries, config["BLOCK_M"]), batch * heads)](
+        q, k, v, key_padding_mask, grad_out, lse, delta, dq, *common,
+        HAS_MASK=key_padding_mask is not None, **config)
+    return dq, dk, dv
 
-    @torch.library.custom_op("vlfast::attention_backward", mutates_args=(), device_types=("cpu", "cuda"))
-    def _attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
-                            out: Tensor, lse: Tensor, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
-        q, k, v = (_unit_last_stride(x) for x in (q, k, v))
-        grad_out = grad_out.contiguous()
-        batch, heads, queries, dim = q.shape
-        keys = k.shape[2]
-        delta = (grad_out.float() * out.float()).sum(-1).contiguous()  # rowsum(dO ∘ O), (B, H, Lq)
-        dq = torch.empty(batch, heads, queries, dim, dtype=q.dtype, device=q.device)
-        dk = torch.empty(batch, heads, keys, dim, dtype=k.dtype, device=q.device)
-        dv = torch.empty_like(dk)
-        config = _launch_config(q, k)
-        common = (*_strides(q, k, v), heads, queries, keys, dim, scale)
-        attention_kernels.attention_backward_kv[(triton.cdiv(keys, config["BLOCK_N"]), batch * heads)](
-            q, k, v, key_padding_mask, grad_out, lse, delta, dk, dv, *common,
-            HAS_MASK=key_padding_mask is not None, **config)
-        attention_kernels.attention_backward_q[(triton.cdiv(queries, config["BLOCK_M"]), batch * heads)](
-            q, k, v, key_padding_mask, grad_out, lse, delta, dq, *common,
-            HAS_MASK=key_padding_mask is not None, **config)
-        return dq, dk, dv
 
-    @_attention_backward.register_fake
-    def _(grad_out, q, k, v, key_padding_mask, out, lse, scale):
-        return (torch.empty_like(q, memory_format=torch.contiguous_format),
-                torch.empty_like(k, memory_format=torch.contiguous_format),
-                torch.empty_like(v, memory_format=torch.contiguous_format))
+class _InterpretedTriton(torch.autograd.Function):
+    """The Triton kernels on CPU tensors, through Triton's interpreter (implementation() gives
+    "interpreted": TRITON_INTERPRET=1 and VLFAST_BACKEND=fused), which is how the tests run them
+    without a GPU. The schema's CPU kernel is the C++ one, so this path calls the launchers itself;
+    the GPU runs them through torch.ops.vlfast.attention."""
 
-    def _attention_setup(ctx, inputs, output):
-        q, k, v, key_padding_mask, scale = inputs
-        out, lse = output
-        ctx.mark_non_differentiable(lse)
+    @staticmethod
+    def forward(ctx, q, k, v, key_padding_mask, scale):
+        out, lse = triton_forward(q, k, v, key_padding_mask, scale)
         ctx.save_for_backward(q, k, v, key_padding_mask, out, lse)
         ctx.scale = scale
+        return out
 
-    def _attention_grad(ctx, grad_out, _grad_lse):
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
         q, k, v, key_padding_mask, out, lse = ctx.saved_tensors
-        dq, dk, dv = torch.ops.vlfast.attention_backward(grad_out, q, k, v, key_padding_mask, out, lse, ctx.scale)
-        return dq, dk, dv, None, None
+        return (*triton_backward(grad_out, q, k, v, key_padding_mask, out, lse, ctx.scale), None, None)
 
-    _attention_forward.register_autograd(_attention_grad, setup_context=_attention_setup)
-    _attention_backward.register_autograd(no_double_backward("attention"))
+
+def _padded_keys(keys: int) -> int:
+    return -(-keys // 8) * 8  # the CPU kernel's probabilities pad their rows to 8 keys
+
+
+def _heads_layout(t: Tensor) -> Tensor:
+    """A (B, H, L, Dh) tensor laid out as (B, L, H, Dh), as the CPU kernel returns its outputs."""
+    return t.new_empty(t.shape[0], t.shape[2], t.shape[1], t.shape[3]).transpose(1, 2)
+
+
+if _extension.LOAD_ERROR is None:
+
+    @torch.library.register_fake("vlfast::attention")
+    def _attention_fake(q, k, v, key_padding_mask, scale):
+        batch, heads, queries, _ = q.shape
+        if q.device.type == "cpu":  # the C++ kernel: aux = probabilities in the math dtype
+            math_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+            return _heads_layout(q), q.new_empty(batch, heads, queries, _padded_keys(k.shape[2]), dtype=math_dtype)
+        # Triton's: aux = row log-sum-exp
+        return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+    @torch.library.register_fake("vlfast::attention_backward")
+    def _attention_backward_fake(grad_out, q, k, v, key_padding_mask, out, aux, scale):
+        if q.device.type == "cpu":
+            return _heads_layout(q), _heads_layout(k), _heads_layout(v)
+        return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
+
+    # Autograd: C++ (csrc/autograd.cpp), which also raises if a second derivative is taken.
+    if triton is not None:
+        torch.library.register_kernel("vlfast::attention", "cuda", triton_forward)
+        torch.library.register_kernel("vlfast::attention_backward", "cuda", triton_backward)

@@ -3,7 +3,7 @@
 #include <cstdint>
 
 #include "float_math.cuh"
-#include "rows_kernel.h"
+#include "patch_gather_kernel.h"
 
 namespace vlfast {
 namespace {
@@ -63,7 +63,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) rows_kernel(const RowsArg
 
 }  // namespace
 
-cudaError_t rows_cuda_launch(const RowsArgs& args, bool unmask, FloatKind src_kind, FloatKind out_kind,
+cudaError_t patch_gather_cuda_launch(const RowsArgs& args, bool unmask, FloatKind src_kind, FloatKind out_kind,
                              cudaStream_t stream) {
   const int64_t total_rows = args.batch * args.rows_out;
   if (total_rows == 0 || args.dim == 0) return cudaSuccess;

@@ -1,12 +1,12 @@
-// CPU kernels of gather_rows / unmask_rows: one parallel loop over output rows, each row written
-// once with the position embedding added on the way.
+// CPU kernels of vlfast::random_masking (the gather of the kept patches) and vlfast::unmask: one
+// parallel loop over output rows, each row written once with the position embedding added on the way.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 
-#include "../rows_check.h"
+#include "../patch_gather_check.h"
 #include "accumulate.h"
 
 namespace vlfast {
@@ -45,8 +45,8 @@ int64_t grain(int64_t dim) { return std::max<int64_t>(1, 16384 / std::max<int64_
     });                                                                                                    \
   })
 
-at::Tensor gather_rows_cpu(const at::Tensor& src, const std::optional<at::Tensor>& pos, const at::Tensor& index) {
-  const RowsShape shape = check_gather_rows(src, pos, index);
+at::Tensor random_masking_cpu(const at::Tensor& src, const std::optional<at::Tensor>& pos, const at::Tensor& index) {
+  const RowsShape shape = check_random_masking(src, pos, index);
   check_index_values(index, shape.rows_in, "index");
   at::Tensor out = at::empty({shape.batch, shape.rows_out, shape.dim}, src.options().dtype(rows_out_dtype(src, std::nullopt, pos)));
   const int64_t* ids = index.const_data_ptr<int64_t>();
@@ -65,9 +65,9 @@ at::Tensor gather_rows_cpu(const at::Tensor& src, const std::optional<at::Tensor
   return out;
 }
 
-at::Tensor unmask_rows_cpu(const at::Tensor& rows, const at::Tensor& ids_restore, const std::optional<at::Tensor>& fill,
+at::Tensor unmask_cpu(const at::Tensor& rows, const at::Tensor& ids_restore, const std::optional<at::Tensor>& fill,
                            const std::optional<at::Tensor>& pos) {
-  const RowsShape shape = check_unmask_rows(rows, ids_restore, fill, pos);
+  const RowsShape shape = check_unmask(rows, ids_restore, fill, pos);
   check_index_values(ids_restore, shape.rows_out, "ids_restore");
   at::Tensor out = at::empty({shape.batch, shape.rows_out, shape.dim}, rows.options().dtype(rows_out_dtype(rows, fill, pos)));
   const int64_t* ids = ids_restore.const_data_ptr<int64_t>();
@@ -94,8 +94,8 @@ at::Tensor unmask_rows_cpu(const at::Tensor& rows, const at::Tensor& ids_restore
 }  // namespace
 
 TORCH_LIBRARY_IMPL(vlfast, CPU, m) {
-  m.impl("gather_rows", &gather_rows_cpu);
-  m.impl("unmask_rows", &unmask_rows_cpu);
+  m.impl("random_masking", &random_masking_cpu);
+  m.impl("unmask", &unmask_cpu);
 }
 
 }  // namespace vlfast
