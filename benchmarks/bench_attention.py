@@ -4,7 +4,7 @@ forward + backward, at the shapes of a ViT-B/16 + BERT-base VLP model.
     pytest benchmarks/bench_attention.py --benchmark-enable --benchmark-json=attention.json
 
 CUDA: bf16, B = 64, H = 12, Dh = 64; "triton" times the Triton kernels, which vlfast runs only
-under VLFAST_BACKEND=fused since they measured slower than SDPA on an H200 (README). CPU: fp32,
+under VLFAST_BACKEND=fused since they measured slower than SDPA on an H200 (docs/ops/attention.md). CPU: fp32,
 B = 4 (vlfast runs its C++ kernel there up to 768² scores per head, SDPA beyond; "cpu_kernel"
 times the kernel beyond).
 extra_info["TFLOP/s"] counts the forward's 4·B·H·Lq·Lk·Dh, 3.5 times that with the backward

@@ -8,10 +8,8 @@ cache, the softmax needs no online rescaling, and the backward reuses the forwar
 probabilities (kept as eager attention keeps them: B·H·Lq·Lk floats, where SDPA keeps O(Lq)).
 On CUDA a call runs flash-attention-style Triton kernels (vlfast.kernels.attention) when
 VLFAST_BACKEND=fused; by default (auto) every CUDA call runs SDPA (with the mask, its
-memory-efficient kernel): measured on an H200 at VLP lengths, the Triton path's fwd+bwd took
-1.08 ms against SDPA's 0.46 ms (40 padded text tokens;
-benchmarks/results/NVIDIA-H200-2026-11-27-attention.json), times that hardly grow with the size
-there: host overhead, not GPU work, sets them.
+memory-efficient kernel), which measured faster on an H200 at VLP lengths, where host overhead,
+not GPU work, sets both times (docs/ops/attention.md has the numbers).
 Both kernels are torch.ops.vlfast.attention (schema: csrc/vlfast.cpp), whose second output, aux,
 is what each kernel's backward takes: the CPU's probabilities, the GPU's row log-sum-exp; its
 autograd is C++ (csrc/autograd.cpp).

@@ -10,12 +10,10 @@ element index, so the backward regenerates it. On the CPU the kernel is C++
 (csrc/cpu/dropout_add_layer_norm.cpp), on the GPU Triton (vlfast.kernels.dropout_add_layer_norm,
 registered below as the schema's CUDA kernel); both draw the same mask from the same seed.
 On the GPU the Triton kernel runs only when VLFAST_BACKEND=fused: by default (auto) the GPU runs
-Hugging Face's code, measured faster on an H200 at BERT's shapes (fwd+bwd 0.41 against 1.49 ms
-for 2560×768; benchmarks/results/NVIDIA-H200-2026-11-27-dropout_add_layer_norm.json), where the
-op's bytes need about 13 µs at the card's copy bandwidth: the host's launches and Python autograd
-cost more than the kernel saves. The autograd is C++ since then (csrc/autograd.cpp,
-on every device: with torch.library's Python one a 4×8 call cost the CPU's host 258 µs), not yet
-measured on a card.
+Hugging Face's code, which measured faster on an H200 at BERT's shapes: there the op's bytes
+take microseconds at the card's copy bandwidth, and the host's launches and the then Python
+autograd cost more than the kernel saved (docs/ops/dropout_add_layer_norm.md has the numbers).
+The autograd is C++ since (csrc/autograd.cpp, on every device), not yet measured on a card.
 That mask is another draw than torch's dropout (same distribution, tested): with p = 0 or
 training=False the op equals the reference up to rounding, with dropout in distribution.
 """
