@@ -134,7 +134,7 @@ if [[ $part != ops ]]; then
 fi
 if [[ $part != step ]]; then
     step "per-op benchmarks"
-    for bench in ema patch_gather contrastive dropout_add_layer_norm attention; do
+    for bench in ema patch_gather contrastive momentum_contrastive dropout_add_layer_norm attention; do
         run_bench $bench
     done
 fi
@@ -142,7 +142,7 @@ fi
 step "results"
 $python benchmarks/report.py "$results/$name"-*.json > "$results/$name.md" || fail report
 cat "$results/$name.md"
-if [[ $dry_run == 0 ]]; then  # the table README links to, over every committed run, and README's headline
+if [[ $dry_run == 0 ]]; then  # every committed run's table, README's headline and docs/benchmarks.md's by-shape table
     $python benchmarks/report.py benchmarks/results/*.json > benchmarks/results/README.md || fail report
     $python benchmarks/report.py --readme README.md benchmarks/results/*.json || fail "README headline"
 fi

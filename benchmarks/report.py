@@ -144,6 +144,8 @@ OPS = {
     "bench_random_masking": ("[`random_masking`](docs/ops/patch_gather.md)", "MAE's `random_masking`"),
     "bench_unmask": ("[`unmask`](docs/ops/patch_gather.md)", "MAE's unshuffle with mask tokens"),
     "bench_itc_loss": ("[`itc_loss`](docs/ops/itc_loss.md)", "ALBEF's ITC loss and per-row `torch.multinomial` negatives"),
+    "bench_momentum_itc_loss": ("[`momentum_itc_loss`](docs/ops/momentum_itc_loss.md)",
+                                "ALBEF's queue-based ITC with momentum distillation, and `_dequeue_and_enqueue`"),
     "bench_attention": ("[`attention`](docs/ops/attention.md)", "eager attention (ALBEF's xbert)"),
     "bench_dropout_add_layer_norm": ("[`dropout_add_layer_norm`](docs/ops/dropout_add_layer_norm.md)",
                                      "Hugging Face's dropout, add and LayerNorm"),

@@ -52,7 +52,7 @@ SYNCS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_
 MATMULS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "convolution", "convolution_backward", "_scaled_dot_product_flash_attention",
            "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention", "attention",
            "attention_backward", "_scaled_dot_product_flash_attention_for_cpu",
-           "_scaled_dot_product_flash_attention_for_cpu_backward", "itc_loss_rows"}
+           "_scaled_dot_product_flash_attention_for_cpu_backward", "itc_loss_rows", "momentum_itc_loss_rows"}
 
 
 def _is_view(func) -> bool:

@@ -2,9 +2,8 @@
 // Triton registered from Python): random_masking and unmask (each the other's backward),
 // itc_loss_rows, attention and dropout_add_layer_norm, and their backward ops, which raise if a
 // second derivative is taken. In C++ because a user pays the autograd layer's host cost at every
-// call: with torch.library's Python autograd a 4×8 dropout_add_layer_norm forward and backward cost
-// the CPU's host 258 µs, Hugging Face's code 145 µs (benchmarks/profile_train_step.py; README has
-// the numbers since); random_masking's was 215 µs against MAE's 128 µs.
+// call, and torch.library's Python autograd cost more host time than the code the ops replace
+// (docs/ops/dropout_add_layer_norm.md and docs/design.md have the measurements).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
@@ -234,6 +233,50 @@ Tensor3 itc_loss_rows_backward_autograd(const Tensor& grad, const Tensor& query,
   return {outputs[0], outputs[1], outputs[2]};
 }
 
+// ---- momentum_itc_loss_rows: its gradients are outputs of the forward ----
+
+using MomentumItcSignature = Tensor3(const Tensor&, const Tensor&, at::TensorList, const Tensor&, const Tensor&,
+                                     const OptionalTensor&);
+
+struct MomentumItcLossRows : torch::autograd::Function<MomentumItcLossRows> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& query, const Tensor& query_m,
+                               const std::vector<Tensor>& keys, const Tensor& positive, const Tensor& temperature,
+                               const OptionalTensor& alpha) {
+    static const auto op = find_op<MomentumItcSignature>("vlfast::momentum_itc_loss_rows");
+    auto [rows, grad_query, grad_temperature] = call_kernel(op, query, query_m, keys, positive, temperature, alpha);
+    ctx->save_for_backward({grad_query, grad_temperature, query, temperature});
+    ctx->saved_data["query_dtype"] = query.scalar_type();
+    ctx->saved_data["temperature_dtype"] = temperature.scalar_type();
+    ctx->mark_non_differentiable({grad_query, grad_temperature});
+    ctx->set_materialize_grads(false);
+    return {rows, grad_query, grad_temperature};
+  }
+
+  // One gradient per argument of forward (the keys, a std::vector, are one that takes none):
+  // query's and temperature's.
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list result(6);
+    if (!grads[0].defined()) return result;
+    const variable_list saved = ctx->get_saved_variables();
+    // The gradients depend on query and temperature through the saved ones: a second derivative raises.
+    const variable_list outputs = without_second_derivative("momentum_itc_loss", {grads[0], saved[2], saved[3]}, [&] {
+      const Tensor grad_rows = grads[0].to(saved[0].scalar_type());
+      return variable_list{grad_rows.unsqueeze(1).mul(saved[0]).to(ctx->saved_data["query_dtype"].toScalarType()),
+                           grad_rows.mul(saved[1]).sum().to(ctx->saved_data["temperature_dtype"].toScalarType())};
+    });
+    result[0] = outputs[0];
+    result[4] = outputs[1];
+    return result;
+  }
+};
+
+Tensor3 momentum_itc_loss_rows_autograd(const Tensor& query, const Tensor& query_m, at::TensorList keys,
+                                        const Tensor& positive, const Tensor& temperature, const OptionalTensor& alpha) {
+  const variable_list outputs =
+      MomentumItcLossRows::apply(query, query_m, keys.vec(), positive, temperature, alpha);
+  return {outputs[0], outputs[1], outputs[2]};
+}
+
 // ---- random_masking and unmask: each kernel is the other's backward ----
 
 using RandomMaskingSignature = Tensor(const Tensor&, const OptionalTensor&, const Tensor&);
@@ -341,6 +384,7 @@ TORCH_LIBRARY_IMPL(vlfast, Autograd, m) {
   m.impl("unmask", &unmask_autograd);
   m.impl("itc_loss_rows", &itc_loss_rows_autograd);
   m.impl("itc_loss_rows_backward", &itc_loss_rows_backward_autograd);
+  m.impl("momentum_itc_loss_rows", &momentum_itc_loss_rows_autograd);
   m.impl("attention", &attention_autograd);
   m.impl("attention_backward", &attention_backward_autograd);
   m.impl("dropout_add_layer_norm", &dropout_add_layer_norm_autograd);

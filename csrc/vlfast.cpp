@@ -35,6 +35,13 @@ TORCH_LIBRARY(vlfast, m) {
         "SymInt key_offset, Tensor seed, float smoothing, bool sample) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("itc_loss_rows_backward(Tensor grad, Tensor query, Tensor key, Tensor temperature, Tensor? query_ids, "
         "Tensor? key_ids, SymInt key_offset, Tensor lse, Tensor npos) -> (Tensor, Tensor, Tensor)");
+  // momentum_itc_loss's kernel, one direction: per query row (loss against soft targets, the
+  // gradient of that loss with respect to the query row, and with respect to the temperature)
+  // over the keys given in parts (the batch's momentum features, the queue); alpha None: no
+  // distillation. The gradients come out of the forward (docs/ops/momentum_itc_loss.md), so
+  // there is no backward kernel. Torch compositions registered from Python for each device.
+  m.def("momentum_itc_loss_rows(Tensor query, Tensor query_m, Tensor[] keys, Tensor positive, Tensor temperature, "
+        "Tensor? alpha) -> (Tensor, Tensor, Tensor)");
   // (softmax(q·kᵀ·scale, key_padding_mask)·v, aux) for (B, H, L, Dh) q, k, v; aux is what the
   // backward takes instead of recomputing: on the CPU (C++) the probabilities, (B, H, Lq, Lk padded
   // to 8) in the math dtype; on CUDA (Triton) the row log-sum-exp, (B, H, Lq) fp32.

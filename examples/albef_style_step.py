@@ -5,8 +5,12 @@
 AlbefStyle keeps the structure of ALBEF's models/model_pretrain.py in a few layers: a BERT-style
 attention layer over the caption with xbert's extended additive mask, projections to the
 contrastive space, ITC with a learnable temperature, ITM on one hard negative per image and per
-text, and the momentum update. ``fused=False`` is their code; ``fused=True`` is the same model
-after the swap that docs/porting.md describes. tests/test_porting.py checks they agree.
+text, and the momentum update. ``queue_size`` > 0 makes the ITC ALBEF's pretraining one: keys from
+the momentum projections and a queue of them, targets distilled with ``alpha``, and
+``_dequeue_and_enqueue``. ``fused=False`` is their code; ``fused=True`` is the same model after the
+swap that docs/porting.md describes. tests/test_porting.py checks they agree.
+
+    python -m examples.albef_style_step [--queue 65536]
 """
 import argparse
 import time
@@ -15,14 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlfast.nn import Attention, MomentumModel
-from vlfast.ops import itc_loss
+from vlfast.nn import Attention, FeatureQueue, MomentumModel
+from vlfast.ops import itc_loss, momentum_itc_loss
 
 
 class AlbefStyle(nn.Module):
-    def __init__(self, width: int = 256, embed_dim: int = 128, heads: int = 8, fused: bool = False):
+    def __init__(self, width: int = 256, embed_dim: int = 128, heads: int = 8, fused: bool = False,
+                 queue_size: int = 0, alpha: float = 0.4):
         super().__init__()
-        self.fused, self.heads = fused, heads
+        self.fused, self.heads, self.queue_size, self.alpha = fused, heads, queue_size, alpha
         self.query, self.key, self.value = (nn.Linear(width, width) for _ in range(3))
         self.vision_proj = nn.Linear(width, embed_dim)
         self.text_proj = nn.Linear(width, embed_dim)
@@ -37,6 +42,12 @@ class AlbefStyle(nn.Module):
             self.text_proj_m = nn.Linear(width, embed_dim)
             self.model_pairs = [[self.vision_proj, self.vision_proj_m], [self.text_proj, self.text_proj_m]]
             self.copy_params()
+        if queue_size and fused:
+            self.queue = FeatureQueue(queue_size, embed_dim)
+        elif queue_size:  # ALBEF's buffers
+            self.register_buffer("image_queue", F.normalize(torch.randn(embed_dim, queue_size), dim=0))
+            self.register_buffer("text_queue", F.normalize(torch.randn(embed_dim, queue_size), dim=0))
+            self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
 
     def copy_params(self):  # ALBEF
         for model_pair in self.model_pairs:
@@ -81,7 +92,9 @@ class AlbefStyle(nn.Module):
             self.temp.clamp_(0.001, 0.5)
         bs = image_feat.size(0)
 
-        if self.fused:
+        if self.queue_size:
+            loss_ita, drawn = self.queue_itc(image_feat, text_feat, image_cls, text_cls, generator)
+        elif self.fused:
             out = itc_loss(image_feat, text_feat, self.temp, generator=generator)
             loss_ita = out.loss
             drawn = (out.neg_image_idx, out.neg_text_idx)
@@ -113,6 +126,53 @@ class AlbefStyle(nn.Module):
         itm_labels = torch.cat([torch.ones(bs, dtype=torch.long), torch.zeros(2 * bs, dtype=torch.long)]).to(pairs.device)
         loss_itm = F.cross_entropy(self.itm_head(pairs), itm_labels)
         return loss_ita, loss_itm, drawn
+
+    def queue_itc(self, image_feat, text_feat, image_cls, text_cls, generator):
+        """ALBEF's pretraining ITC: momentum features (here the momentum projections of the same
+        [CLS] states), the queue, momentum distillation, then the batch into the queue."""
+        with torch.no_grad():
+            image_feat_m = F.normalize(self.vision_proj_m(image_cls), dim=-1)
+            text_feat_m = F.normalize(self.text_proj_m(text_cls), dim=-1)
+        if self.fused:
+            image_queue, text_queue, _ = self.queue.keys()
+            out = momentum_itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, self.temp, alpha=self.alpha,
+                                    image_queue=image_queue, text_queue=text_queue, generator=generator)
+            self.queue.enqueue(image_feat_m, text_feat_m)
+            return out.loss, (out.neg_image_idx, out.neg_text_idx)
+        bs, alpha = image_feat.size(0), self.alpha
+        with torch.no_grad():  # ALBEF, as written there
+            image_feat_all = torch.cat([image_feat_m.t(), self.image_queue.clone().detach()], dim=1)
+            text_feat_all = torch.cat([text_feat_m.t(), self.text_queue.clone().detach()], dim=1)
+            sim_i2t_m = image_feat_m @ text_feat_all / self.temp
+            sim_t2i_m = text_feat_m @ image_feat_all / self.temp
+            sim_targets = torch.zeros(sim_i2t_m.size()).to(image_feat.device, image_feat.dtype)
+            sim_targets.fill_diagonal_(1)
+            sim_i2t_targets = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * sim_targets
+            sim_t2i_targets = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * sim_targets
+        sim_i2t = image_feat @ text_feat_all / self.temp
+        sim_t2i = text_feat @ image_feat_all / self.temp
+        loss_i2t = -torch.sum(F.log_softmax(sim_i2t, dim=1) * sim_i2t_targets, dim=1).mean()
+        loss_t2i = -torch.sum(F.log_softmax(sim_t2i, dim=1) * sim_t2i_targets, dim=1).mean()
+        self._dequeue_and_enqueue(image_feat_m, text_feat_m)
+        with torch.no_grad():
+            weights_i2t = F.softmax(sim_i2t[:, :bs], dim=1)
+            weights_i2t.fill_diagonal_(0)
+            weights_t2i = F.softmax(sim_t2i[:, :bs], dim=1)
+            weights_t2i.fill_diagonal_(0)
+        neg_image_idx = [torch.multinomial(weights_t2i[b], 1, generator=generator).item() for b in range(bs)]
+        neg_text_idx = [torch.multinomial(weights_i2t[b], 1, generator=generator).item() for b in range(bs)]
+        return (loss_i2t + loss_t2i) / 2, (torch.tensor(neg_image_idx, device=image_feat.device),
+                                           torch.tensor(neg_text_idx, device=image_feat.device))
+
+    @torch.no_grad()
+    def _dequeue_and_enqueue(self, image_feat, text_feat):  # ALBEF's, in one process (no all_gather)
+        batch_size = image_feat.shape[0]
+        ptr = int(self.queue_ptr)
+        assert self.queue_size % batch_size == 0  # for simplicity
+        self.image_queue[:, ptr:ptr + batch_size] = image_feat.T
+        self.text_queue[:, ptr:ptr + batch_size] = text_feat.T
+        ptr = (ptr + batch_size) % self.queue_size
+        self.queue_ptr[0] = ptr
 
 
 def random_batch(batch, device, dtype=torch.float32, width=256, image_tokens=17, text_tokens=30, seed=0):
@@ -150,6 +210,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--queue", type=int, default=0, help="ALBEF's queue-based ITC with this many queued features")
     args = parser.parse_args()
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
@@ -157,10 +218,10 @@ def main():
         seconds = {}
         for fused in (False, True):
             torch.manual_seed(0)
-            model = AlbefStyle(fused=fused).to(device)
+            model = AlbefStyle(fused=fused, queue_size=args.queue).to(device)
             seconds[fused] = time_steps(model, batch, args.steps, device)
         print(f"{device}: ALBEF code {seconds[False] * 1e3:.2f} ms/step, with vlfast {seconds[True] * 1e3:.2f} ms/step, "
-              f"{seconds[False] / seconds[True]:.2f}x (batch {args.batch}, {args.steps} steps)")
+              f"{seconds[False] / seconds[True]:.2f}x (batch {args.batch}, queue {args.queue}, {args.steps} steps)")
 
 
 if __name__ == "__main__":

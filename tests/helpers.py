@@ -31,13 +31,14 @@ WIDTH = 64
 VOCAB = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *WORDS])}
 
 
-def tiny(objectives=("mrm", "mim", "mlm", "itc", "itm")) -> Mamo:
-    """A Mamo small enough for a test (seeded: the same weights at each call)."""
+def tiny(objectives=("mrm", "mim", "mlm", "itc", "itm"), **settings) -> Mamo:
+    """A Mamo small enough for a test (seeded: the same weights at each call); ``settings``: other
+    MamoConfig fields."""
     config = MamoConfig(
         vision=VisionConfig(image_size=32, patch_size=8, width=WIDTH, depth=2, heads=4),
         text=TextConfig(vocab_size=len(VOCAB), width=WIDTH, depth=3, heads=4, intermediate=128, max_positions=24,
                         fusion_layer=1, encoder_width=WIDTH, dropout=0.0),
-        embed_dim=32, objectives=tuple(objectives))
+        embed_dim=32, objectives=tuple(objectives), **settings)
     torch.manual_seed(0)
     return Mamo(config, mask_token_id=VOCAB["[MASK]"], special_ids=[VOCAB[t] for t in ("[PAD]", "[CLS]", "[SEP]")])
 

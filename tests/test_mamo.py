@@ -8,7 +8,7 @@ import torch
 from helpers import batch, tiny
 from vlfast.models import Mamo
 from vlfast.models.mamo import _masked_positions, _patches_at
-from vlfast.ops import random_masking, random_masking_reference
+from vlfast.ops import momentum_itc_loss, random_masking, random_masking_reference
 from vlfast.trainer import CudaGraphStep, bf16_weights, make_optimizer, train_step
 
 def test_all_objectives_finite_and_decreasing_on_a_fixed_batch():
@@ -270,7 +270,7 @@ def test_a_non_finite_gradient_with_a_finite_loss_is_skipped_and_reported():
 
 
 def test_a_bf16_target_gives_the_losses_of_autocast_casting_it(monkeypatch):
-    """train.bf16_weights: under bf16 autocast the fused path runs the target on bf16 copies of its
+    """vlfast.trainer.bf16_weights: under bf16 autocast the fused path runs the target on bf16 copies of its
     matrix weights that the EMA update writes; autocast would round the same fp32 weights the same way."""
     images, input_ids, mask = batch()
     monkeypatch.setenv("VLFAST_BACKEND", "reference")  # ALBEF's way: fp32 weights, cast at each use
@@ -366,3 +366,52 @@ def test_bf16_weights_skip_a_non_finite_step_and_leave_unused_weights_alone():
         if isinstance(value, torch.Tensor) and not name.startswith("target"):
             assert torch.equal(value, before[name]), name
     assert all(torch.isfinite(m).all() for m in optimizer.masters)
+
+
+def test_momentum_itc_scores_the_target_and_the_queue_and_fills_it():
+    """ALBEF's ITC in Mamo: the loss is momentum_itc_loss of the online features against the
+    target network's (its own projections) and the queue; a step queues the batch's target
+    features; alpha ramps up with the target's updates."""
+    model = tiny(("itc", "itm"), itc_queue=10, itc_alpha=0.4, itc_alpha_warmup=4)
+    assert {"vision_proj", "text_proj"} <= set(model.target.model)
+    images, input_ids, mask = batch(4)
+    queue_before = [x.clone() for x in model.itc_queue.keys()[:2]]
+    torch.manual_seed(1)
+    losses = model(images, input_ids, mask)
+    assert int(model.itc_queue.ptr) == 4 and float(model.itc_alpha()) == 0.0  # no update yet: alpha 0
+    with torch.no_grad():
+        image_feat = model.embed_image(images)[1]
+        text_feat = model.embed_text(input_ids, mask)[1]
+        target = model.target.model
+        image_feat_m = torch.nn.functional.normalize(
+            target["vision_proj"](target["visual_encoder"].forward_features(images)[:, 0]), dim=-1)
+        text_feat_m = torch.nn.functional.normalize(
+            target["text_proj"](target["bert"](input_ids, mask, mode="text")[:, 0]), dim=-1)
+        want = momentum_itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, model.temp, alpha=0.0,
+                                 image_queue=queue_before[0], text_queue=queue_before[1], sample_negatives=False)
+    torch.testing.assert_close(losses["itc"].detach(), want.loss)
+    torch.testing.assert_close(model.itc_queue.image[:4], image_feat_m)  # the batch's target features queued
+    other = momentum_itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, model.temp, alpha=0.0,
+                              image_queue=-queue_before[0], text_queue=-queue_before[1], sample_negatives=False)
+    assert not torch.allclose(other.loss, want.loss)  # the queue's rows are in the loss
+    for _ in range(2):
+        model.update_target()
+    assert float(model.itc_alpha()) == pytest.approx(0.2)
+    state = model.state_dict()
+    copy_ = tiny(("itc", "itm"), itc_queue=10, itc_alpha=0.4, itc_alpha_warmup=4)
+    copy_.load_state_dict(state)
+    assert int(copy_.itc_queue.ptr) == 4 and torch.equal(copy_.itc_queue.image, model.itc_queue.image)
+
+
+def test_momentum_itc_trains_and_fine_tunes_with_ids():
+    model = tiny(("itc", "itm"), itc_queue=7, itc_alpha=0.4)
+    optimizer = make_optimizer(model, lr=1e-3, weight_decay=0.0)
+    images, input_ids, mask = batch(6)
+    first = None
+    for step in range(8):
+        losses = train_step(model, model, optimizer, (images, input_ids, mask), 5.0,
+                            image_ids=torch.tensor([0, 1, 2, 0, 3, 4]) if step % 2 else None)
+        assert all(torch.isfinite(v) for v in losses.values())
+        first = first if first is not None else float(losses["itc"])
+    assert float(losses["itc"]) < first
+    assert (model.itc_queue.ids[model.itc_queue.ids >= 0].numel()) > 0  # fine-tuning's ids were queued

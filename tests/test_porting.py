@@ -40,6 +40,39 @@ def test_same_losses_and_gradients(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_queue_itc_same_losses_gradients_and_queues_over_steps(device):
+    """ALBEF's pretraining ITC (momentum keys, queue, distillation, _dequeue_and_enqueue) against
+    momentum_itc_loss with a FeatureQueue: three steps, the queue wrapping around."""
+    torch.manual_seed(0)
+    original = AlbefStyle(width=64, embed_dim=32, heads=4, fused=False, queue_size=24).to(device, torch.float64)
+    torch.manual_seed(0)
+    swapped = AlbefStyle(width=64, embed_dim=32, heads=4, fused=True, queue_size=24).to(device, torch.float64)
+    state = original.state_dict()
+    for name, value in state.items():
+        if "queue" not in name:
+            swapped.state_dict()[name.replace("_m.", "_m.model.")].copy_(value)
+    swapped.queue.image.copy_(state["image_queue"].t())  # ALBEF's (D, Q) are FeatureQueue's rows transposed
+    swapped.queue.text.copy_(state["text_queue"].t())
+    generator = torch.Generator(device).manual_seed(1)
+    for step in range(3):
+        batch = random_batch(12, device, torch.float64, width=64, seed=step)
+        loss_ita, loss_itm, negatives = swapped(*batch, generator=generator)
+        want_ita, want_itm, _ = original(*batch, negatives=negatives)
+        torch.testing.assert_close(loss_ita, want_ita, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(loss_itm, want_itm, rtol=1e-12, atol=1e-12)
+        for model, loss in ((swapped, loss_ita + loss_itm), (original, want_ita + want_itm)):
+            model.zero_grad()
+            loss.backward()
+        swapped_params = dict(swapped.named_parameters())
+        for name, param in original.named_parameters():
+            if param.requires_grad:
+                torch.testing.assert_close(swapped_params[name].grad, param.grad, rtol=1e-10, atol=1e-12, msg=name)
+        torch.testing.assert_close(swapped.queue.image, original.image_queue.t(), rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(swapped.queue.text, original.text_queue.t(), rtol=1e-12, atol=1e-14)
+        assert int(swapped.queue.ptr) == int(original.queue_ptr)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_same_momentum_weights_after_steps(device):
     original, swapped = pair(device, torch.float32)
     generator = torch.Generator().manual_seed(2)

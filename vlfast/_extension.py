@@ -19,7 +19,7 @@ DEVICE_TYPES = ("cpu", "cuda")
 # Public op (vlfast.ops.X) -> the torch.ops.vlfast schema of its kernel (csrc/vlfast.cpp). Where
 # each op's files are: docs/design.md, "Where each op lives".
 KERNELS = {"ema_update_": "ema_update_", "random_masking": "random_masking", "unmask": "unmask",
-           "itc_loss": "itc_loss_rows", "attention": "attention",
+           "itc_loss": "itc_loss_rows", "momentum_itc_loss": "momentum_itc_loss_rows", "attention": "attention",
            "dropout_add_layer_norm": "dropout_add_layer_norm"}
 # (op, device type) where auto runs the op's own torch path although a kernel is registered: Triton
 # runs on the CPU only in the interpreter, and on the GPU these two measured slower than torch at

@@ -1,12 +1,14 @@
 """nn.Module conveniences for swapping vlfast into an existing VLP model (docs/porting.md).
 
-MomentumModel owns a momentum (EMA, target) copy of a module; Attention is the core of a
-BERT / xbert attention layer that accepts the attention_mask in the forms those codebases pass.
+MomentumModel owns a momentum (EMA, target) copy of a module; FeatureQueue holds the queues of
+momentum features that ALBEF's and BLIP's contrastive loss scores against; Attention is the core
+of a BERT / xbert attention layer that accepts the attention_mask in the forms those codebases pass.
 """
 import copy
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from vlfast.ops import attention, ema_decay, ema_update_
@@ -114,6 +116,83 @@ class MomentumModel(nn.Module):
 
     def set_extra_state(self, state) -> None:
         self.step.fill_(int(state["step"]))
+
+
+class FeatureQueue(nn.Module):
+    """ALBEF's and BLIP's queues of momentum features (``image_queue``, ``text_queue`` and, for
+    retrieval fine-tuning, ``idx_queue``), as (Q, D) rows of a ring buffer that
+    vlfast.ops.momentum_itc_loss scores against.
+
+    ``enqueue(image_feat_m, text_feat_m, image_ids)`` after the loss (ALBEF's
+    ``_dequeue_and_enqueue``) writes the batch over the oldest rows (ids -100 where a queue with
+    ids is given none). Under torch.distributed it
+    first gathers every rank's batch in rank order, so every rank holds the same queue. The write
+    position lives on the device: no host sync (ALBEF reads it with ``int(queue_ptr)``), and a CUDA
+    graph's replays advance it. Any Q and any batch: writes wrap around (ALBEF asserts Q % batch
+    == 0); a batch larger than Q leaves its last Q rows.
+
+    ``fill="random"`` starts as ALBEF's: random unit rows, ids -100 (no image's). ``fill="empty"``
+    starts empty: ``keys()`` returns the rows written so far (a count kept on the host, so their
+    number changes until the queue is full: not for a recorded CUDA graph before then). The queue
+    and the write position are in the state_dict.
+    """
+
+    def __init__(self, size: int, dim: int, *, ids: bool = False, fill: str = "random",
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if not (isinstance(size, int) and size >= 0 and isinstance(dim, int) and dim >= 1):
+            raise ValueError(f"size must be an int >= 0 and dim an int >= 1, got {size!r} and {dim!r}")
+        if fill not in ("random", "empty"):
+            raise ValueError(f"fill must be 'random' or 'empty', got {fill!r}")
+        self.size, self.fill = size, fill
+        image, text = torch.randn(2, size, dim).to(dtype) if fill == "random" else torch.zeros(2, size, dim, dtype=dtype)
+        self.register_buffer("image", nn.functional.normalize(image, dim=-1) if fill == "random" else image)
+        self.register_buffer("text", nn.functional.normalize(text, dim=-1) if fill == "random" else text)
+        self.register_buffer("ids", torch.full((size,), -100, dtype=torch.int64) if ids else None)
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.int64))
+        self.filled = size if fill == "random" else 0
+
+    def keys(self):
+        """(image, text, ids or None): the rows to score against, (Q', D) with Q' = Q once full."""
+        if self.filled == self.size:
+            return self.image, self.text, self.ids
+        return self.image[:self.filled], self.text[:self.filled], None if self.ids is None else self.ids[:self.filled]
+
+    @torch.no_grad()
+    def enqueue(self, image_feat_m: Tensor, text_feat_m: Tensor, image_ids: Optional[Tensor] = None) -> None:
+        if image_feat_m.ndim != 2 or image_feat_m.shape != text_feat_m.shape or image_feat_m.shape[1] != self.image.shape[1]:
+            raise ValueError(f"image_feat_m and text_feat_m must both be (B, {self.image.shape[1]}), got "
+                             f"{tuple(image_feat_m.shape)} and {tuple(text_feat_m.shape)}")
+        if image_ids is not None and self.ids is None:
+            raise ValueError("image_ids given, but this queue holds no ids (FeatureQueue(..., ids=True) does)")
+        if image_ids is not None and image_ids.shape != image_feat_m.shape[:1]:
+            raise ValueError(f"image_ids must have shape ({image_feat_m.shape[0]},), got {tuple(image_ids.shape)}")
+        if image_ids is None and self.ids is not None:  # pretraining: entries of no image, as ALBEF's start
+            image_ids = torch.full(image_feat_m.shape[:1], -100, dtype=torch.int64, device=image_feat_m.device)
+        rows = [image_feat_m.detach(), text_feat_m.detach()] + ([image_ids] if self.ids is not None else [])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            rows = [_all_gather(x) for x in rows]
+        written = rows[0].shape[0]
+        if self.size == 0 or written == 0:
+            return
+        kept = min(written, self.size)  # a batch larger than the queue: its last rows
+        index = (self.ptr + (written - kept) + torch.arange(kept, device=self.ptr.device)) % self.size
+        for buffer, new in zip((self.image, self.text, self.ids), rows):
+            buffer.index_copy_(0, index, new[written - kept:].to(buffer.dtype))
+        self.ptr.copy_((self.ptr + written) % self.size)
+        self.filled = min(self.size, self.filled + written)
+
+    def get_extra_state(self):
+        return {"filled": self.filled}
+
+    def set_extra_state(self, state) -> None:
+        self.filled = int(state["filled"])
+
+
+def _all_gather(x: Tensor) -> Tensor:
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
 
 
 def key_padding_mask(attention_mask: Optional[Tensor]) -> Optional[Tensor]:

@@ -35,8 +35,8 @@ from vlfast.data.text import mask_tokens
 from vlfast.models.bert import BertForMaskedLM, BertModel, TextConfig
 from vlfast.models.init import init_weights
 from vlfast.models.vit import VisionConfig, VisionTransformer
-from vlfast.nn import MomentumModel
-from vlfast.ops import itc_loss, unmask
+from vlfast.nn import FeatureQueue, MomentumModel
+from vlfast.ops import itc_loss, momentum_itc_loss, unmask
 
 OBJECTIVES = ("mrm", "mim", "mlm", "itc", "itm")
 
@@ -53,6 +53,17 @@ class MamoConfig:
     objectives: Tuple[str, ...] = OBJECTIVES
     smoothing: float = 0.0  # ITM negatives ∝ softmax + smoothing (ALBEF 0)
     target_dropout: bool = False  # the target network's dropout during training (ALBEF's momentum models: on)
+    # ITC as ALBEF's and BLIP's (vlfast.ops.momentum_itc_loss): keys from the target network (with
+    # projections of its own) and a queue of itc_queue earlier ones (ALBEF 65536, BLIP 57600), targets
+    # with itc_alpha of the momentum softmax (ALBEF 0.4), ramped up linearly over the first
+    # itc_alpha_warmup steps (ALBEF: one epoch). Both 0: in-batch ITC on the online features.
+    itc_queue: int = 0
+    itc_alpha: float = 0.0
+    itc_alpha_warmup: int = 0
+
+    @property
+    def momentum_itc(self) -> bool:
+        return self.itc_queue > 0 or self.itc_alpha > 0
 
 
 def _mlp(width_in: int, width_out: int) -> nn.Sequential:
@@ -82,11 +93,29 @@ class Mamo(nn.Module):
         for head in (self.vision_proj, self.text_proj, self.itm_head, self.mrm_projector, self.mim_predictor):
             head.apply(init_weights)
         nn.init.normal_(self.image_mask_token, std=0.02)
+        if not (config.itc_queue >= 0 and 0 <= config.itc_alpha <= 1 and config.itc_alpha_warmup >= 0):
+            raise ValueError(f"need itc_queue >= 0, 0 <= itc_alpha <= 1 and itc_alpha_warmup >= 0, got "
+                             f"{config.itc_queue}, {config.itc_alpha} and {config.itc_alpha_warmup}")
         self.target = MomentumModel(self._encoders(), config.ema_decay)
+        if config.momentum_itc:  # ids too: retrieval fine-tuning's positives are every entry of the same image
+            self.itc_queue = FeatureQueue(config.itc_queue, config.embed_dim, ids=True)
 
     def _encoders(self) -> nn.ModuleDict:
-        """The online encoders the target network averages (projections and heads are not part of it)."""
-        return nn.ModuleDict({"visual_encoder": self.visual_encoder, "bert": self.text_encoder.bert})
+        """The online modules the target network averages: the encoders, and with momentum ITC the
+        ITC projections (ALBEF's vision_proj_m, text_proj_m); not the heads."""
+        modules = {"visual_encoder": self.visual_encoder, "bert": self.text_encoder.bert}
+        if self.config.momentum_itc:
+            modules.update(vision_proj=self.vision_proj, text_proj=self.text_proj)
+        return nn.ModuleDict(modules)
+
+    def itc_alpha(self):
+        """The distillation weight at this step: itc_alpha · min(1, updates / itc_alpha_warmup),
+        computed on the device from the target's update count (no host read; a CUDA graph's replays
+        advance it)."""
+        if not self.config.itc_alpha_warmup:
+            return self.config.itc_alpha
+        ramp = (self.target.step.float() / self.config.itc_alpha_warmup).clamp(max=1.0)
+        return self.config.itc_alpha * ramp
 
     @torch.no_grad()
     def reset_target(self) -> None:
@@ -154,12 +183,15 @@ class Mamo(nn.Module):
             text = bert(input_ids, attention_mask, mode="text")
         text_feat = F.normalize(self.text_proj(text[:, 0]), dim=-1)  # text (B, Lt, W), text_feat (B, embed_dim)
 
-        if objectives & {"mrm", "mim"}:  # the targets: the EMA network on the unmasked pair
+        momentum_itc = self.config.momentum_itc and bool(objectives & {"itc", "itm"})
+        if objectives & {"mrm", "mim"} or momentum_itc:  # the EMA network on the unmasked pair
             with torch.no_grad():
                 target = self.target.compute_model  # bf16 weights where train.py asks for them
                 target.train(self.training and self.config.target_dropout)
                 target_image = target["visual_encoder"].forward_features(images)
                 target_text = target["bert"](input_ids, attention_mask, mode="text")
+        if objectives & {"mrm", "mim"}:  # their targets: the EMA network's fused streams
+            with torch.no_grad():
                 target_fused_text = self.fuse_text(target["bert"], target_text, attention_mask, target_image)
                 target_fused_image = self.fuse_image(target["bert"], target_image + target["visual_encoder"].pos_embed,
                                                      target_text, attention_mask)
@@ -169,12 +201,17 @@ class Mamo(nn.Module):
         if objectives & {"itc", "itm"}:
             with torch.no_grad():
                 self.temp.clamp_(0.001, 0.5)
-            # Under torch.distributed the keys come from every rank (gradients flow back to each);
-            # the ITM negatives stay local, as in ALBEF, from a draw over this rank's batch.
+            # Under torch.distributed in-batch ITC's keys come from every rank (gradients flow back to
+            # each); the ITM negatives stay local, as in ALBEF, from a draw over this rank's batch.
             distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-            contrastive = itc_loss(image_feat, text_feat, self.temp, image_ids=image_ids, all_gather=distributed,
-                                   sample_negatives="itm" in objectives and not distributed,
-                                   smoothing=self.config.smoothing, generator=generator)
+            if momentum_itc:
+                contrastive = self._momentum_itc(image_feat, text_feat, target, target_image, target_text, image_ids,
+                                                 "itm" in objectives, generator)
+                distributed = False  # its keys are this rank's batch and the queue every rank shares, as ALBEF's
+            else:
+                contrastive = itc_loss(image_feat, text_feat, self.temp, image_ids=image_ids, all_gather=distributed,
+                                       sample_negatives="itm" in objectives and not distributed,
+                                       smoothing=self.config.smoothing, generator=generator)
             if "itc" in objectives:
                 losses["itc"] = contrastive.loss
             if "itm" in objectives:
@@ -222,6 +259,23 @@ class Mamo(nn.Module):
             losses["mrm"] = (losses.pop("mrm_image") + losses.pop("mrm_text")) / 2
         losses["loss"] = sum(losses.values())
         return losses
+
+    def _momentum_itc(self, image_feat, text_feat, target, target_image, target_text, image_ids, sample_negatives,
+                      generator):
+        """ALBEF's ITC: the online features against the target network's and the queue; then the
+        batch's target features join the queue (in training)."""
+        with torch.no_grad():
+            image_feat_m = F.normalize(target["vision_proj"](target_image[:, 0]), dim=-1)
+            text_feat_m = F.normalize(target["text_proj"](target_text[:, 0]), dim=-1)
+        image_queue, text_queue, id_queue = self.itc_queue.keys()
+        contrastive = momentum_itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, self.temp,
+                                        alpha=self.itc_alpha(), image_queue=image_queue, text_queue=text_queue,
+                                        image_ids=image_ids, id_queue=id_queue if image_ids is not None else None,
+                                        sample_negatives=sample_negatives, smoothing=self.config.smoothing,
+                                        generator=generator)
+        if self.training:
+            self.itc_queue.enqueue(image_feat_m, text_feat_m, image_ids)
+        return contrastive
 
 
 def _masked_positions(masking) -> Tensor:
