@@ -2,10 +2,10 @@
 and record the card, peak memory and GPU busy time (CUDA) and effective bandwidth (when the
 bytes moved are given); and the alternating pairs that compare two steps on a machine whose
 speed drifts; the devices they run on."""
-import ctypes
-import os
-import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,32 +74,41 @@ def graph_replay_seconds(step, calls: int):
     return (time.perf_counter() - start) / calls, None
 
 
-def host_peak_bytes(step) -> int:
-    """The most memory ``step`` held at once beyond what was resident before it, on the CPU: Linux's
-    peak resident set size (VmHWM, reset through /proc/self/clear_refs) minus the resident size
-    before. glibc's malloc is first told to map every block over 128 KiB on its own (it otherwise
-    raises that threshold as blocks are freed, and keeps freed ones resident), so the count
-    follows the tensors (to within small blocks)."""
-    ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: fixed, not adjusted
-    def status(key):
-        with open("/proc/self/status") as file:
-            return int(re.search(rf"{key}:\s+(\d+) kB", file.read()).group(1)) * 1024
-
-    with open("/proc/self/clear_refs", "w") as file:
-        file.write("5")
-    before = status("VmRSS")
-    step()
-    return status("VmHWM") - before
+def host_peak_bytes(module: str, make_step: str, **params) -> int:
+    """The most memory a CPU step held at once beyond what was resident before it, measured in a
+    child process (``module.make_step(**params)`` builds the step there): Linux's peak resident
+    set size (VmHWM, reset through /proc/self/clear_refs) minus the resident size before, after one
+    warm-up call. The child tells glibc's malloc to map every block over 128 KiB on its own (it
+    otherwise raises that threshold as blocks are freed and keeps freed ones resident), so the
+    count follows the tensors, to within small blocks; a child, because that setting slows large
+    allocations for the rest of a process and would change the timings."""
+    paths = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
+    code = "\n".join([
+        "import ctypes, re, sys",
+        f"sys.path[:0] = {paths!r}",
+        "ctypes.CDLL('libc.so.6').mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: fixed, not adjusted",
+        f"import {module}",
+        f"step = {module}.{make_step}(**{params!r})",
+        "step()",
+        "status = lambda key: int(re.search(key + r':\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)) * 1024",
+        "open('/proc/self/clear_refs', 'w').write('5')",
+        "before = status('VmRSS')",
+        "step()",
+        "print(status('VmHWM') - before)",
+    ])
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"measuring {module}.{make_step}({params}) failed:\n{result.stderr[-2000:]}")
+    return int(result.stdout.split()[-1])
 
 
 def timed(benchmark, device: str, step, bytes_moved: int = 0, warmup: int = 1, busy: bool = True,
-          peak_from_warmup: bool = True, graph_replay: bool = False, host_peak: bool = False) -> None:
+          peak_from_warmup: bool = True, graph_replay: bool = False) -> None:
     """busy=False for a step that is not one thing (bench_train_step_paired's two steps).
     graph_replay: on CUDA also the step's time replayed from a CUDA graph (graph_replay_seconds),
     which the per-op benchmarks record so each op's GPU cost shows apart from its host cost.
     peak_from_warmup=False: the peak memory counts from the caller's last reset instead (a CUDA
-    graph's activations are allocated once, at capture, before the warm-up). host_peak: on the CPU
-    record the step's peak memory too (host_peak_bytes; one more call)."""
+    graph's activations are allocated once, at capture, before the warm-up)."""
     for _ in range(warmup):
         step()
     if device == "cuda":
@@ -115,8 +124,6 @@ def timed(benchmark, device: str, step, bytes_moved: int = 0, warmup: int = 1, b
     benchmark(run)
     if benchmark.stats and bytes_moved:
         benchmark.extra_info["GB/s"] = round(bytes_moved / benchmark.stats.stats.median / 1e9, 1)
-    if device == "cpu" and host_peak and os.path.exists("/proc/self/clear_refs"):
-        benchmark.extra_info["peak_memory_MiB"] = round(host_peak_bytes(step) / 2**20)
     if device == "cuda":
         benchmark.extra_info["peak_memory_MiB"] = round(torch.cuda.max_memory_allocated() / 2**20)
         benchmark.extra_info["card"] = torch.cuda.get_device_name()

@@ -415,3 +415,22 @@ def test_momentum_itc_trains_and_fine_tunes_with_ids():
         first = first if first is not None else float(losses["itc"])
     assert float(losses["itc"]) < first
     assert (model.itc_queue.ids[model.itc_queue.ids >= 0].numel()) > 0  # fine-tuning's ids were queued
+
+
+def test_weights_load_across_the_momentum_itc_switch_and_the_ramp_restarts():
+    """A checkpoint without momentum ITC starts one with it (target projections from the online
+    ones, ALBEF's queue), and the other way round; each says so. A new run restarts alpha's ramp."""
+    plain = tiny(("itc", "itm"))
+    queued = tiny(("itc", "itm"), itc_queue=8, itc_alpha=0.4, itc_alpha_warmup=4)
+    with pytest.warns(UserWarning, match="no momentum ITC"):
+        queued.load_state_dict(plain.state_dict())
+    assert torch.equal(queued.target.model["vision_proj"].weight, plain.vision_proj.weight)
+    with pytest.warns(UserWarning, match="momentum ITC is off"):
+        plain.load_state_dict(queued.state_dict())
+    for _ in range(8):
+        queued.update_target()
+    assert float(queued.itc_alpha()) == pytest.approx(0.4)
+    queued.restart_itc_ramp()
+    assert float(queued.itc_alpha()) == 0.0
+    queued.update_target()
+    assert float(queued.itc_alpha()) == pytest.approx(0.1)

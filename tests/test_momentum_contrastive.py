@@ -76,6 +76,27 @@ def test_loss_and_every_gradient_equal_albefs_formulas(device, ids, alpha, batch
     online, momentum, queues, temp, image_ids, id_queue = problem(batch, dim, queued, device, ids=ids)
     against_albef(online, momentum, queues, temp, image_ids, id_queue, alpha)
     against_albef(online, momentum, queues, temp, image_ids, id_queue, alpha, op=momentum_itc_loss_reference)
+    if alpha:  # a schedule's alpha: a 0-d tensor on the device
+        out = momentum_itc_loss(*online, *momentum, temp, alpha=torch.tensor(alpha, dtype=torch.float64, device=device),
+                                image_queue=queues[0], text_queue=queues[1], image_ids=image_ids, id_queue=id_queue,
+                                sample_negatives=False)
+        want = albef_itc(*online, *momentum, temp, alpha, *(q.t() for q in queues), image_ids, id_queue)
+        torch.testing.assert_close(out.loss, want[0])
+
+
+@pytest.mark.parametrize("kernel", ["flash", "tiled"])
+def test_each_kernel_under_autocast_equals_albef_in_float64(kernel, monkeypatch):
+    """The CPU runs the CUDA kernel's code too (tiles of 7 keys), both under bf16 autocast, as a
+    trainer's forward calls the op: the loss and gradients stay fp32-accurate."""
+    from vlfast.ops import momentum_contrastive
+
+    if kernel == "tiled":
+        monkeypatch.setattr(momentum_contrastive, "_softmax_weighted_keys_flash",
+                            momentum_contrastive._softmax_weighted_keys_tiled)
+        monkeypatch.setattr(momentum_contrastive, "KEY_TILE", 7)
+    online, momentum, queues, temp, image_ids, id_queue = problem(6, 16, 30, "cpu", dtype=torch.float32, ids=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        against_albef(online, momentum, queues, temp, image_ids, id_queue, 0.4, rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -122,13 +143,22 @@ class LargestOutput(TorchDispatchMode):
         return out
 
 
-def test_no_batch_by_keys_matrix_and_no_host_read():
+@pytest.mark.parametrize("kernel", ["flash", "tiled"])
+def test_no_batch_by_keys_matrix_and_no_host_read(kernel, monkeypatch):
+    """Every op the call runs, the kernel's own included (called here directly: a dispatch mode
+    does not see inside a custom op's kernel), makes nothing as large as the scores."""
+    from vlfast.ops import momentum_contrastive
+
+    monkeypatch.setattr(momentum_contrastive, "KEY_TILE", 64)
     batch, dim, queued = 16, 8, 3000
     online, momentum, queues, temp, image_ids, id_queue = problem(batch, dim, queued, "cpu", ids=True)
+    part = getattr(momentum_contrastive, f"_softmax_weighted_keys_{kernel}")
     with LargestOutput() as watch:
+        momentum_contrastive._rows(online[0].detach(), momentum[0], [momentum[1], queues[1]], momentum[1], temp.detach(),
+                                   torch.tensor(0.4, dtype=torch.float64), part)
         out = momentum_itc_loss(*online, *momentum, temp, alpha=0.4, image_queue=queues[0], text_queue=queues[1])
         out.loss.backward()
-    assert watch.largest <= batch * max(batch, dim), watch.largest  # the queue is read, not copied
+    assert watch.largest <= batch * 64, watch.largest  # a tile of scores at most: the queue is read, not copied
     assert watch.host_reads == 0
     with LargestOutput() as watch:  # with ids: the sums per id, one row per key
         momentum_itc_loss(*online, *momentum, temp, alpha=0.4, image_queue=queues[0], text_queue=queues[1],
@@ -224,6 +254,19 @@ def test_queue_not_yet_full_and_wrapped_against_albef():
         queue.enqueue(*momentum, image_ids)
 
 
+def test_int32_ids_with_the_queues_int64_ids():
+    online, momentum, _, temp, _, _ = problem(4, 6, 0, "cpu")
+    queue = FeatureQueue(5, 6, ids=True, fill="empty")
+    queue.enqueue(momentum[0].float(), momentum[1].float(), torch.arange(4))
+    image_ids = torch.tensor([0, 1, 7, 8], dtype=torch.int32)
+    image_queue, text_queue, id_queue = queue.keys()
+    got = momentum_itc_loss(*online, *momentum, temp, image_queue=image_queue, text_queue=text_queue,
+                            image_ids=image_ids, id_queue=id_queue, sample_negatives=False)
+    want = albef_itc(*online, *momentum, temp, 0.4, image_queue.t().double(), text_queue.t().double(),
+                     image_ids.long(), id_queue)
+    torch.testing.assert_close(got.loss, want[0])
+
+
 def test_queue_state_dict_round_trip_and_albefs_start():
     torch.manual_seed(0)
     queue = FeatureQueue(6, 3, ids=True)
@@ -293,3 +336,34 @@ def test_reference_backend_runs_albefs_path(monkeypatch):
     assert watch.largest >= 4 * (4 + 9)  # the similarity matrices: ALBEF's path ran
     want = albef_itc(*online, *momentum, temp, 0.4, *(q.t() for q in queues))
     torch.testing.assert_close(out.loss, want[0])
+
+
+def _gathered_loss(rank, init_file, out):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    online, momentum, queues, temp, image_ids, id_queue = problem(6, 5, 7, "cpu", ids=True)
+    rows = slice(rank * 3, rank * 3 + 3)
+    mine = [x.detach()[rows].requires_grad_() for x in online]
+    out_rank = momentum_itc_loss(*mine, *(m[rows] for m in momentum), temp, image_queue=queues[0],
+                                 text_queue=queues[1], image_ids=image_ids[rows], id_queue=id_queue, all_gather=True,
+                                 generator=torch.Generator().manual_seed(rank))
+    grads = torch.autograd.grad(out_rank.loss, mine)
+    torch.save({"loss": out_rank.loss.detach(), "grads": grads, "negatives": out_rank.neg_text_idx}, f"{out}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def test_all_gather_over_two_ranks_equals_one_process():
+    """Each rank scores its 3 rows against both ranks' momentum keys and the queue: the mean of the
+    ranks' losses is one process's on all 6 rows, and each rank's gradients are that process's,
+    scaled by the world size (each rank averages over its own rows)."""
+    online, momentum, queues, temp, image_ids, id_queue = problem(6, 5, 7, "cpu", ids=True)
+    one = momentum_itc_loss(*online, *momentum, temp, image_queue=queues[0], text_queue=queues[1],
+                            image_ids=image_ids, id_queue=id_queue)
+    grads = torch.autograd.grad(one.loss, online)
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.multiprocessing.spawn(_gathered_loss, args=(f"{tmp}/init", f"{tmp}/out"), nprocs=2)
+        ranks = [torch.load(f"{tmp}/out.{rank}", weights_only=True) for rank in range(2)]
+    torch.testing.assert_close((ranks[0]["loss"] + ranks[1]["loss"]) / 2, one.loss)
+    for rank, got in enumerate(ranks):
+        for mine, whole in zip(got["grads"], grads):
+            torch.testing.assert_close(mine / 2, whole[rank * 3:rank * 3 + 3])
+        assert ((got["negatives"] >= 0) & (got["negatives"] < 6)).all()  # into the gathered batch

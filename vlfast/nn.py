@@ -140,7 +140,7 @@ class FeatureQueue(nn.Module):
     def __init__(self, size: int, dim: int, *, ids: bool = False, fill: str = "random",
                  dtype: torch.dtype = torch.float32):
         super().__init__()
-        if not (isinstance(size, int) and size >= 0 and isinstance(dim, int) and dim >= 1):
+        if not all(isinstance(n, int) and not isinstance(n, bool) for n in (size, dim)) or size < 0 or dim < 1:
             raise ValueError(f"size must be an int >= 0 and dim an int >= 1, got {size!r} and {dim!r}")
         if fill not in ("random", "empty"):
             raise ValueError(f"fill must be 'random' or 'empty', got {fill!r}")

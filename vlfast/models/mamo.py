@@ -23,6 +23,7 @@ squared error is then minimised by the dropped-out targets' mean, the L1 error b
 neither the network's output) and every gradient noisier. ALBEF's momentum encoders, by contrast,
 run in train mode; ``target_dropout=True`` does that.
 """
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -99,6 +100,8 @@ class Mamo(nn.Module):
         self.target = MomentumModel(self._encoders(), config.ema_decay)
         if config.momentum_itc:  # ids too: retrieval fine-tuning's positives are every entry of the same image
             self.itc_queue = FeatureQueue(config.itc_queue, config.embed_dim, ids=True)
+            self.register_buffer("itc_ramp_start", torch.zeros((), dtype=torch.int64))  # restart_itc_ramp
+        self._register_load_state_dict_pre_hook(self._across_the_itc_switch)
 
     def _encoders(self) -> nn.ModuleDict:
         """The online modules the target network averages: the encoders, and with momentum ITC the
@@ -110,12 +113,39 @@ class Mamo(nn.Module):
 
     def itc_alpha(self):
         """The distillation weight at this step: itc_alpha · min(1, updates / itc_alpha_warmup),
-        computed on the device from the target's update count (no host read; a CUDA graph's replays
-        advance it)."""
-        if not self.config.itc_alpha_warmup:
+        the updates of the target counted since restart_itc_ramp, on the device (no host read; a
+        CUDA graph's replays advance it)."""
+        if not (self.config.itc_alpha and self.config.itc_alpha_warmup):
             return self.config.itc_alpha
-        ramp = (self.target.step.float() / self.config.itc_alpha_warmup).clamp(max=1.0)
-        return self.config.itc_alpha * ramp
+        updates = (self.target.step - self.itc_ramp_start).float()
+        return self.config.itc_alpha * (updates / self.config.itc_alpha_warmup).clamp(0.0, 1.0)
+
+    @torch.no_grad()
+    def restart_itc_ramp(self) -> None:
+        """Ramp alpha up again from 0 (a new run from trained weights: ALBEF's retrieval
+        fine-tuning ramps it over its first epoch as pretraining did)."""
+        if self.config.momentum_itc:
+            self.itc_ramp_start.copy_(self.target.step)
+
+    def _across_the_itc_switch(self, state_dict, prefix, *args) -> None:
+        """Weights saved with momentum ITC off load with it on (the target's projections start as
+        the loaded online ones, the queue as ALBEF's, the ramp at 0), and the other way round (the
+        queue and the target's projections are left out); a warning says which."""
+        momentum_keys = [key for key in state_dict if key.startswith((prefix + "itc_", prefix + "target.model.vision_proj.",
+                                                                      prefix + "target.model.text_proj."))]
+        if not self.config.momentum_itc and momentum_keys:
+            for key in momentum_keys:
+                del state_dict[key]
+            warnings.warn("momentum ITC is off: the loaded queue and the target's ITC projections are left out")
+        elif self.config.momentum_itc and not momentum_keys:
+            for name in ("vision_proj", "text_proj"):
+                for tensor in ("weight", "bias"):
+                    state_dict[f"{prefix}target.model.{name}.{tensor}"] = state_dict[f"{prefix}{name}.{tensor}"]
+            for key, value in self.itc_queue.state_dict(prefix=prefix + "itc_queue.").items():
+                state_dict[key] = value
+            state_dict[prefix + "itc_ramp_start"] = self.itc_ramp_start
+            warnings.warn("these weights had no momentum ITC: the target's ITC projections start as the online "
+                          "ones and the queue as ALBEF's")
 
     @torch.no_grad()
     def reset_target(self) -> None:

@@ -75,7 +75,8 @@ def momentum_itc_loss(image_feat: Tensor, text_feat: Tensor, image_feat_m: Tenso
                                                                           all_gather)
         text_keys = _keys(batch_text_m, text_queue, accumulate)
         image_keys = _keys(batch_image_m, image_queue, accumulate)
-        ids_all = None if image_ids is None else torch.cat([batch_ids] + ([id_queue] if id_queue is not None else []))
+        ids_all = None if image_ids is None else \
+            torch.cat([batch_ids] + ([id_queue.to(batch_ids.dtype)] if id_queue is not None else []))
         text_positive = _positive_mean(text_keys, image_ids, ids_all, offset, image_feat.shape[0])
         image_positive = _positive_mean(image_keys, image_ids, ids_all, offset, image_feat.shape[0])
         # Scalars as 0-d tensors made on the device (a fill, not a copy from the host)
@@ -113,7 +114,7 @@ def momentum_itc_loss_reference(image_feat: Tensor, text_feat: Tensor, image_fea
             sim_targets = torch.zeros_like(sim_i2t_m)
             sim_targets[torch.arange(batch), offset + torch.arange(batch)] = 1
         else:
-            idx_all = torch.cat([ids_m] + ([id_queue] if id_queue is not None else []))
+            idx_all = torch.cat([ids_m] + ([id_queue.to(ids_m.dtype)] if id_queue is not None else []))
             pos_idx = torch.eq(image_ids.view(-1, 1), idx_all.view(1, -1)).to(sim_i2t_m.dtype)
             sim_targets = pos_idx / pos_idx.sum(1, keepdim=True)
         sim_i2t_targets = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * sim_targets
@@ -145,20 +146,23 @@ def _rows(query: Tensor, query_m: Tensor, keys: List[Tensor], positive: Tensor, 
           alpha: Optional[Tensor], scores_of_part) -> Tuple[Tensor, Tensor, Tensor]:
     """momentum_itc_loss_rows' kernel: one direction's (row losses, dL/dq per row, dL/dτ per row)
     in positive's dtype (the accumulation dtype), the formulas of the module's docstring;
-    ``scores_of_part``: the device's softmax-weighted sum over one part of the keys."""
-    accumulate = positive.dtype
-    tau = temperature.to(accumulate)
-    query, keys = query.to(accumulate), [part.to(accumulate) for part in keys]
-    scaled = query / tau
-    out, lse = softmax_weighted_keys(scaled, keys, scores_of_part)
-    target = positive
-    if alpha is not None:
-        alpha = alpha.to(accumulate)
-        out_m, _ = softmax_weighted_keys(query_m.to(accumulate) / tau, keys, scores_of_part)
-        target = (1 - alpha) * positive + alpha * out_m
-    rows = lse - (scaled * target).sum(1)
-    grad = (out - target) / tau
-    return rows, grad, -(query * grad).sum(1) / tau
+    ``scores_of_part``: the device's softmax-weighted sum over one part of the keys. Autocast is
+    off inside: the loss is a difference of two large terms, which bf16 products would spoil (a
+    trainer's forward calls the op under autocast)."""
+    with torch.autocast(query.device.type, enabled=False):
+        accumulate = positive.dtype
+        tau = temperature.to(accumulate)
+        query, keys = query.to(accumulate), [part.to(accumulate) for part in keys]
+        scaled = query / tau
+        out, lse = softmax_weighted_keys(scaled, keys, scores_of_part)
+        target = positive
+        if alpha is not None:
+            alpha = alpha.to(accumulate)
+            out_m, _ = softmax_weighted_keys(query_m.to(accumulate) / tau, keys, scores_of_part)
+            target = (1 - alpha) * positive + alpha * out_m
+        rows = lse - (scaled * target).sum(1)
+        grad = (out - target) / tau
+        return rows, grad, -(query * grad).sum(1) / tau
 
 
 def softmax_weighted_keys(query: Tensor, keys: Sequence[Tensor], scores_of_part) -> Tuple[Tensor, Tensor]:
@@ -232,7 +236,7 @@ def _in_batch_negatives(image_feat, text_feat, batch_image_m, batch_text_m, temp
     weights over sim[:, :bs])."""
     keys = batch_text_m.shape[0]
     _check_every_row_has_a_negative(batch_ids, keys)
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(image_feat.device.type, enabled=False):  # the scores in fp32 at least
         batch = image_feat.shape[0]
         if image_ids is None:
             positives = torch.arange(keys, device=image_feat.device)[None, :] == \
@@ -297,6 +301,8 @@ def _check_inputs(image_feat, text_feat, image_feat_m, text_feat_m, temperature,
         if alpha.ndim != 0 or not alpha.is_floating_point() or alpha.device != image_feat.device:
             raise ValueError(f"alpha must be a number in [0, 1] or a 0-d float tensor on the features' device, got "
                              f"{alpha.dtype} of shape {tuple(alpha.shape)} on {alpha.device}")
+        if alpha.device.type == "cpu":  # a kernel, not a host read
+            torch._assert_async((alpha >= 0) & (alpha <= 1), "alpha must be in [0, 1]")
     elif not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and 0 <= alpha <= 1):
         raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
     if image_ids is not None:
@@ -312,8 +318,8 @@ def _check_inputs(image_feat, text_feat, image_feat_m, text_feat_m, temperature,
     if id_queue is not None:
         if image_ids is None:
             raise ValueError("id_queue is given without image_ids")
-        if not isinstance(id_queue, Tensor) or id_queue.dtype != image_ids.dtype:
-            raise TypeError(f"id_queue must be a tensor of image_ids' dtype {image_ids.dtype}, got "
+        if not isinstance(id_queue, Tensor) or id_queue.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"id_queue must be an int64 or int32 tensor, got "
                             f"{getattr(id_queue, 'dtype', type(id_queue).__name__)}")
         queued = 0 if image_queue is None else image_queue.shape[0]
         if id_queue.shape != (queued,):

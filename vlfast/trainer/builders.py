@@ -86,6 +86,7 @@ def build_training(config: TrainConfig, out: Path):
     model = make_model(config, tokenizer)
     if config.init.checkpoint:  # every weight, the target's included; init.text then gives only the tokenizer
         model.load_state_dict(load_checkpoint(config.init.checkpoint)["model"])
+        model.restart_itc_ramp()  # a new run: ITC's distillation ramps up again, as ALBEF's fine-tuning
         print(f"model weights from {config.init.checkpoint}")
         return dataset, collate, model
     if config.init.vision:  # every weight filled, or an error naming the keys (vlfast.models.pretrained)

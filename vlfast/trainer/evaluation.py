@@ -75,7 +75,8 @@ def write_outputs(result, dataset, checkpoint: Path, split: str, config: TrainCo
 def finetune_config(checkpoint: Path, config_file, overrides, world: int) -> TrainConfig:
     """The pretrained checkpoint's config, --config and overrides on top, set for retrieval
     fine-tuning: ITC + ITM with every caption of an image a positive, retrieval.finetune_epochs
-    epochs at retrieval.finetune_lr (cosine to 1/100 of it, no warmup), val recall and a checkpoint each epoch."""
+    epochs at retrieval.finetune_lr (cosine to 1/100 of it, no warmup), val recall and a checkpoint each epoch;
+    with momentum ITC its distillation ramps up again over the first epoch, as ALBEF's."""
     _, config = checkpoint_config(checkpoint, config_file, overrides)
     if config.retrieval.finetune_epochs < 1:
         raise ValueError(f"retrieval.finetune_epochs must be at least 1, got {config.retrieval.finetune_epochs}")
@@ -86,6 +87,7 @@ def finetune_config(checkpoint: Path, config_file, overrides, world: int) -> Tra
     config.optim.warmup_steps = 0
     config.optim.max_steps = config.retrieval.finetune_epochs * steps_per_epoch
     config.optim.eval_every = config.optim.checkpoint_every = steps_per_epoch
+    config.model.itc_alpha_warmup = steps_per_epoch if config.model.itc_alpha else 0  # ALBEF: over epoch one
     return config
 
 

@@ -45,7 +45,8 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
     start, best = restore(resume, model, optimizer, rank, world, device) if resume is not None else (0, -math.inf)
     set_optimizer_settings(optimizer, config.cuda_graph, device)
     # Objectives left out leave parameters without gradients, which DDP must be told about.
-    # No buffer needs broadcasting: the only one, the target's update count, is the same on every rank.
+    # No buffer needs broadcasting: each (the target's update count, the ITC queue, which every rank
+    # fills with the same gathered rows) is the same on every rank.
     runner = model if world == 1 else DDP(model, find_unused_parameters=set(config.model.objectives) != set(OBJECTIVES),
                                           broadcast_buffers=False)
     log = MetricsLog(out / "metrics.jsonl")
