@@ -14,7 +14,7 @@ torch.profiler), the number of kernel launches, the operators with the most self
 on CUDA, the kernels with the most GPU time and the places where the step makes the host wait
 for the GPU. A step whose wall time is far over its GPU busy time is bound by launches and
 Python, and only fewer launches or less host work make it faster. The step is
-bench_train_step.py's (same model, batch and seeds).
+train_steps.py's, as bench_train_step.py times it (same model, batch and seeds).
 --ablate N instead times, for each op, the fused step with that op alone on its reference
 (VLFAST_REFERENCE_OPS) against the fused step: N rounds of one each, the median ratio. Above 1,
 the fused op makes the step faster by that factor; below 1, slower.
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # train.py, whe
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from bench_train_step import BACKENDS, CONFIGS, build_step, implementations  # noqa: E402
+from train_steps import BACKENDS, CONFIGS, build_step, implementations  # noqa: E402
 from timing import device_events, device_seconds, in_turn  # noqa: E402
 from vlfast._extension import KERNELS  # noqa: E402
 from vlfast.ops import dropout_add_layer_norm  # noqa: E402
@@ -176,7 +176,7 @@ def main():
         return ablation(config, device, args.ablate)
     host_costs(device)
     if args.ops not in ("all", *implementations(device)):
-        parser.error(f"--ops {args.ops} is not run on {device} (bench_train_step.implementations)")
+        parser.error(f"--ops {args.ops} is not run on {device} (train_steps.implementations)")
     chosen = [i for i in implementations(device) if device == "cuda" or "compiled" not in i]
     for implementation in (chosen if args.ops == "all" else [args.ops]):
         profile_step(config, device, implementation, args.steps)

@@ -6,7 +6,7 @@
     python benchmarks/step_cost.py --config vit_b16_bert_base_224_b64 --batch 2 --zero-matmuls --write
                                                    # ViT-B/16 + BERT-base (ITC needs 2), in half a minute
 
-The step is bench_train_step.py's (forward of all five objectives, backward, clipping, fused AdamW,
+The step is benchmarks/train_steps.py's (forward of all five objectives, backward, clipping, fused AdamW,
 EMA of the target network) under bf16 autocast, as a GPU runs it; it is counted after one warm-up
 step, for each path (auto and the reference). Every aten op the dispatcher runs is seen by a
 TorchDispatchMode, which counts:
@@ -124,13 +124,13 @@ def autocast_step(step):
 
 def count(config: str = "tiny", implementation: str = "fused", explain: bool = False, flops: bool = True,
           batch: int = None, zero_matmuls: bool = False) -> dict:
-    """The counts of one step (after one warm-up step) of a named bench_train_step config."""
-    import bench_train_step
+    """The counts of one step (after one warm-up step) of a named train_steps config."""
+    import train_steps
     from pytest import MonkeyPatch
 
     with MonkeyPatch.context() as patch:
-        patch.setenv("VLFAST_BACKEND", bench_train_step.BACKENDS[implementation])
-        step, batch = bench_train_step.build_step(config, "cpu", implementation, batch, autocast=True)
+        patch.setenv("VLFAST_BACKEND", train_steps.BACKENDS[implementation])
+        step, batch = train_steps.build_step(config, "cpu", implementation, batch, autocast=True)
         forward_backward_args = step.forward_backward_args
         step = autocast_step(step)
         arithmetic = ZeroMatmuls() if zero_matmuls else contextlib.nullcontext()
@@ -161,7 +161,7 @@ def count(config: str = "tiny", implementation: str = "fused", explain: bool = F
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="tiny", help="a bench_train_step config that fits a CPU (tiny)")
+    parser.add_argument("--config", default="tiny", help="a train_steps config that fits a CPU (tiny)")
     parser.add_argument("--batch", type=int, help="samples per step instead of the config's (launches and casts "
                                                    "do not depend on it)")
     parser.add_argument("--explain", action="store_true", help="also count torch.compile's graphs and breaks")

@@ -42,6 +42,8 @@ def layer(module: str) -> int:
 
 
 def test_the_package_imports_downward_and_nothing_imports_a_script_or_a_test_file():
+    """Shared code lives in modules made to be shared: the package, tests/helpers.py,
+    benchmarks/timing.py and benchmarks/train_steps.py."""
     python_files = [p for folder in ("vlfast", "tests", "benchmarks", "examples") for p in (ROOT / folder).rglob("*.py")]
     python_files += [ROOT / "train.py", ROOT / "retrieve.py"]
     upward, from_scripts = [], []
@@ -49,11 +51,11 @@ def test_the_package_imports_downward_and_nothing_imports_a_script_or_a_test_fil
         module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
         for name in imported_modules(path):
             top = name.split(".")[0]
-            if top in SCRIPTS or (top.startswith("test_") and top != "test_"):
+            if top in SCRIPTS or top.startswith(("test_", "bench_")):  # a test or benchmark file: pytest's to run
                 from_scripts.append((module, top))
             if module.startswith("vlfast") and name.startswith("vlfast.") and name != module:
                 if module != "vlfast" and layer(name) > layer(module):
                     upward.append((module, name))
     assert len(python_files) > 40
     assert not upward, f"imports from a higher layer: {upward}"
-    assert not from_scripts, f"imports of a script, conftest or a test file: {sorted(set(from_scripts))}"
+    assert not from_scripts, f"imports of a script, conftest, a test or a benchmark file: {sorted(set(from_scripts))}"
