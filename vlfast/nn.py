@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from vlfast.ops import attention, ema_decay, ema_update_
+from vlfast.ops.contrastive import all_gather_rows
 
 
 MATMUL_MODULES = (nn.Linear, nn.modules.conv._ConvNd)  # the modules whose weights autocast casts
@@ -171,7 +172,7 @@ class FeatureQueue(nn.Module):
             image_ids = torch.full(image_feat_m.shape[:1], -100, dtype=torch.int64, device=image_feat_m.device)
         rows = [image_feat_m.detach(), text_feat_m.detach()] + ([image_ids] if self.ids is not None else [])
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            rows = [_all_gather(x) for x in rows]
+            rows = [all_gather_rows(x) for x in rows]
         written = rows[0].shape[0]
         if self.size == 0 or written == 0:
             return
@@ -187,12 +188,6 @@ class FeatureQueue(nn.Module):
 
     def set_extra_state(self, state) -> None:
         self.filled = int(state["filled"])
-
-
-def _all_gather(x: Tensor) -> Tensor:
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
 
 
 def key_padding_mask(attention_mask: Optional[Tensor]) -> Optional[Tensor]:

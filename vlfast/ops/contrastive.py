@@ -184,6 +184,13 @@ def _check_every_row_has_a_negative(ids_all: Optional[Tensor], keys: int) -> Non
                          "no hard negative to sample; pass sample_negatives=False")
 
 
+def all_gather_rows(x: Tensor) -> Tensor:
+    """Every rank's ``x`` of torch.distributed, concatenated in rank order along dim 0 (no gradient)."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
 class _AllGather(torch.autograd.Function):
     """all_gather with gradients: each rank gets the gradient of every rank's loss w.r.t. its own
     slice (all_reduce SUM, then its slice, as BLIP's GatherLayer). With DDP averaging that is the
@@ -191,9 +198,7 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts)
+        return all_gather_rows(x)
 
     @staticmethod
     def backward(ctx, grad):
@@ -208,11 +213,7 @@ def _gather_batch(image_feat, text_feat, image_ids, all_gather: bool) -> Keys:
         return Keys(image_feat, text_feat, image_ids, 0)
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("all_gather=True needs torch.distributed initialised (torchrun / init_process_group)")
-    ids_all = None
-    if image_ids is not None:
-        ids_all = [torch.empty_like(image_ids) for _ in range(dist.get_world_size())]
-        dist.all_gather(ids_all, image_ids.contiguous())
-        ids_all = torch.cat(ids_all)
+    ids_all = None if image_ids is None else all_gather_rows(image_ids)
     offset = dist.get_rank() * image_feat.shape[0]
     return Keys(_AllGather.apply(image_feat), _AllGather.apply(text_feat), ids_all, offset)
 

@@ -17,7 +17,6 @@ when alpha = 0), and the gradients are ready when the forward ends: the backward
 them. The queue is read where it lies (the batch's keys and the queue are scored apart and
 merged by their log-sum-exp), so the op allocates O(B·D) (O((B + Q)·D) with image ids).
 """
-import math
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -26,7 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlfast._extension import implementation
-from vlfast.ops.contrastive import ContrastiveOutput, _check_every_row_has_a_negative, _rows_torch
+from vlfast.ops.contrastive import (ContrastiveOutput, _check_every_row_has_a_negative, _check_inputs as _check_features,
+                                    _positives, _rows_torch, all_gather_rows)
 
 # Key tiles of the torch path (devices without the CPU's flash kernel): a (B, KEY_TILE) block of
 # scores at a time.
@@ -237,12 +237,7 @@ def _in_batch_negatives(image_feat, text_feat, batch_image_m, batch_text_m, temp
     keys = batch_text_m.shape[0]
     _check_every_row_has_a_negative(batch_ids, keys)
     with torch.no_grad(), torch.autocast(image_feat.device.type, enabled=False):  # the scores in fp32 at least
-        batch = image_feat.shape[0]
-        if image_ids is None:
-            positives = torch.arange(keys, device=image_feat.device)[None, :] == \
-                torch.arange(offset, offset + batch, device=image_feat.device)[:, None]
-        else:
-            positives = image_ids.view(-1, 1) == batch_ids.view(1, -1)
+        positives = _positives(image_ids, batch_ids, offset, image_feat.shape[0], keys, image_feat.device)
         sim_i2t = image_feat.to(accumulate) @ batch_text_m.to(accumulate).t() / temperature
         sim_t2i = text_feat.to(accumulate) @ batch_image_m.to(accumulate).t() / temperature
         return (_rows_torch(sim_i2t, positives, smoothing, True, generator)[1],
@@ -257,32 +252,22 @@ def _gather_momentum(image_feat_m, text_feat_m, image_ids, all_gather: bool):
         return image_m, text_m, image_ids, 0
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("all_gather=True needs torch.distributed initialised (torchrun / init_process_group)")
-    gathered = []
-    for x in (image_m, text_m) + ((image_ids,) if image_ids is not None else ()):
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        gathered.append(torch.cat(parts))
-    ids = gathered[2] if image_ids is not None else None
-    return gathered[0], gathered[1], ids, dist.get_rank() * image_feat_m.shape[0]
+    ids = None if image_ids is None else all_gather_rows(image_ids)
+    return all_gather_rows(image_m), all_gather_rows(text_m), ids, dist.get_rank() * image_feat_m.shape[0]
 
 
 def _check_inputs(image_feat, text_feat, image_feat_m, text_feat_m, temperature, alpha, image_queue, text_queue,
                   image_ids, id_queue, smoothing, generator):
-    features = (("image_feat", image_feat), ("text_feat", text_feat), ("image_feat_m", image_feat_m),
-                ("text_feat_m", text_feat_m))
-    for name, x in features:
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"{name} must be a float tensor, got {x.dtype}")
-        if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
-            raise ValueError(f"{name} must be (B, D) with B, D >= 1, got shape {tuple(x.shape)}")
+    """itc_loss's checks (online features, temperature, image_ids, smoothing, generator), then
+    what this op adds; returns the temperature as itc_loss's do."""
+    temperature = _check_features(image_feat, text_feat, temperature, image_ids, smoothing, generator)
+    for name, x in (("image_feat_m", image_feat_m), ("text_feat_m", text_feat_m)):
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            raise TypeError(f"{name} must be a float tensor, got {getattr(x, 'dtype', type(x).__name__)}")
         if x.shape != image_feat.shape:
             raise ValueError(f"{name} has shape {tuple(x.shape)} but image_feat has {tuple(image_feat.shape)}")
         if x.device != image_feat.device:
             raise ValueError(f"{name} is on {x.device} but image_feat on {image_feat.device}")
-    if text_feat.dtype != image_feat.dtype:
-        raise TypeError(f"text_feat is {text_feat.dtype} but image_feat is {image_feat.dtype}")
     if (image_queue is None) != (text_queue is None):
         raise ValueError("image_queue and text_queue come together: pass both or neither")
     for name, queue in (("image_queue", image_queue), ("text_queue", text_queue)):
@@ -305,46 +290,20 @@ def _check_inputs(image_feat, text_feat, image_feat_m, text_feat_m, temperature,
             torch._assert_async((alpha >= 0) & (alpha <= 1), "alpha must be in [0, 1]")
     elif not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and 0 <= alpha <= 1):
         raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
-    if image_ids is not None:
-        if not isinstance(image_ids, Tensor) or image_ids.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"image_ids must be an int64 or int32 tensor, got {getattr(image_ids, 'dtype', type(image_ids).__name__)}")
-        if image_ids.shape != image_feat.shape[:1]:
-            raise ValueError(f"image_ids must have shape ({image_feat.shape[0]},), got {tuple(image_ids.shape)}")
-        if image_ids.device != image_feat.device:
-            raise ValueError(f"image_ids is on {image_ids.device} but the features on {image_feat.device}")
-        queued = 0 if image_queue is None else image_queue.shape[0]
-        if queued and id_queue is None:
-            raise ValueError("with image_ids and a queue, id_queue must give the queue entries' ids")
+    queued = 0 if image_queue is None else image_queue.shape[0]
+    if image_ids is not None and queued and id_queue is None:
+        raise ValueError("with image_ids and a queue, id_queue must give the queue entries' ids")
     if id_queue is not None:
         if image_ids is None:
             raise ValueError("id_queue is given without image_ids")
         if not isinstance(id_queue, Tensor) or id_queue.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"id_queue must be an int64 or int32 tensor, got "
                             f"{getattr(id_queue, 'dtype', type(id_queue).__name__)}")
-        queued = 0 if image_queue is None else image_queue.shape[0]
         if id_queue.shape != (queued,):
             raise ValueError(f"id_queue must have shape ({queued},) (one id per queue row), got {tuple(id_queue.shape)}")
         if id_queue.device != image_feat.device:
             raise ValueError(f"id_queue is on {id_queue.device} but the features on {image_feat.device}")
-    if not (isinstance(smoothing, (int, float)) and smoothing >= 0 and math.isfinite(smoothing)):
-        raise ValueError(f"smoothing must be a finite float >= 0, got {smoothing}")
-    if generator is not None and generator.device.type != image_feat.device.type:
-        raise ValueError(f"generator is on {generator.device} but the features on {image_feat.device}")
-    if isinstance(temperature, Tensor):
-        if temperature.ndim != 0 or not temperature.is_floating_point():
-            raise ValueError(f"temperature must be a float or a 0-d float tensor, got {temperature.dtype} of shape "
-                             f"{tuple(temperature.shape)}")
-        if temperature.device != image_feat.device:
-            raise ValueError(f"temperature is on {temperature.device} but the features on {image_feat.device}")
-        if temperature.device.type == "cpu":  # a kernel, not a host read (as itc_loss)
-            torch._assert_async(temperature > 0, "temperature must be > 0")
-        return temperature
-    if isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
-        if not temperature > 0 or math.isinf(temperature):
-            raise ValueError(f"temperature must be a finite float > 0, got {temperature}")
-        return float(temperature)
-    raise TypeError(f"temperature must be a float or a 0-d tensor, got {type(temperature).__name__}")
-
+    return temperature
 
 # The kernels of the schema (csrc/vlfast.cpp; autograd in csrc/autograd.cpp), once vlfast._C defines it.
 if hasattr(torch.ops.vlfast, "momentum_itc_loss_rows"):
