@@ -106,15 +106,7 @@ class AlbefStyle(nn.Module):
             loss_i2t = -torch.sum(F.log_softmax(sim_i2t, dim=1) * sim_targets, dim=1).mean()
             loss_t2i = -torch.sum(F.log_softmax(sim_t2i, dim=1) * sim_targets, dim=1).mean()
             loss_ita = (loss_i2t + loss_t2i) / 2
-            with torch.no_grad():
-                weights_i2t = F.softmax(sim_i2t[:, :bs], dim=1)
-                weights_i2t.fill_diagonal_(0)
-                weights_t2i = F.softmax(sim_t2i[:, :bs], dim=1)
-                weights_t2i.fill_diagonal_(0)
-            neg_image_idx = [torch.multinomial(weights_t2i[b], 1, generator=generator).item() for b in range(bs)]
-            neg_text_idx = [torch.multinomial(weights_i2t[b], 1, generator=generator).item() for b in range(bs)]
-            drawn = (torch.tensor(neg_image_idx, device=image_feat.device),
-                     torch.tensor(neg_text_idx, device=image_feat.device))
+            drawn = albef_negatives(sim_i2t, sim_t2i, bs, generator)
         neg_image_idx, neg_text_idx = drawn if negatives is None else negatives
 
         # ITM on the [CLS] pairs: positives, (negative image, text), (image, negative text).
@@ -154,15 +146,7 @@ class AlbefStyle(nn.Module):
         loss_i2t = -torch.sum(F.log_softmax(sim_i2t, dim=1) * sim_i2t_targets, dim=1).mean()
         loss_t2i = -torch.sum(F.log_softmax(sim_t2i, dim=1) * sim_t2i_targets, dim=1).mean()
         self._dequeue_and_enqueue(image_feat_m, text_feat_m)
-        with torch.no_grad():
-            weights_i2t = F.softmax(sim_i2t[:, :bs], dim=1)
-            weights_i2t.fill_diagonal_(0)
-            weights_t2i = F.softmax(sim_t2i[:, :bs], dim=1)
-            weights_t2i.fill_diagonal_(0)
-        neg_image_idx = [torch.multinomial(weights_t2i[b], 1, generator=generator).item() for b in range(bs)]
-        neg_text_idx = [torch.multinomial(weights_i2t[b], 1, generator=generator).item() for b in range(bs)]
-        return (loss_i2t + loss_t2i) / 2, (torch.tensor(neg_image_idx, device=image_feat.device),
-                                           torch.tensor(neg_text_idx, device=image_feat.device))
+        return (loss_i2t + loss_t2i) / 2, albef_negatives(sim_i2t, sim_t2i, bs, generator)
 
     @torch.no_grad()
     def _dequeue_and_enqueue(self, image_feat, text_feat):  # ALBEF's, in one process (no all_gather)
@@ -173,6 +157,19 @@ class AlbefStyle(nn.Module):
         self.text_queue[:, ptr:ptr + batch_size] = text_feat.T
         ptr = (ptr + batch_size) % self.queue_size
         self.queue_ptr[0] = ptr
+
+
+def albef_negatives(sim_i2t, sim_t2i, bs, generator):
+    """ALBEF's ITM draw, as written there: the in-batch columns' softmax, the diagonal zeroed, one
+    torch.multinomial per row. Returns (neg_image_idx, neg_text_idx)."""
+    with torch.no_grad():
+        weights_i2t = F.softmax(sim_i2t[:, :bs], dim=1)
+        weights_i2t.fill_diagonal_(0)
+        weights_t2i = F.softmax(sim_t2i[:, :bs], dim=1)
+        weights_t2i.fill_diagonal_(0)
+    neg_image_idx = [torch.multinomial(weights_t2i[b], 1, generator=generator).item() for b in range(bs)]
+    neg_text_idx = [torch.multinomial(weights_i2t[b], 1, generator=generator).item() for b in range(bs)]
+    return (torch.tensor(neg_image_idx, device=sim_i2t.device), torch.tensor(neg_text_idx, device=sim_i2t.device))
 
 
 def random_batch(batch, device, dtype=torch.float32, width=256, image_tokens=17, text_tokens=30, seed=0):
