@@ -19,7 +19,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from vlfast.retrieval import SCORES
-from vlfast.search import search
+from vlfast.search import check_arguments, search
 from vlfast.trainer import finetune, finetune_config, load_trained, make_dataset, run_evaluation, setup_distributed, \
     write_outputs
 
@@ -37,12 +37,10 @@ def search_command(argv) -> None:
                         help="re-score the K best by the ITM head (as retrieval's stage 2); 0: ITC only")
     parser.add_argument("--json", action="store_true", help="print the matches as JSON")
     args = parser.parse_args(argv)
-    if args.text is not None and args.images is None:
-        parser.error("--text searches a folder: give --images DIR")
-    if args.image is not None and args.captions is None:
-        parser.error("--image searches captions: give --captions FILE")
-    if args.top < 1 or args.rerank < 0:
-        parser.error("--top must be at least 1 and --rerank at least 0")
+    try:  # a usage error, before anything is read
+        check_arguments(args.text, args.images, args.image, args.captions, args.top, args.rerank)
+    except ValueError as error:
+        parser.error(str(error))
     try:
         matches = search(args.checkpoint, text=args.text, images=args.images, image=args.image, captions=args.captions,
                          top=args.top, rerank=args.rerank)

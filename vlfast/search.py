@@ -19,13 +19,8 @@ from vlfast.trainer.outputs import load_checkpoint, save_checkpoint
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-def search(checkpoint: Path, *, text: Optional[str] = None, images: Optional[Path] = None,
-           image: Optional[Path] = None, captions: Optional[Path] = None, top: int = 5, rerank: int = 0,
-           device: Optional[torch.device] = None) -> List[dict]:
-    """The ``top`` matches, best first: images under ``images`` for ``text`` ({"path", "itc"}), or
-    lines of ``captions`` for ``image`` ({"caption", "itc"}); with ``rerank`` K the K best by ITC
-    are re-scored by the ITM head (retrieval's stage 2) and get an "itm" score.
-    Raises FileNotFoundError, ValueError or OSError naming a bad path or file."""
+def check_arguments(text, images, image, captions, top: int, rerank: int) -> None:
+    """search()'s arguments that go together, checked before anything is read (ValueError)."""
     if (text is None) == (image is None):
         raise ValueError("give a text to search images with, or an image to search captions with")
     if text is not None and images is None:
@@ -34,6 +29,16 @@ def search(checkpoint: Path, *, text: Optional[str] = None, images: Optional[Pat
         raise ValueError("--image searches captions: give --captions FILE")
     if top < 1 or rerank < 0:
         raise ValueError(f"--top must be at least 1 and --rerank at least 0, got {top} and {rerank}")
+
+
+def search(checkpoint: Path, *, text: Optional[str] = None, images: Optional[Path] = None,
+           image: Optional[Path] = None, captions: Optional[Path] = None, top: int = 5, rerank: int = 0,
+           device: Optional[torch.device] = None) -> List[dict]:
+    """The ``top`` matches, best first: images under ``images`` for ``text`` ({"path", "itc"}), or
+    lines of ``captions`` for ``image`` ({"caption", "itc"}); with ``rerank`` K the K best by ITC
+    are re-scored by the ITM head (retrieval's stage 2) and get an "itm" score.
+    Raises FileNotFoundError, ValueError or OSError naming a bad path or file."""
+    check_arguments(text, images, image, captions, top, rerank)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config, tokenizer, model = load_trained(checkpoint, device=device)
     transform = image_transform(config)
