@@ -133,3 +133,55 @@ def test_the_step_to_compile_is_one_graph():
     with torch._dynamo.config.patch(trace_autograd_ops=True):
         explanation = torch._dynamo.explain(forward_backward)(model, model, data, 5.0)
     assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
+
+
+@pytest.mark.parametrize("settings_read_first", [True, False], ids=["settings_read_first", "nothing_read_first"])
+def test_the_compiled_step_compiles_once(settings_read_first, monkeypatch):
+    """Four compiled steps make one dynamo graph, whether or not anything read vlfast's settings
+    before the first trace (train.py reads them first; a user's script may not). The choice of each
+    op's implementation, written into a dict inside the trace, recompiled at step 2 (and step 3
+    without an early read: under CudaGraphStep, inside the graph's capture)."""
+    from torch._dynamo.utils import counters
+
+    from vlfast.trainer import compile_forward_backward, make_optimizer, train_step
+
+    if not settings_read_first:  # as in a process where no op has run eagerly yet
+        monkeypatch.setitem(_extension._SETTINGS, "read", None)
+        monkeypatch.setitem(_extension._SETTINGS, "decided", {})
+    else:
+        _extension.implementation("itc_loss", "cpu")
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny()
+    optimizer = make_optimizer(model, lr=1e-3, weight_decay=0.02)
+    step_function = compile_forward_backward(backend="eager")
+    for _ in range(4):
+        train_step(model, model, optimizer, batch(), 5.0, forward_backward=step_function)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["recompiles"] or counters["stats"])
+
+
+def test_two_model_sizes_compile_in_one_process():
+    """A benchmark compiles the tiny step, then a wider one, in one process without resetting dynamo:
+    the second must compile as its own static graph (automatic dynamic shapes traced the sizes as
+    symbols, and the caption masking's torch.rand failed on them)."""
+    from vlfast.trainer import compile_forward_backward, make_optimizer, train_step
+
+    torch._dynamo.reset()
+    for size, width in ((6, 64), (4, 96)):
+        model = tiny() if width == 64 else _wider_tiny(width)
+        optimizer = make_optimizer(model, lr=1e-3, weight_decay=0.02)
+        losses = train_step(model, model, optimizer, batch(size), 5.0, forward_backward=compile_forward_backward("eager"))
+        assert torch.isfinite(losses["loss"]), (size, width)
+
+
+def _wider_tiny(width):
+    import dataclasses
+
+    from helpers import VOCAB
+    from vlfast.models import Mamo
+
+    config = tiny().config
+    config = dataclasses.replace(config, vision=dataclasses.replace(config.vision, width=width),
+                                 text=dataclasses.replace(config.text, width=width, encoder_width=width))
+    torch.manual_seed(0)
+    return Mamo(config, mask_token_id=VOCAB["[MASK]"], special_ids=[VOCAB[t] for t in ("[PAD]", "[CLS]", "[SEP]")])

@@ -433,7 +433,11 @@ def test_each_choice_is_made_once_per_setting(monkeypatch):
         monkeypatch.setenv("VLFAST_BACKEND", "reference")
         for _ in range(3):
             _extension.implementation("unmask", "cpu")
-    assert decide.call_count in (1, 2)  # once per setting (none where an earlier call decided it already)
+    # Every (op, device type) is decided together when the settings are read: once per setting
+    # (not at all for the first where an earlier call read it already), never per call.
+    unmask_cpu = [c for c in decide.call_args_list if c.args[:2] == ("unmask", "cpu")]
+    assert len(unmask_cpu) in (1, 2)
+    assert decide.call_count == len(unmask_cpu) * len(_extension.KERNELS) * len(_extension.DEVICE_TYPES)
 
 
 def test_import_without_extension_warns_once_and_uses_the_reference():

@@ -56,10 +56,12 @@ except (ImportError, OSError) as error:
 # find_kernels once all are registered), so each answer is looked up in a dict, which compile
 # treats as a constant.
 _KERNELS_FOUND = {}
-# The environment as last read, and the choices made under it: eager calls read it again (three
-# lookups) so a switch set at run time takes effect at the next call, which then decides each
-# (op, device type) once; traced calls use the last eager reading (guarded by compile, which
-# retraces when it changes) instead of baking in whatever the environment said mid-trace.
+# The environment as last read, and the choice for every (op, device type) made under it: eager
+# calls read it again (three lookups), and a reading that differs from the last decides every
+# choice at once, eagerly, so a switch set at run time takes effect at the next call. Traced calls
+# use the last eager reading and never write: compile guards on what it reads here, and a dict
+# that traced code filled (or a new one made by a later eager reading) failed those guards and
+# recompiled the whole step (compile_forward_backward reads the settings before each call).
 _SETTINGS = {"read": None, "backend": "auto", "reference_ops": frozenset(), "interpreted": False, "decided": {}}
 
 
@@ -74,10 +76,13 @@ def has_kernel(schema: str, device_type: str) -> bool:
 
 
 def find_kernels(device_types=DEVICE_TYPES) -> None:
-    """Look up every op's kernel once, eagerly (vlfast.ops does, after every op has registered)."""
+    """Look up every op's kernel once, eagerly, and decide every op's implementation under the
+    environment's settings (vlfast.ops does, after every op has registered)."""
     for schema in KERNELS.values():
         for device_type in device_types:
             has_kernel(schema, device_type)
+    _SETTINGS["read"] = None  # decide again, now that every kernel is known
+    settings()
 
 
 def settings() -> dict:
@@ -93,7 +98,9 @@ def settings() -> dict:
         listed = frozenset(name.strip() for name in listed.split(",")) - {""}
         if listed - KERNELS.keys():
             raise ValueError(f"VLFAST_REFERENCE_OPS names no op {sorted(listed - KERNELS.keys())}; the ops: {', '.join(KERNELS)}")
-        _SETTINGS.update(read=read, backend=value, reference_ops=listed, interpreted=interpreted, decided={})
+        _SETTINGS.update(read=read, backend=value, reference_ops=listed, interpreted=interpreted)
+        _SETTINGS["decided"] = {(op, device_type): _decide(op, device_type, _SETTINGS)
+                                for op in KERNELS for device_type in DEVICE_TYPES}
     return _SETTINGS
 
 
@@ -112,14 +119,14 @@ def implementation(op: str, device_type: str) -> str:
     - "torch": its own torch path (TORCH_BY_DEFAULT, or NO_KERNEL where no kernel is registered);
     - "reference": its plain-torch reference.
 
-    Raises RuntimeError under VLFAST_BACKEND=fused where the device has no kernel. Decided once per
-    (op, device type) and settings; an op still leaves its kernel for inputs the kernel does not
-    take (its docstring says which).
+    Raises RuntimeError under VLFAST_BACKEND=fused where the device has no kernel. Every (op,
+    device type) is decided at once when the settings are read (settings()); an op still leaves its
+    kernel for inputs the kernel does not take (its docstring says which).
     """
     current = settings()
     choice = current["decided"].get((op, device_type))
-    if choice is None:
-        choice = current["decided"][(op, device_type)] = _decide(op, device_type, current)
+    if choice is None:  # a device type beyond DEVICE_TYPES: decided here, not stored (traced code must not write)
+        choice = _decide(op, device_type, current)
     if isinstance(choice, RuntimeError):
         raise RuntimeError(*choice.args)
     return choice

@@ -8,6 +8,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from vlfast._extension import backend as ops_backend
+from vlfast._extension import settings as ops_settings
 from vlfast.models import Mamo
 from vlfast.trainer.config import TrainConfig
 from vlfast.trainer.optimizer import clip_grad_norm
@@ -44,16 +45,27 @@ def check_whole_step_options(config: TrainConfig, device: torch.device, world: i
                              f"not traced); {this_run}")
 
 
-def compile_forward_backward():
+def compile_forward_backward(backend: str = "inductor"):
     """forward_backward compiled as one graph (an error, not a silent split, if it cannot be): dynamo
     traces the backward call too (trace_autograd_ops), so inductor fuses forward and backward.
     The optimizer and the EMA stay eager: each is already one multi-tensor kernel per dtype
-    (fused AdamW is not traceable), and a CUDA graph records them with the rest."""
+    (fused AdamW is not traceable), and a CUDA graph records them with the rest.
+
+    It compiles once. Each call first reads vlfast's settings eagerly (three environment lookups),
+    so every op's implementation is decided before tracing and the traced code only reads that
+    decision: decided inside the trace, it recompiled the step at the next eager reading, once
+    or twice, and under CudaGraphStep the second compile fell inside the graph's capture
+    (tests/test_compile.py counts the compiles). ``dynamic=False``: a step has one shape (train.py
+    pads texts and keeps batches full), and a second model compiled in the same process (a
+    benchmark's second config) would otherwise make dynamo trace sizes as symbols, which the
+    caption masking's draws do not take. ``backend``: torch.compile's (the tests count compiles
+    with "eager")."""
     if not hasattr(torch._dynamo.config, "trace_autograd_ops"):  # older torch: the backward splits the graph
-        return torch.compile(forward_backward)
-    compiled = torch.compile(forward_backward, fullgraph=True)
+        return torch.compile(forward_backward, backend=backend, dynamic=False)
+    compiled = torch.compile(forward_backward, backend=backend, fullgraph=True, dynamic=False)
 
     def run(*args, **kwargs):
+        ops_settings()
         with torch._dynamo.config.patch(trace_autograd_ops=True):
             return compiled(*args, **kwargs)
     return run
