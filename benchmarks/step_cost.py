@@ -11,7 +11,8 @@ EMA of the target network) under bf16 autocast, as a GPU runs it; it is counted 
 step, for each path (auto and the reference). Every aten op the dispatcher runs is seen by a
 TorchDispatchMode, which counts:
 - ops: the ops that launch a kernel on a GPU: all but views, metadata and bare allocations (a
-  vlfast kernel counts once, whatever it does inside). On a GPU each costs a launch from Python,
+  vlfast kernel counts once, whatever it does inside; a foreach op once on CUDA's fast route, once
+  per tensor where CUDA would take its slow route). On a GPU each costs a launch from Python,
   10-30 µs of host time, which is what set the pace of the step on the H200;
 - casts: copies that change the dtype (autocast's weight and activation casts among them; a
   multi-tensor copy, as MasterWeightAdamW's, counts once: it is one launch);
@@ -85,7 +86,7 @@ class StepCounter(TorchDispatchMode):
         if not writes and not any(isinstance(t, torch.Tensor) for t in torch.utils._pytree.tree_leaves(out)):
             return out  # a value for the host (a scalar read, a dtype), not a kernel; in-place ops
             # that return nothing (_fused_adamw_, _foreach_mul_, vlfast.ema_update_) do launch one
-        self.ops[f"{func.namespace}.{name}"] += 1
+        self.ops[f"{func.namespace}.{name}"] += _foreach_launches(name, args) if name.startswith("_foreach_") else 1
         if name in ("_to_copy", "copy_", "_foreach_copy_") and _dtype_changes(func, args, out):
             self.casts += 1
         if name not in MATMULS:
@@ -106,6 +107,29 @@ class ZeroMatmuls(TorchDispatchMode):
         out = func(*meta[0], **meta[1])
         return torch.utils._pytree.tree_map_only(
             torch.Tensor, lambda t: torch.zeros_like(t, device=device) if t.device.type == "meta" else t, out)
+
+
+def _foreach_launches(name: str, args) -> int:
+    """The kernels a CUDA foreach op launches: one multi-tensor kernel on its fast route, one per
+    tensor on its slow one (ATen's can_use_fast_route): the fast route needs every tensor of the
+    lists in one dtype (_foreach_copy_ may change it between its two lists), on one device and
+    dense, and a 0-d tensor scalar (clipping's scale) in the tensors' dtype too. On the CPU every
+    foreach op loops over its tensors; this counts what a GPU would launch."""
+    lists = [a for a in args if isinstance(a, (list, tuple)) and a and all(isinstance(t, torch.Tensor) for t in a)]
+    if not lists:
+        return 1
+    first = lists[0][0]
+    scalars = [a for a in args if isinstance(a, torch.Tensor) and a.ndim == 0]
+    each_list = lists[:1] + [lst for lst in lists[1:] if not name.startswith("_foreach_copy_")]
+    fast = (all(t.dtype == first.dtype for lst in each_list for t in lst)
+            and all(t.dtype == lists[-1][0].dtype for t in lists[-1])
+            and all(t.device == first.device and _dense(t) for lst in lists for t in lst)
+            and all(s.dtype == first.dtype for s in scalars))
+    return 1 if fast else len(lists[0])
+
+
+def _dense(t: torch.Tensor) -> bool:
+    return t.is_contiguous() or (t.ndim == 4 and t.is_contiguous(memory_format=torch.channels_last))
 
 
 def _dtype_changes(func, args, out) -> bool:

@@ -31,3 +31,25 @@ def test_zeroing_the_matrix_products_changes_no_count():
     for key in ("ops", "casts", "host_syncs", "bytes_non_matmul", "gflops", "top_ops"):
         assert zeroed[key] == real[key], key
     assert real["gflops"] > 0
+
+
+def test_clipping_launches_one_kernel_per_gradient_dtype():
+    """CUDA's foreach mul_ takes a 0-d scale of another dtype than the tensors on its slow path, one
+    launch per tensor; the counter models that rule, and clipping gives each dtype's gradients a
+    scale of their own dtype (before: 305 launches of mul_ per ViT-B/16 + BERT-base step)."""
+    import torch
+
+    from vlfast.trainer.optimizer import clip_grad_norm
+
+    bf16 = [torch.randn(3, 4).to(torch.bfloat16) for _ in range(5)]
+    fp32 = [torch.randn(7) for _ in range(3)]
+    assert step_cost._foreach_launches("_foreach_mul_", (bf16, torch.tensor(0.5))) == 5  # the slow route
+    assert step_cost._foreach_launches("_foreach_mul_", (bf16, torch.tensor(0.5, dtype=torch.bfloat16))) == 1
+    assert step_cost._foreach_launches("_foreach_copy_", (fp32[:2], bf16[:2])) == 1  # copy may change dtype
+    assert step_cost._foreach_launches("_foreach_add_", (fp32[:2], bf16[:2])) == 2
+    parameters = [torch.nn.Parameter(g.clone()) for g in bf16 + fp32]
+    for p in parameters:
+        p.grad = p.detach().clone() * 100
+    with step_cost.StepCounter() as counter:
+        clip_grad_norm(parameters, 1.0)
+    assert counter.ops["aten._foreach_mul_"] == 2, counter.ops
