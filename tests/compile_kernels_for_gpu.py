@@ -1,6 +1,10 @@
 """Compiles vlfast's Triton kernels (itc_loss, attention, dropout_add_layer_norm) for real GPUs (sm_80, sm_90) without one: Triton's ptxas
 builds the cubins here, so a kernel that only the interpreter has run cannot fail to compile on
-a lent card. Run by tests/test_contrastive.py in a process without TRITON_INTERPRET.
+a lent card; and each kernel's shared memory must fit the architecture's limit per block (a
+kernel over it compiles but fails to launch: itc_loss's fp32 kernels at D = 768 needed 393 KB on
+sm_90). Every config the launchers pick is compiled: each dtype, and D across itc_loss's chunking
+(one chunk up to 1 KiB per row, chunks beyond, up to D = 1024). Run by tests/test_contrastive.py
+in a process without TRITON_INTERPRET.
 
     python tests/compile_kernels_for_gpu.py
 """
@@ -12,7 +16,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from vlfast.kernels import attention, dropout_add_layer_norm, itc_loss
-from vlfast.ops.contrastive import _launch_config as itc_config
+from vlfast.ops.contrastive import ROW_CHUNK_BYTES, _launch_config as itc_config
 from vlfast.ops.padded_attention import _launch_config as attention_config
 from vlfast.ops.residual_layer_norm import _launch_config as layer_norm_config
 
@@ -22,8 +26,15 @@ SCALARS = {"B": "i32", "N": "i32", "D": "i32", "key_offset": "i32", "smoothing":
            "rows_per_program": "i32"}
 
 
-def itc_kernel(fn, dtype, arch, **flags):
-    config, accumulate = itc_config(torch.empty(1, 256, dtype=dtype))
+# The most shared memory one block may use (opt-in), in bytes: A100 163 KB, H100/H200 227 KB.
+SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+# itc_loss's D: the narrowest block, the widest single chunk (fp64 128, fp32 256, 16-bit 512), and
+# chunks (any D beyond the widest chunk gives the same config as 1024)
+ITC_DIMS = {dtype: (16, ROW_CHUNK_BYTES // torch.empty((), dtype=dtype).element_size(), 1024) for dtype in POINTER}
+
+
+def itc_kernel(fn, dtype, arch, dim=256, **flags):
+    config, accumulate = itc_config(torch.empty(1, dim, dtype=dtype))
     feature, acc = POINTER[dtype], POINTER[accumulate]
     pointers = {"Q": feature, "K": feature, "TAU": "*fp32", "QIDS": "*i64", "KIDS": "*i64", "SEED": "*i64",
                 "ROW_LOSS": acc, "NEG": "*i64", "LSE": acc, "NPOS": "*i32", "GRAD": acc, "DQ": acc, "DK": acc,
@@ -54,15 +65,20 @@ def compile_for(fn, arch, pointers, constexprs, **options):
                  for name in fn.arg_names}
     source = ASTSource(fn=fn, signature=signature,
                        constexprs={(fn.arg_names.index(name),): value for name, value in constexprs.items()})
-    triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options or None)
+    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options or None)
+    shared = kernel.metadata.shared
+    if shared > SHARED_MEMORY_LIMIT[arch]:
+        raise SystemExit(f"{fn.__name__} {constexprs}: {shared} bytes of shared memory per block, over sm_{arch}'s "
+                         f"{SHARED_MEMORY_LIMIT[arch]}")
 
 
 def main():
     for arch in (80, 90):
         for dtype in POINTER:
-            itc_kernel(itc_loss.itc_loss_rows_forward, dtype, arch, HAS_IDS=True, SAMPLE=True, SMOOTH=True)
-            itc_kernel(itc_loss.itc_loss_rows_backward_query, dtype, arch, HAS_IDS=True)
-            itc_kernel(itc_loss.itc_loss_rows_backward_key, dtype, arch, HAS_IDS=True)
+            for dim in ITC_DIMS[dtype]:
+                itc_kernel(itc_loss.itc_loss_rows_forward, dtype, arch, dim, HAS_IDS=True, SAMPLE=True, SMOOTH=True)
+                itc_kernel(itc_loss.itc_loss_rows_backward_query, dtype, arch, dim, HAS_IDS=True)
+                itc_kernel(itc_loss.itc_loss_rows_backward_key, dtype, arch, dim, HAS_IDS=True)
             for fn in (attention.attention_forward, attention.attention_backward_kv, attention.attention_backward_q):
                 if dtype != torch.float64:  # fp64 attention runs SDPA
                     attention_kernel(fn, dtype, 64, arch, HAS_MASK=True)

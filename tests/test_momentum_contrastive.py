@@ -110,6 +110,18 @@ def test_low_precision_features(device, dtype, tolerance):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", [momentum_itc_loss, momentum_itc_loss_reference])
+def test_a_bf16_batch_against_an_fp32_queue(device, op):
+    """The op takes features and queues of different dtypes, and so does the reference (in their
+    promoted dtype): torch refused ALBEF's bf16 @ fp32 product outside autocast, which failed every
+    reference row of the momentum benchmark on CUDA."""
+    online, momentum, queues, temp, image_ids, id_queue = problem(8, 32, 50, device, dtype=torch.bfloat16, ids=True)
+    queues = [q.float() for q in queues]
+    out = against_albef(online, momentum, queues, temp, image_ids, id_queue, 0.4, op=op, rtol=2e-2, atol=2e-2)
+    assert out.loss.dtype == torch.float32
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_float_temperature_and_tiled_keys(device, monkeypatch):
     """A float τ gets no gradient; off the CPU kernel the keys are scored in tiles, merged exactly."""
     from vlfast.ops import momentum_contrastive

@@ -148,6 +148,24 @@ def test_gradcheck(device):
 
 @needs_extension
 @pytest.mark.parametrize("device", DEVICES)
+def test_what_cuda_autocast_feeds(device):
+    """Under a GPU's autocast the patch embedding (a convolution) gives bf16 tokens, the position
+    embedding stays an fp32 parameter, and the encoder's output after its LayerNorm is fp32 (CPU
+    autocast gives bf16 for all three): MAE's add promotes, so do the ops."""
+    tokens, _ = make_inputs((3, 13, 24), torch.bfloat16, device, "none", seed=11)
+    _, pos_embed = make_inputs((3, 13, 24), torch.float32, device, "shared", seed=12)
+    got = random_masking(tokens, 0.75, pos_embed=pos_embed, generator=seeded(device, 1))
+    want = random_masking_reference(tokens, 0.75, pos_embed=pos_embed, generator=seeded(device, 1))
+    assert got.visible.dtype == want.visible.dtype == torch.float32
+    torch.testing.assert_close(got.visible, want.visible, **exact)
+    got_grads = torch.autograd.grad(got.visible.square().sum(), (tokens, pos_embed))
+    want_grads = torch.autograd.grad(want.visible.square().sum(), (tokens, pos_embed))
+    for got_grad, want_grad in zip(got_grads, want_grads):
+        assert got_grad.dtype == want_grad.dtype
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     g = seeded("cpu", 10)
     tokens = torch.randn(3, 11, 6, generator=g).to(device).requires_grad_()

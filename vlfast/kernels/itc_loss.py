@@ -7,6 +7,11 @@ log-sum-exp), the positives' score sum and count, and the running argmax of the 
 scores over the negatives, so the B×N matrix is never stored. The backward recomputes the tiles
 from the saved log-sum-exp, once over keys (dq, dτ) and once over queries (dk).
 
+Wide features (D > BLOCK_D, SPLIT_D): the launcher caps BLOCK_D so a program's tiles fit a
+GPU's shared memory (fp32 at D = 768 needed 393 KB, the H100 has 227 KB), and the scores are
+summed over D chunks. The backward then runs one program per (row block, D chunk) of its output,
+each recomputing the tile's scores over all of D: more arithmetic, the same memory.
+
 Sampling a negative with probability ∝ softmax(s)_j + ε, zero at positives: a mixture of
 softmax restricted to the negatives (weight 1 − positives' softmax mass) and the uniform over the
 negatives (weight ε·#negatives). The first is the Gumbel-max argmax of s_j + G_j over negatives,
@@ -17,21 +22,36 @@ import triton.language as tl
 
 
 @triton.jit
-def _load_rows(X, start, count, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Rows start .. start+BLOCK of a contiguous (count, D) matrix, zeros past its end, with the
-    row indices, the same clamped into range (safe to load with) and the in-range mask."""
-    rows = start + tl.arange(0, BLOCK)
-    ok = rows < count
-    safe = tl.where(ok, rows, 0)
-    dims = tl.arange(0, BLOCK_D)
-    x = tl.load(X + safe[:, None] * D + dims[None, :], mask=ok[:, None] & (dims[None, :] < D), other=0.0)
-    return x, rows, safe, ok
+def _load_chunk(X, safe, ok, dim0, D, BLOCK_D: tl.constexpr):
+    """Columns dim0 .. dim0+BLOCK_D of the rows ``safe`` of a contiguous (count, D) matrix, zeros outside."""
+    dims = dim0 + tl.arange(0, BLOCK_D)
+    return tl.load(X + safe[:, None] * D + dims[None, :], mask=ok[:, None] & (dims[None, :] < D), other=0.0)
 
 
 @triton.jit
-def _store_rows(X, value, safe, ok, D, BLOCK_D: tl.constexpr):
-    dims = tl.arange(0, BLOCK_D)
+def _store_rows(X, value, safe, ok, dim0, D, BLOCK_D: tl.constexpr):
+    dims = dim0 + tl.arange(0, BLOCK_D)
     tl.store(X + safe[:, None] * D + dims[None, :], value, mask=ok[:, None] & (dims[None, :] < D))
+
+
+@triton.jit
+def _split_dot(A, a_safe, a_ok, B, b_safe, b_ok, D, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+               BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """A[a]·B[b]ᵀ over all of D, BLOCK_D columns at a time (SPLIT_D)."""
+    acc = tl.zeros((BLOCK_A, BLOCK_B), ACC)
+    for dim0 in range(0, D, BLOCK_D):
+        a = _load_chunk(A, a_safe, a_ok, dim0, D, BLOCK_D)
+        b = _load_chunk(B, b_safe, b_ok, dim0, D, BLOCK_D)
+        acc += tl.dot(a, tl.trans(b), input_precision=PRECISION, out_dtype=ACC)
+    return acc
+
+
+@triton.jit
+def _block(start, count, BLOCK: tl.constexpr):
+    """Indices start .. start+BLOCK, the in-range mask, and the indices clamped into range."""
+    index = start + tl.arange(0, BLOCK)
+    ok = index < count
+    return index, ok, tl.where(ok, index, 0)
 
 
 @triton.jit
@@ -59,9 +79,11 @@ def _score_grads(s, positive, col_ok, LSE, NPOS, GRAD, safe_rows, row_ok, ACC: t
 def itc_loss_rows_forward(Q, K, TAU, QIDS, KIDS, SEED, ROW_LOSS, NEG, LSE, NPOS,
                      B, N, D, key_offset, smoothing,
                      HAS_IDS: tl.constexpr, SAMPLE: tl.constexpr, SMOOTH: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_D: tl.constexpr,
                      PRECISION: tl.constexpr, ACC: tl.constexpr):
-    q, rows, safe_rows, row_ok = _load_rows(Q, tl.program_id(0) * BLOCK_M, B, D, BLOCK_M, BLOCK_D)
+    rows, row_ok, safe_rows = _block(tl.program_id(0) * BLOCK_M, B, BLOCK_M)
+    if not SPLIT_D:
+        q = _load_chunk(Q, safe_rows, row_ok, 0, D, BLOCK_D)
     inv_tau = 1.0 / tl.load(TAU).to(ACC)
     seed = tl.load(SEED).to(tl.int64) * 3  # three Philox streams: Gumbel, uniform keys, mixture pick
 
@@ -75,9 +97,13 @@ def itc_loss_rows_forward(Q, K, TAU, QIDS, KIDS, SEED, ROW_LOSS, NEG, LSE, NPOS,
     uniform_best = tl.full((BLOCK_M,), -1.0, tl.float32)
     uniform_index = tl.zeros((BLOCK_M,), tl.int32)
     for start in range(0, N, BLOCK_N):
-        k, cols, _, col_ok = _load_rows(K, start, N, D, BLOCK_N, BLOCK_D)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * inv_tau
-        s = tl.where(col_ok[None, :], s, float("-inf"))
+        cols, col_ok, safe_cols = _block(start, N, BLOCK_N)
+        if SPLIT_D:
+            s = _split_dot(Q, safe_rows, row_ok, K, safe_cols, col_ok, D, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, ACC)
+        else:
+            k = _load_chunk(K, safe_cols, col_ok, 0, D, BLOCK_D)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)
+        s = tl.where(col_ok[None, :], s * inv_tau, float("-inf"))
         positive = _positives(safe_rows, cols, col_ok, QIDS, KIDS, key_offset, HAS_IDS)
 
         new_max = tl.maximum(row_max, tl.max(s, axis=1))
@@ -124,34 +150,54 @@ def itc_loss_rows_forward(Q, K, TAU, QIDS, KIDS, SEED, ROW_LOSS, NEG, LSE, NPOS,
 def itc_loss_rows_backward_query(Q, K, TAU, QIDS, KIDS, LSE, NPOS, GRAD, DQ, DTAU_ROWS,
                             B, N, D, key_offset,
                             HAS_IDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
-    q, rows, safe_rows, row_ok = _load_rows(Q, tl.program_id(0) * BLOCK_M, B, D, BLOCK_M, BLOCK_D)
+                            BLOCK_D: tl.constexpr, SPLIT_D: tl.constexpr, PRECISION: tl.constexpr,
+                            ACC: tl.constexpr):
+    """dq (columns of program_id(1)'s D chunk) and, from the first chunk's programs, dτ per row."""
+    rows, row_ok, safe_rows = _block(tl.program_id(0) * BLOCK_M, B, BLOCK_M)
+    dim0 = tl.program_id(1) * BLOCK_D
+    if not SPLIT_D:
+        q = _load_chunk(Q, safe_rows, row_ok, 0, D, BLOCK_D)
     inv_tau = 1.0 / tl.load(TAU).to(ACC)
     dq = tl.zeros((BLOCK_M, BLOCK_D), ACC)
     dtau = tl.zeros((BLOCK_M,), ACC)
     for start in range(0, N, BLOCK_N):
-        k, cols, _, col_ok = _load_rows(K, start, N, D, BLOCK_N, BLOCK_D)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * inv_tau
+        cols, col_ok, safe_cols = _block(start, N, BLOCK_N)
+        k = _load_chunk(K, safe_cols, col_ok, dim0, D, BLOCK_D)
+        if SPLIT_D:
+            s = _split_dot(Q, safe_rows, row_ok, K, safe_cols, col_ok, D, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, ACC)
+        else:
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)
+        s = s * inv_tau
         positive = _positives(safe_rows, cols, col_ok, QIDS, KIDS, key_offset, HAS_IDS)
         ds = _score_grads(s, positive, col_ok, LSE, NPOS, GRAD, safe_rows, row_ok, ACC)
         dtau += tl.sum(ds * s, axis=1)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC)
-    _store_rows(DQ, dq * inv_tau, safe_rows, row_ok, D, BLOCK_D)
-    tl.store(DTAU_ROWS + rows, -dtau * inv_tau, mask=row_ok)
+    _store_rows(DQ, dq * inv_tau, safe_rows, row_ok, dim0, D, BLOCK_D)
+    tl.store(DTAU_ROWS + rows, -dtau * inv_tau, mask=row_ok & (dim0 == 0))
 
 
 @triton.jit
 def itc_loss_rows_backward_key(Q, K, TAU, QIDS, KIDS, LSE, NPOS, GRAD, DK,
                           B, N, D, key_offset,
                           HAS_IDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
-    k, cols, safe_cols, col_ok = _load_rows(K, tl.program_id(0) * BLOCK_N, N, D, BLOCK_N, BLOCK_D)
+                          BLOCK_D: tl.constexpr, SPLIT_D: tl.constexpr, PRECISION: tl.constexpr,
+                          ACC: tl.constexpr):
+    """dk, the columns of program_id(1)'s D chunk."""
+    cols, col_ok, safe_cols = _block(tl.program_id(0) * BLOCK_N, N, BLOCK_N)
+    dim0 = tl.program_id(1) * BLOCK_D
+    if not SPLIT_D:
+        k = _load_chunk(K, safe_cols, col_ok, 0, D, BLOCK_D)
     inv_tau = 1.0 / tl.load(TAU).to(ACC)
     dk = tl.zeros((BLOCK_N, BLOCK_D), ACC)
     for start in range(0, B, BLOCK_M):
-        q, rows, safe_rows, row_ok = _load_rows(Q, start, B, D, BLOCK_M, BLOCK_D)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * inv_tau  # (BLOCK_M, BLOCK_N)
+        rows, row_ok, safe_rows = _block(start, B, BLOCK_M)
+        q = _load_chunk(Q, safe_rows, row_ok, dim0, D, BLOCK_D)
+        if SPLIT_D:
+            s = _split_dot(Q, safe_rows, row_ok, K, safe_cols, col_ok, D, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, ACC)
+        else:
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)  # (BLOCK_M, BLOCK_N)
+        s = s * inv_tau
         positive = _positives(safe_rows, cols, col_ok, QIDS, KIDS, key_offset, HAS_IDS)
         ds = _score_grads(s, positive, col_ok, LSE, NPOS, GRAD, safe_rows, row_ok, ACC)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION, out_dtype=ACC)
-    _store_rows(DK, dk * inv_tau, safe_cols, col_ok, D, BLOCK_D)
+    _store_rows(DK, dk * inv_tau, safe_cols, col_ok, dim0, D, BLOCK_D)

@@ -88,8 +88,12 @@ def _loss_on_keys(image_feat, text_feat, temperature, image_ids, keys: Keys, pat
         _check_every_row_has_a_negative(ids_all, text_all.shape[0])
     if path in ("kernel", "interpreted"):  # the kernel (interpreted: Triton's on CPU tensors, in its interpreter)
         seeds = torch.randint(0, 2**31 - 1, (2,), device=image_feat.device, generator=generator)
-        if not isinstance(temperature, Tensor):
-            temperature = torch.tensor(temperature, device=image_feat.device)
+        if not isinstance(temperature, Tensor):  # a fill on the device, not a copy from the host
+            temperature = torch.full((), temperature, device=image_feat.device)
+        # The kernels read every tensor as contiguous rows (ids too: a strided id column miscounted
+        # the positives)
+        image_ids = None if image_ids is None else image_ids.contiguous()
+        ids_all = None if ids_all is None else ids_all.contiguous()
         rows_i2t, neg_text = torch.ops.vlfast.itc_loss_rows(image_feat.contiguous(), text_all.contiguous(), temperature,
                                                             image_ids, ids_all, offset, seeds[:1], smoothing,
                                                             sample_negatives)[:2]
@@ -264,12 +268,19 @@ def _check_inputs(image_feat, text_feat, temperature, image_ids, smoothing, gene
 # The kernels of torch.ops.vlfast.itc_loss_rows (schema: csrc/vlfast.cpp; autograd:
 # csrc/autograd.cpp): Triton's launchers, registered for CUDA and, for the interpreter, the CPU.
 
+# The widest D chunk a program holds, in bytes per row: 1 KiB (fp32 D 256, bf16 512, fp64 128)
+# keeps every kernel's shared memory under 110 KB at 32-row tiles (tests/compile_kernels_for_gpu.py
+# checks every config against sm_80's and sm_90's limits). Wider features are summed in chunks.
+ROW_CHUNK_BYTES = 1024
+
+
 def _launch_config(query: Tensor):
     dim = query.shape[1]
-    block_d = max(16, triton.next_power_of_2(dim))
-    block = 16 if os.environ.get("TRITON_INTERPRET") == "1" else (64 if block_d <= 128 else 32)
+    block_d = max(16, min(triton.next_power_of_2(dim), ROW_CHUNK_BYTES // query.element_size()))
+    narrow = block_d <= 128 and block_d * query.element_size() <= 512  # 64-row tiles fit shared memory
+    block = 16 if os.environ.get("TRITON_INTERPRET") == "1" else (64 if narrow else 32)
     accumulate = torch.float64 if query.dtype == torch.float64 else torch.float32
-    return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d,
+    return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, SPLIT_D=dim > block_d,
                 PRECISION="ieee" if query.dtype in (torch.float32, torch.float64) else "tf32",
                 ACC=itc_kernels.tl.float64 if accumulate == torch.float64 else itc_kernels.tl.float32), accumulate
 
@@ -304,9 +315,10 @@ def triton_backward(grad: Tensor, query: Tensor, key: Tensor, temperature: Tenso
     dk = torch.empty(keys, dim, dtype=accumulate, device=query.device)
     dtau_rows = torch.empty(batch, dtype=accumulate, device=query.device)
     common = (query, key, temperature, query_ids, key_ids, lse, npos, grad)
-    itc_kernels.itc_loss_rows_backward_query[(triton.cdiv(batch, config["BLOCK_M"]),)](
+    chunks = triton.cdiv(dim, config["BLOCK_D"])  # one program per D chunk of dq / dk
+    itc_kernels.itc_loss_rows_backward_query[(triton.cdiv(batch, config["BLOCK_M"]), chunks)](
         *common, dq, dtau_rows, batch, keys, dim, key_offset, HAS_IDS=query_ids is not None, **config)
-    itc_kernels.itc_loss_rows_backward_key[(triton.cdiv(keys, config["BLOCK_N"]),)](
+    itc_kernels.itc_loss_rows_backward_key[(triton.cdiv(keys, config["BLOCK_N"]), chunks)](
         *common, dk, batch, keys, dim, key_offset, HAS_IDS=query_ids is not None, **config)
     return dq.to(query.dtype), dk.to(key.dtype), dtau_rows.sum().to(temperature.dtype)
 

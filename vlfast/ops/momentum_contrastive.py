@@ -17,6 +17,7 @@ when alpha = 0), and the gradients are ready when the forward ends: the backward
 them. The queue is read where it lies (the batch's keys and the queue are scored apart and
 merged by their log-sum-exp), so the op allocates O(B·D) (O((B + Q)·D) with image ids).
 """
+import functools
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -102,7 +103,16 @@ def momentum_itc_loss_reference(image_feat: Tensor, text_feat: Tensor, image_fea
                                 generator: Optional[torch.Generator] = None) -> ContrastiveOutput:
     """ALBEF's code path in plain torch (models/model_pretrain.py; model_retrieval.py with ids):
     the queue concatenated, the four similarity matrices, both soft-target softmaxes, the
-    log-softmax products, and a torch.multinomial per row for the negatives."""
+    log-softmax products, and a torch.multinomial per row for the negatives.
+
+    Features and queues of different dtypes (a bf16 batch against an fp32 queue) are computed in
+    their promoted dtype, as the op takes them: ALBEF's matrix products mix them only under
+    autocast, which casts both sides; outside it torch refuses the product."""
+    features = [image_feat, text_feat, image_feat_m, text_feat_m] + [q for q in (image_queue, text_queue) if q is not None]
+    dtype = functools.reduce(torch.promote_types, (x.dtype for x in features))
+    if any(x.dtype != dtype for x in features):
+        image_feat, text_feat, image_feat_m, text_feat_m = (x.to(dtype) for x in features[:4])
+        image_queue, text_queue = (None if q is None else q.to(dtype) for q in (image_queue, text_queue))
     batch = image_feat.shape[0]
     with torch.no_grad():
         image_m, text_m, ids_m, offset = _gather_momentum(image_feat_m, text_feat_m, image_ids, all_gather)
@@ -180,7 +190,10 @@ def softmax_weighted_keys(query: Tensor, keys: Sequence[Tensor], scores_of_part)
 
 
 def _softmax_weighted_keys_flash(query: Tensor, keys: Tensor) -> Tuple[Tensor, Tensor]:
-    """The CPU's: torch's flash-attention kernel, keys as values, in one call."""
+    """The CPU's: torch's flash-attention kernel, keys as values, in one call. Called directly, the
+    kernel reads its inputs as if their rows were contiguous (SDPA's front end makes them so): a
+    transposed query gave scores of 1e37 (tests/test_strided_inputs.py)."""
+    query, keys = query.contiguous(), keys.contiguous()
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query[None, None], keys[None, None],
                                                                           keys[None, None], scale=1.0)
     return out[0, 0], lse[0, 0]
@@ -225,7 +238,7 @@ def _positive_mean(keys: Sequence[Tensor], image_ids: Optional[Tensor], ids_all:
     sums = torch.zeros_like(keys).index_add_(0, group, keys)
     counts = torch.zeros(keys.shape[0], dtype=keys.dtype, device=keys.device).index_add_(
         0, group, torch.ones_like(group, dtype=keys.dtype))
-    rows = torch.searchsorted(ordered, image_ids.to(ordered.dtype))
+    rows = torch.searchsorted(ordered, image_ids.to(ordered.dtype).contiguous())
     return sums[rows] / counts[rows, None]
 
 

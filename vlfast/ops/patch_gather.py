@@ -102,7 +102,7 @@ def unmask(visible: Tensor, ids_restore: Tensor, mask_token: Tensor, *, pos_embe
     if pos_embed is not None:
         dtype = torch.promote_types(dtype, pos_embed.dtype)
     return torch.ops.vlfast.unmask(visible.contiguous(), ids_restore.contiguous(),
-                                   mask_token.reshape(dim).to(dtype), _promoted(pos_embed, visible, dtype))
+                                   mask_token.reshape(dim).to(dtype).contiguous(), _promoted(pos_embed, visible, dtype))
 
 
 def random_masking_reference(tokens: Tensor, mask_ratio: float, *, pos_embed: Optional[Tensor] = None,
