@@ -13,7 +13,15 @@ if not CUDA:
 from vlfast import _extension  # noqa: E402  (after TRITON_INTERPRET is set)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--cuda-config", action="store_true",
+                     help="benchmarks: the CPU rows run each benchmark's CUDA configuration (its dtypes, its "
+                          "autocast) at CPU sizes, as the GPU suite's dry run does (benchmarks/timing.py)")
+
+
 def pytest_configure(config):
+    if config.getoption("cuda_config"):  # read by benchmarks/timing.py at import, and by its child processes
+        os.environ["VLFAST_BENCH_CUDA_CONFIG"] = "1"
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
     if _extension.BUILT and _extension.LOAD_ERROR is not None:  # skips would hide a broken build
         raise pytest.UsageError(f"vlfast._C is built but does not load: {_extension.LOAD_ERROR}. "

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from timing import CUDA, DEVICES, PASSES, timed
+from timing import CUDA, DEVICES, PASSES, feature_dtype, timed
 from vlfast._extension import has_kernel
 from vlfast.ops import attention, attention_reference
 from vlfast.ops.padded_attention import CPU_KERNEL_MAX_SCORES
@@ -51,7 +51,7 @@ def bench_attention(benchmark, implementation, shape, passes, device):
     if implementation == "cpu_kernel" and (device == "cuda" or queries * keys <= CPU_KERNEL_MAX_SCORES):
         pytest.skip("the CPU kernel's own row is for CPU shapes where auto runs SDPA (elsewhere vlfast's row is it)")
     batch, heads, dim = (64, 12, 64) if device == "cuda" else (4, 12, 64)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = feature_dtype(device)
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(batch, heads, length, dim, generator=generator).to(device, dtype).requires_grad_()
                for length in (queries, keys, keys))

@@ -10,7 +10,7 @@ On the CPU the same code runs at small sizes in fp32 (a smoke test, not a ceilin
 import pytest
 import torch
 
-from timing import DEVICES, timed
+from timing import DEVICES, feature_dtype, timed
 
 COPY_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 28}  # fp32: 1 GiB per buffer on CUDA, far over L2
 MATMUL_SIDE = {"cpu": 512, "cuda": 8192}
@@ -29,7 +29,7 @@ def bench_copy_bandwidth(benchmark, device):
 @pytest.mark.parametrize("device", DEVICES)
 def bench_matmul_rate(benchmark, device):
     side = MATMUL_SIDE[device]
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = feature_dtype(device)
     a, b = (torch.randn(side, side, device=device, dtype=dtype) for _ in range(2))
     timed(benchmark, device, lambda: a @ b, warmup=300 if device == "cuda" else 3)  # about 0.5 s on CUDA
     if benchmark.stats:

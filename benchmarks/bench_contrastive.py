@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from timing import CUDA, DEVICES, PASSES, timed
+from timing import CUDA, DEVICES, PASSES, feature_dtype, timed
 from vlfast._extension import implementation
 from vlfast.ops import contrastive
 
@@ -31,7 +31,7 @@ IMPLEMENTATIONS = {
 
 
 def features(rows, device, requires_grad=True):
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = feature_dtype(device)
     return [F.normalize(torch.randn(rows, DIM, device=device), dim=1).to(dtype).requires_grad_(requires_grad)
             for _ in range(2)]
 

@@ -14,7 +14,7 @@ import itertools
 import pytest
 import torch
 
-from timing import CUDA, DEVICES, PASSES, timed
+from timing import CUDA, DEVICES, PASSES, feature_dtype, timed
 from vlfast.ops import dropout_add_layer_norm, dropout_add_layer_norm_reference
 
 SHAPES = {"tiny_itm": (96 * 30, 128), "bert_base_b64": (64 * 40, 768)}
@@ -34,7 +34,7 @@ def bench_dropout_add_layer_norm(benchmark, monkeypatch, implementation, shape, 
             pytest.skip("the Triton row is the GPU's; on the CPU vlfast runs the C++ kernel")
         monkeypatch.setenv("VLFAST_BACKEND", "fused")
     rows, dim = SHAPES[shape]
-    x_dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    x_dtype = feature_dtype(device)
     op = IMPLEMENTATIONS[implementation]
     weight = torch.ones(dim, device=device, requires_grad=True)
     bias = torch.zeros(dim, device=device, requires_grad=True)

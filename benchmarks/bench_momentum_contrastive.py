@@ -7,7 +7,8 @@ runs it; time and peak memory (the CPU's too).
     pytest benchmarks/bench_momentum_contrastive.py --benchmark-enable --benchmark-json=momentum_contrastive.json
 
 D = 256 (ALBEF's embed dim), alpha 0.4, B = 64 and 256 per device, Q = 57600 (BLIP) and 65536
-(ALBEF); fp32 on the CPU, bf16 features on CUDA (the queue fp32).
+(ALBEF); fp32 on the CPU, bf16 on CUDA: features and queue in one dtype, as a queue written
+with the features holds them (a bf16 batch against an fp32 queue failed every ALBEF row on CUDA).
 """
 import sys
 
@@ -15,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from timing import DEVICES, host_peak_bytes, timed
+from timing import DEVICES, feature_dtype, host_peak_bytes, timed
 from vlfast.nn import FeatureQueue
 from vlfast.ops import momentum_itc_loss, momentum_itc_loss_reference
 
@@ -27,9 +28,9 @@ QUEUES = [57600, 65536]
 class AlbefQueue:
     """ALBEF's buffers and _dequeue_and_enqueue (one process: its all_gather returns the batch)."""
 
-    def __init__(self, size, device):
-        self.image_queue = F.normalize(torch.randn(DIM, size, device=device), dim=0)
-        self.text_queue = F.normalize(torch.randn(DIM, size, device=device), dim=0)
+    def __init__(self, size, device, dtype):
+        self.image_queue = F.normalize(torch.randn(DIM, size, device=device), dim=0).to(dtype)
+        self.text_queue = F.normalize(torch.randn(DIM, size, device=device), dim=0).to(dtype)
         self.queue_ptr = torch.zeros(1, dtype=torch.long, device=device)
         self.queue_size = size
 
@@ -63,14 +64,15 @@ IMPLEMENTATIONS = {"vlfast": vlfast, "albef_loop": albef}
 
 def make_step(implementation: str, batch: int, queue: int, device: str):
     """One call of ``implementation`` at these sizes: loss, gradients, negatives and enqueue."""
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = feature_dtype(device)
     torch.manual_seed(0)
     image, text, image_m, text_m = (F.normalize(torch.randn(batch, DIM, device=device), dim=1).to(dtype)
                                     for _ in range(4))
     image.requires_grad_()
     text.requires_grad_()
     temperature = torch.tensor(0.07, device=device, requires_grad=True)
-    queues = FeatureQueue(queue, DIM).to(device) if implementation == "vlfast" else AlbefQueue(queue, device)
+    queues = FeatureQueue(queue, DIM, dtype=dtype).to(device) if implementation == "vlfast" else \
+        AlbefQueue(queue, device, dtype)
     loss_fn = IMPLEMENTATIONS[implementation]
 
     def step():

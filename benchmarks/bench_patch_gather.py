@@ -13,7 +13,7 @@ mask token, position embedding) and writes the kept rows' gradient.
 import pytest
 import torch
 
-from timing import DEVICES, PASSES, timed
+from timing import DEVICES, PASSES, feature_dtype, timed
 from vlfast.ops import random_masking, random_masking_reference, unmask, unmask_reference
 
 PATCHES, DIM, MASK_RATIO = 196, 768, 0.75
@@ -22,7 +22,7 @@ BATCHES = [64, 256]
 
 
 def inputs(batch, device):
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = feature_dtype(device)
     tokens = torch.randn(batch, PATCHES, DIM, device=device, dtype=dtype, requires_grad=True)
     pos_embed = torch.randn(1, PATCHES, DIM, device=device, dtype=dtype, requires_grad=True)
     return tokens, pos_embed

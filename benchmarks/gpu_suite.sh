@@ -5,35 +5,47 @@
 # Results go to benchmarks/results/<card>-<date>-<bench>.json and <card>-<date>.md; when OUT is
 # set, each JSON also goes to $OUT as soon as it is written (a run cut short still returns what it
 # measured; the .md is made from the JSON by benchmarks/report.py).
-# Stops at the first failure with its error in the last lines, unless --keep-going.
+# Stops at the first failure with its error in the last lines, unless --keep-going. A benchmark file
+# with a failing row still publishes the rows it measured before the failure is recorded.
 #
-#   bash benchmarks/gpu_suite.sh               # on the GPU machine
-#   bash benchmarks/gpu_suite.sh --keep-going  # a failed step is reported and the rest still run
-#                                              # (a failed CUDA build falls back to the CPU-only
-#                                              # build, so the Triton kernels are still measured)
-#   bash benchmarks/gpu_suite.sh --dry-run     # on a CPU: same steps, CPU-only build, tiny sizes,
-#                                              # results to a temporary folder (CI runs this)
-#   bash benchmarks/gpu_suite.sh --part step   # the CUDA tests, the ceilings, the training step (eager
-#                                              # reference, eager fused, graphed, compiled + graphed:
-#                                              # samples/s, MFU, peak memory, paired ratios), its
-#                                              # profile and per-op ablation (about 8 minutes on an
-#                                              # H200, estimated, not yet timed)
-#   bash benchmarks/gpu_suite.sh --part ops    # the ceilings and the per-op files (no tests): with
-#                                              # --part step, the whole suite in two calls of a lease
+#   bash benchmarks/gpu_suite.sh                 # on the GPU machine: every part
+#   bash benchmarks/gpu_suite.sh --keep-going    # a failed step is reported and the rest still run
+#                                                # (a failed CUDA build falls back to the CPU-only
+#                                                # build, so the Triton kernels are still measured)
+#   bash benchmarks/gpu_suite.sh --dry-run       # on a CPU: same steps, CPU-only build, tiny sizes, each
+#                                                # benchmark's CUDA configuration (dtypes, autocast:
+#                                                # pytest --cuda-config), results to a temporary folder,
+#                                                # and a check that a failing row loses no results (CI)
+#   bash benchmarks/gpu_suite.sh --part step,momentum
+#                                                # parts, comma-separated (the ceilings always run):
+#       step      the CUDA tests, the training step (eager reference, eager fused, graphed, compiled +
+#                 graphed: samples/s, MFU, peak memory, paired ratios), its profile and per-op
+#                 ablation (about 8 minutes on an H200, estimated, not yet timed)
+#       momentum  momentum_itc_loss against ALBEF's queue path, and its CUDA tests
+#       ops       the other per-op files (no tests)
+#   Parts never yet run on a card: docs/benchmarks.md, "The GPU suite".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
-dry_run=0 keep_going=0 part=all
+dry_run=0 keep_going=0 parts=step,momentum,ops
 while (( $# )); do
     case $1 in
         --dry-run) dry_run=1 ;;
         --keep-going) keep_going=1 ;;
-        --part) part=${2:-}; shift ;;
+        --part) parts=${2:-}; shift ;;
         *) echo "gpu_suite.sh: unknown argument $1" >&2; exit 2 ;;
     esac
     shift
 done
-[[ $part == all || $part == step || $part == ops ]] || { echo "gpu_suite.sh: --part must be step or ops, got '$part'" >&2; exit 2; }
+[[ $parts == all ]] && parts=step,momentum,ops
+for part in ${parts//,/ }; do
+    [[ $part == step || $part == momentum || $part == ops ]] \
+        || { echo "gpu_suite.sh: --part takes step, momentum, ops (comma-separated) or all, got '$parts'" >&2; exit 2; }
+done
+wants() { [[ ",$parts," == *",$1,"* ]]; }
+# The dry run takes each benchmark's CUDA configuration on the CPU (benchmarks/timing.py reads it;
+# the profile script too)
+[[ $dry_run == 1 ]] && export VLFAST_BENCH_CUDA_CONFIG=1
 python=${PYTHON:-python3}
 failed=()
 
@@ -85,10 +97,13 @@ $python -m vlfast || fail "import"
 parallel=() per_test_limit=()
 $python -c "import xdist" 2>/dev/null && parallel=(-n "$(( $(nproc) < 12 ? $(nproc) : 12 ))")
 $python -c "import pytest_timeout" 2>/dev/null && per_test_limit=(--timeout=180)
-if [[ $part != ops ]]; then
-    step "CUDA tests"  # on a CPU every cuda test skips: the step still proves collection and markers work
-    $python -m pytest -q -m cuda -p no:cacheprovider -rfE --tb=short "${parallel[@]}" "${per_test_limit[@]}" tests \
-        || fail "CUDA tests"
+cuda_tests=()
+wants step && cuda_tests=(tests)
+wants momentum && ! wants step && cuda_tests=(tests/test_momentum_contrastive.py)
+if (( ${#cuda_tests[@]} )); then
+    step "CUDA tests (${cuda_tests[*]})"  # on a CPU every cuda test skips: the step still proves collection and markers work
+    $python -m pytest -q -m cuda -p no:cacheprovider -rfE --tb=short "${parallel[@]}" "${per_test_limit[@]}" \
+        "${cuda_tests[@]}" || fail "CUDA tests"
 fi
 
 step "benchmarks"
@@ -96,7 +111,7 @@ name="$card-$(date -u +%F)"
 if [[ $dry_run == 1 ]]; then
     results=$(mktemp -d)
     selection="cpu and not vit_b16 and not bert_base and not 256 and not compiled"  # compiling: minutes on a CPU
-    timing=(--benchmark-max-time=0.01 --benchmark-min-rounds=1 --benchmark-warmup=off)
+    timing=(--benchmark-max-time=0.01 --benchmark-min-rounds=1 --benchmark-warmup=off --cuda-config)
 else
     results=benchmarks/results
     selection=cuda
@@ -108,13 +123,17 @@ fi
 # training step's paired ratios (the target), its single-path rows (MFU, memory), its profile and
 # ablation, then the per-op files.
 run_bench() {  # run_bench FILE [OUTPUT SELECTION]: benchmarks/bench_FILE.py into $results/$name-OUTPUT.json
-    local json="$results/$name-${2:-$1}.json" select="$selection${3:+ and ($3)}"
-    $python -m pytest -q -p no:cacheprovider "benchmarks/bench_$1.py" --benchmark-enable "${timing[@]}" \
-        -k "$select" "${per_test_limit[@]}" --benchmark-json="$json" --benchmark-columns=median,rounds || fail "bench_${2:-$1}"
+    run_bench_file "benchmarks/bench_$1.py" "${2:-$1}" "${3:-}"
+}
+run_bench_file() {  # run_bench_file PATH OUTPUT SELECTION: what ran is published, then a failure recorded
+    local json="$results/$name-$2.json" select="$selection${3:+ and ($3)}" status=0
+    $python -m pytest -q -p no:cacheprovider "$1" --benchmark-enable "${timing[@]}" \
+        -k "$select" "${per_test_limit[@]}" --benchmark-json="$json" --benchmark-columns=median,rounds || status=$?
     [[ -s $json ]] && $python benchmarks/slim_results.py "$json" && publish "$json"  # raw rounds dropped
+    (( status == 0 )) || fail "bench_$2"
 }
 run_bench ceilings
-if [[ $part != ops ]]; then
+if wants step; then
     # Single-path rows (samples/s, MFU, memory) not at 256 px: its paired row has the ratio.
     # Paired: eager fused, graphed, compiled + graphed, each against the eager reference in the same
     # rounds, at 224 px batch 64 and on the tiny config (256 px: the per-op files' shapes cover it).
@@ -132,11 +151,32 @@ if [[ $part != ops ]]; then
     $python benchmarks/profile_train_step.py "${ablate_args[@]}" 2>&1 | tee "$results/$name-ablation.txt" || fail ablation
     publish "$results/$name-ablation.txt"
 fi
-if [[ $part != step ]]; then
+if wants momentum; then
+    step "momentum ITC benchmark"
+    run_bench momentum_contrastive
+fi
+if wants ops; then
     step "per-op benchmarks"
-    for bench in ema patch_gather contrastive momentum_contrastive dropout_add_layer_norm attention; do
+    for bench in ema patch_gather contrastive dropout_add_layer_norm attention; do
         run_bench $bench
     done
+fi
+if [[ $dry_run == 1 ]]; then
+    # What a lease must never lose: a file whose second row fails still publishes its first, and the
+    # failure is recorded (benchmarks/suite_check.py: one row passes, one raises).
+    step "check: a failing benchmark row loses no results"
+    check_out=$(mktemp -d)
+    (
+        OUT=$check_out keep_going=1 failed=()
+        run_bench_file benchmarks/suite_check.py suite_check ""
+        [[ ${failed[*]} == bench_suite_check ]] || { echo "the failing row was not recorded: ${failed[*]}"; exit 1; }
+        $python - "$check_out/$name-suite_check.json" <<'PY' || exit 1
+import json, sys
+names = [bench["name"] for bench in json.load(open(sys.argv[1]))["benchmarks"]]
+assert names == ["bench_suite_check[passes-cpu]"], f"published rows: {names}"
+print("published despite the failing row:", names)
+PY
+    ) || fail "check: results of a failing file"
 fi
 
 step "results"

@@ -2,6 +2,7 @@
 and record the card, peak memory and GPU busy time (CUDA) and effective bandwidth (when the
 bytes moved are given); and the alternating pairs that compare two steps on a machine whose
 speed drifts; the devices they run on."""
+import os
 import subprocess
 import sys
 import time
@@ -14,6 +15,20 @@ from torch.profiler import ProfilerActivity, profile
 
 CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]  # conftest.py skips "cuda" without a GPU
+# `pytest --cuda-config` (conftest.py; carried to child processes by this variable): the CPU rows
+# run each benchmark's CUDA configuration (its dtypes, its autocast) at the CPU's sizes. The GPU
+# suite's dry run uses it, so that a configuration only a card runs fails in CI, not on the card.
+CUDA_CONFIG_ON_CPU = os.environ.get("VLFAST_BENCH_CUDA_CONFIG") == "1"
+
+
+def cuda_config(device: str) -> bool:
+    """Whether rows on ``device`` take the CUDA configuration: on CUDA, and on the CPU under --cuda-config."""
+    return device == "cuda" or CUDA_CONFIG_ON_CPU
+
+
+def feature_dtype(device: str) -> torch.dtype:
+    """The benchmarks' activations: bf16 in the CUDA configuration (a GPU step's autocast), fp32 on the CPU."""
+    return torch.bfloat16 if cuda_config(device) else torch.float32
 PASSES = ("forward", "forward_backward")  # an op's forward as training runs it (autograd records), or with its backward
 BUSY = {"cuda": (ProfilerActivity.CUDA, DeviceType.CUDA, "self_device_time_total"),
         "cpu": (ProfilerActivity.CPU, DeviceType.CPU, "self_cpu_time_total")}

@@ -4,6 +4,7 @@ import dataclasses
 
 import torch
 
+from timing import cuda_config
 from vlfast.data.synthetic import SPECIAL_TOKENS, WORDS
 from vlfast.models import Mamo, MamoConfig, TextConfig, VisionConfig
 from vlfast.trainer import (CudaGraphStep, OptimConfig, bf16_weights, compile_forward_backward, default_model,
@@ -36,8 +37,9 @@ def build_step(config_name: str, device: str, implementation: str = "fused", bat
                autocast: bool = None):
     """(step function, batch size): a fresh model, its AdamW and one random batch (of the config's
     size unless ``batch``), fixed seeds. Reads VLFAST_BACKEND at each call; set it to
-    BACKENDS[implementation]. ``autocast``: whether the step will run under bf16 autocast (as
-    train.py's on a GPU; default: on a GPU), which the model is prepared for as train.py does. The
+    BACKENDS[implementation]. ``autocast``: whether the step runs under bf16 autocast (as
+    train.py's on a GPU; default: in the CUDA configuration, timing.cuda_config), which the model is
+    prepared for as train.py does; on the CPU the step then runs under the CPU's autocast. The
     step function's ``forward_backward_args`` are what train.py's compiled part takes (step_cost.py
     explains it)."""
     config, config_batch = CONFIGS[config_name]
@@ -47,7 +49,8 @@ def build_step(config_name: str, device: str, implementation: str = "fused", bat
     torch.manual_seed(0)
     with torch.device(device):  # initialised where it runs: ViT-B + BERT-base take seconds on the host
         model = Mamo(config, mask_token_id=4, special_ids=[0, 2, 3])
-    bf16 = bf16_weights(model, autocast=device == "cuda" if autocast is None else autocast)
+    autocast = cuda_config(device) if autocast is None else autocast
+    bf16 = bf16_weights(model, autocast=autocast)
     graphed = implementation.endswith("cuda_graph")
     optimizer = make_optimizer(model, lr=1e-4, weight_decay=0.02, cuda_graph=graphed, bf16_weights=bf16)
     images = torch.randn(batch, 3, config.vision.image_size, config.vision.image_size, device=device)
@@ -60,7 +63,10 @@ def build_step(config_name: str, device: str, implementation: str = "fused", bat
     step_function = compile_forward_backward() if "compiled" in implementation else forward_backward
 
     def step(*tensors):
-        return train_step(model, model, optimizer, tensors, OptimConfig.grad_clip, forward_backward=step_function)
+        # forward_backward takes CUDA's autocast itself; on the CPU the CUDA configuration
+        # (--cuda-config, step_cost.py) runs under the CPU's
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast and device == "cpu"):
+            return train_step(model, model, optimizer, tensors, OptimConfig.grad_clip, forward_backward=step_function)
 
     if "compiled" in implementation and not graphed:
         step(*batch_tensors)  # compiles
