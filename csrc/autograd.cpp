@@ -1,6 +1,6 @@
 // Autograd of every differentiable vlfast op, on every device, whatever the kernel (C++, CUDA or
 // Triton registered from Python): random_masking and unmask (each the other's backward),
-// itc_loss_rows, attention and dropout_add_layer_norm, and their backward ops, which raise if a
+// itc_loss_rows, attention, indexed_attention and dropout_add_layer_norm, and their backward ops, which raise if a
 // second derivative is taken. In C++ because a user pays the autograd layer's host cost at every
 // call, and torch.library's Python autograd cost more host time than the code the ops replace
 // (docs/ops/dropout_add_layer_norm.md and docs/design.md have the measurements).
@@ -169,6 +169,59 @@ Tensor3 attention_backward_autograd(const Tensor& grad_out, const Tensor& q, con
   const variable_list outputs = without_second_derivative(
       "attention", {grad_out, q, k, v, key_padding_mask.value_or(Tensor()), out, aux}, [&] {
         auto [a, b, c] = call_kernel(attention_backward_op(), grad_out, q, k, v, key_padding_mask, out, aux, scale);
+        return variable_list{a, b, c};
+      });
+  return {outputs[0], outputs[1], outputs[2]};
+}
+
+// ---- indexed_attention: attention with k, v read through an index; aux is the log-sum-exp ----
+
+using IndexedAttentionSignature = Tensor2(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                          const OptionalTensor&, double);
+using IndexedAttentionBackwardSignature = Tensor3(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                  const Tensor&, const OptionalTensor&, const Tensor&, const Tensor&,
+                                                  double);
+
+const c10::TypedOperatorHandle<IndexedAttentionBackwardSignature>& indexed_attention_backward_op() {
+  static const auto op = find_op<IndexedAttentionBackwardSignature>("vlfast::indexed_attention_backward");
+  return op;
+}
+
+struct IndexedAttention : torch::autograd::Function<IndexedAttention> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& q, const Tensor& k, const Tensor& v,
+                               const Tensor& index, const OptionalTensor& key_padding_mask, double scale) {
+    static const auto op = find_op<IndexedAttentionSignature>("vlfast::indexed_attention");
+    auto [out, lse] = call_kernel(op, q, k, v, index, key_padding_mask, scale);
+    ctx->save_for_backward({q, k, v, index, key_padding_mask.value_or(Tensor()), out, lse});
+    ctx->saved_data["scale"] = scale;
+    ctx->mark_non_differentiable({lse});
+    ctx->set_materialize_grads(false);
+    return {out, lse};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return variable_list(6);
+    const variable_list saved = ctx->get_saved_variables();
+    auto [grad_q, grad_k, grad_v] =
+        call_backward(indexed_attention_backward_op(), grads[0], saved[0], saved[1], saved[2], saved[3],
+                      optional(saved[4]), saved[5], saved[6], ctx->saved_data["scale"].toDouble());
+    return {grad_q, grad_k, grad_v, Tensor(), Tensor(), Tensor()};
+  }
+};
+
+Tensor2 indexed_attention_autograd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& index,
+                                   const OptionalTensor& key_padding_mask, double scale) {
+  const variable_list outputs = IndexedAttention::apply(q, k, v, index, key_padding_mask, scale);
+  return {outputs[0], outputs[1]};
+}
+
+Tensor3 indexed_attention_backward_autograd(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
+                                            const Tensor& index, const OptionalTensor& key_padding_mask,
+                                            const Tensor& out, const Tensor& lse, double scale) {
+  const variable_list outputs = without_second_derivative(
+      "indexed_attention", {grad_out, q, k, v, key_padding_mask.value_or(Tensor()), out, lse}, [&] {
+        auto [a, b, c] = call_kernel(indexed_attention_backward_op(), grad_out, q, k, v, index, key_padding_mask, out,
+                                     lse, scale);
         return variable_list{a, b, c};
       });
   return {outputs[0], outputs[1], outputs[2]};
@@ -387,6 +440,8 @@ TORCH_LIBRARY_IMPL(vlfast, Autograd, m) {
   m.impl("momentum_itc_loss_rows", &momentum_itc_loss_rows_autograd);
   m.impl("attention", &attention_autograd);
   m.impl("attention_backward", &attention_backward_autograd);
+  m.impl("indexed_attention", &indexed_attention_autograd);
+  m.impl("indexed_attention_backward", &indexed_attention_backward_autograd);
   m.impl("dropout_add_layer_norm", &dropout_add_layer_norm_autograd);
   m.impl("dropout_add_layer_norm_backward", &dropout_add_layer_norm_backward_autograd);
 }

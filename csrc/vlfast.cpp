@@ -48,6 +48,14 @@ TORCH_LIBRARY(vlfast, m) {
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float scale) -> (Tensor, Tensor)");
   m.def("attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor out, "
         "Tensor aux, float scale) -> (Tensor, Tensor, Tensor)");
+  // indexed_attention: attention of each query batch p of q (P, H, Lq, Dh) to entry index[p] of a
+  // cache k, v (I, H, Lk, Dh) with its mask (I, Lk), without a gathered copy; aux is the row
+  // log-sum-exp (P, H, Lq) (fp32; fp64 for fp64 on the CPU). The backward's dk, dv are the cache's,
+  // summed over the batches that read each entry. CPU: torch's flash kernel per entry; CUDA: Triton.
+  m.def("indexed_attention(Tensor q, Tensor k, Tensor v, Tensor index, Tensor? key_padding_mask, float scale) "
+        "-> (Tensor, Tensor)");
+  m.def("indexed_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor index, "
+        "Tensor? key_padding_mask, Tensor out, Tensor lse, float scale) -> (Tensor, Tensor, Tensor)");
   // (LayerNorm(dropout(x, p) + residual), row mean, row 1/std) over the rows of (..., D); the mask
   // comes from Philox at element index under seed, so the backward regenerates it. CPU: C++; CUDA:
   // Triton.

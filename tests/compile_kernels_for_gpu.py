@@ -1,4 +1,4 @@
-"""Compiles vlfast's Triton kernels (itc_loss, attention, dropout_add_layer_norm) for real GPUs (sm_80, sm_90) without one: Triton's ptxas
+"""Compiles vlfast's Triton kernels (itc_loss, attention and indexed_attention, dropout_add_layer_norm) for real GPUs (sm_80, sm_90) without one: Triton's ptxas
 builds the cubins here, so a kernel that only the interpreter has run cannot fail to compile on
 a lent card; and each kernel's shared memory must fit the architecture's limit per block (a
 kernel over it compiles but fails to launch: itc_loss's fp32 kernels at D = 768 needed 393 KB on
@@ -22,7 +22,7 @@ from vlfast.ops.residual_layer_norm import _launch_config as layer_norm_config
 
 POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.float64: "*fp64"}
 SCALARS = {"B": "i32", "N": "i32", "D": "i32", "key_offset": "i32", "smoothing": "fp32", "H": "i32", "LQ": "i32",
-           "LK": "i32", "DH": "i32", "scale": "fp32", "eps": "fp32", "threshold": "i32", "rows": "i32",
+           "LK": "i32", "DH": "i32", "ENTRIES": "i32", "scale": "fp32", "eps": "fp32", "threshold": "i32", "rows": "i32",
            "rows_per_program": "i32"}
 
 
@@ -46,7 +46,8 @@ def attention_kernel(fn, dtype, dim, arch, **flags):
     q = torch.empty(1, 1, 1, dim, dtype=dtype)
     feature = POINTER[dtype]
     pointers = {"Q": feature, "K": feature, "V": feature, "MASK": "*i1", "OUT": feature, "LSE": "*fp32", "DO": feature,
-                "DELTA": "*fp32", "DQ": feature, "DK": feature, "DV": feature}
+                "DELTA": "*fp32", "DQ": feature, "DK": feature, "DV": feature, "INDEX": "*i64", "ORDER": "*i64",
+                "OFFSETS": "*i64"}
     compile_for(fn, arch, pointers, {**attention_config(q, q), **flags})
 
 
@@ -80,12 +81,13 @@ def main():
                 itc_kernel(itc_loss.itc_loss_rows_backward_query, dtype, arch, dim, HAS_IDS=True)
                 itc_kernel(itc_loss.itc_loss_rows_backward_key, dtype, arch, dim, HAS_IDS=True)
             for fn in (attention.attention_forward, attention.attention_backward_kv, attention.attention_backward_q):
-                if dtype != torch.float64:  # fp64 attention runs SDPA
-                    attention_kernel(fn, dtype, 64, arch, HAS_MASK=True)
+                if dtype != torch.float64:  # fp64 attention runs SDPA; HAS_INDEX: indexed_attention's
+                    attention_kernel(fn, dtype, 64, arch, HAS_MASK=True, HAS_INDEX=False)
+                    attention_kernel(fn, dtype, 64, arch, HAS_MASK=True, HAS_INDEX=True)
         itc_kernel(itc_loss.itc_loss_rows_forward, torch.bfloat16, arch, HAS_IDS=False, SAMPLE=False, SMOOTH=False)
         for dim in (16, 40, 128):
-            attention_kernel(attention.attention_forward, torch.bfloat16, dim, arch, HAS_MASK=False)
-            attention_kernel(attention.attention_backward_kv, torch.bfloat16, dim, arch, HAS_MASK=False)
+            attention_kernel(attention.attention_forward, torch.bfloat16, dim, arch, HAS_MASK=False, HAS_INDEX=False)
+            attention_kernel(attention.attention_backward_kv, torch.bfloat16, dim, arch, HAS_MASK=False, HAS_INDEX=True)
         for x_dtype, residual_dtype in ((torch.bfloat16, torch.float32), (torch.float32, torch.float32),
                                         (torch.float16, torch.float16)):
             for fn in (dropout_add_layer_norm.dropout_add_layer_norm_forward,

@@ -10,8 +10,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import needs_extension
 from vlfast import _extension
-from vlfast.ops import (attention, dropout_add_layer_norm, ema_update_, itc_loss, momentum_itc_loss, random_masking,
-                        unmask)
+from vlfast.ops import (attention, dropout_add_layer_norm, ema_update_, indexed_attention, itc_loss, momentum_itc_loss,
+                        random_masking, unmask)
 
 # auto: the C++ kernels and torch paths; fused: the Triton kernels too, under the interpreter
 # (conftest sets TRITON_INTERPRET=1 without a GPU); reference: the plain-torch references.
@@ -64,6 +64,16 @@ def run_attention(make):
     return (out, *torch.autograd.grad(out.square().sum(), (q, k, v)))
 
 
+def run_indexed_attention(make):
+    g = torch.Generator().manual_seed(9)
+    q = make(torch.randn(4, 3, 5, 16, generator=g)).requires_grad_()
+    k, v = (make(torch.randn(3, 3, 7, 16, generator=g)).requires_grad_() for _ in range(2))
+    index = make(torch.tensor([2, 0, 2, 1]))
+    mask = make(torch.arange(7) < torch.tensor([[7], [4], [6]]))
+    out = indexed_attention(q, k, v, index, key_padding_mask=mask)
+    return (out, *torch.autograd.grad(out.square().sum(), (q, k, v)))
+
+
 def run_dropout_add_layer_norm(make):
     g = torch.Generator().manual_seed(4)
     x, residual = (make(torch.randn(3, 5, 24, generator=g)).requires_grad_() for _ in range(2))
@@ -92,6 +102,7 @@ def run_ema(make):
 
 
 OPS = {"itc_loss": run_itc, "momentum_itc_loss": run_momentum_itc, "attention": run_attention,
+       "indexed_attention": run_indexed_attention,
        "dropout_add_layer_norm": run_dropout_add_layer_norm, "random_masking_unmask": run_patch_gather,
        "ema_update_": run_ema}
 
@@ -100,9 +111,11 @@ OPS = {"itc_loss": run_itc, "momentum_itc_loss": run_momentum_itc, "attention": 
 @pytest.mark.parametrize("layout", [strided, transposed])
 @pytest.mark.parametrize("op", OPS)
 def test_strided_inputs_give_what_contiguous_ones_give(op, layout, backend, monkeypatch):
-    if layout is transposed and op in ("attention", "dropout_add_layer_norm", "random_masking_unmask", "ema_update_"):
+    if layout is transposed and op in ("attention", "indexed_attention", "dropout_add_layer_norm", "random_masking_unmask",
+                                       "ema_update_"):
         pytest.skip("2-d transposes are the features' and queues' layout")
-    if backend == "fused" and op in ("momentum_itc_loss", "random_masking_unmask", "dropout_add_layer_norm") \
+    if backend == "fused" and op in ("momentum_itc_loss", "indexed_attention", "random_masking_unmask",
+                                     "dropout_add_layer_norm") \
             and _extension.LOAD_ERROR is not None:
         pytest.skip("fused needs vlfast._C")
     monkeypatch.setenv("VLFAST_BACKEND", backend)
@@ -139,6 +152,7 @@ def number_arguments():
     queue = unit(5, 16, 4)
     q = torch.randn(2, 3, 5, 16)
     mask = torch.ones(2, 5, dtype=torch.bool)
+    index = torch.arange(2)
     x, weight = torch.randn(3, 24), torch.randn(24)
     tokens = torch.randn(2, 10, 8)
     return {
@@ -146,6 +160,7 @@ def number_arguments():
         "momentum_itc_loss": lambda: momentum_itc_loss(image, text, image_m, text_m, 0.07, alpha=0.4, image_queue=queue,
                                                        text_queue=queue).loss.backward(),
         "attention": lambda: attention(q, q, q, key_padding_mask=mask, scale=0.3),
+        "indexed_attention": lambda: indexed_attention(q, q, q, index, key_padding_mask=mask, scale=0.3),
         "dropout_add_layer_norm": lambda: dropout_add_layer_norm(x, x, weight, weight, 0.1),
         "random_masking": lambda: random_masking(tokens, 0.5),
     }

@@ -20,19 +20,21 @@ DEVICE_TYPES = ("cpu", "cuda")
 # each op's files are: docs/design.md, "Where each op lives".
 KERNELS = {"ema_update_": "ema_update_", "random_masking": "random_masking", "unmask": "unmask",
            "itc_loss": "itc_loss_rows", "momentum_itc_loss": "momentum_itc_loss_rows", "attention": "attention",
-           "dropout_add_layer_norm": "dropout_add_layer_norm"}
+           "indexed_attention": "indexed_attention", "dropout_add_layer_norm": "dropout_add_layer_norm"}
 # (op, device type) where auto runs the op's own torch path although a kernel is registered: Triton
 # runs on the CPU only in the interpreter, and on the GPU these two measured slower than torch at
 # VLP shapes (their modules say by how much); VLFAST_BACKEND=fused runs the kernel there.
 TORCH_BY_DEFAULT = frozenset({("itc_loss", "cpu"), ("attention", "cuda"),
                               ("dropout_add_layer_norm", "cuda")})
 # What an op runs where no kernel does: its own torch path where it has one (itc_loss: the same
-# loss vectorised in torch; attention: SDPA), else its reference.
-NO_KERNEL = {"itc_loss": "torch", "attention": "torch"}
+# loss vectorised in torch; attention: SDPA; indexed_attention: a gathered copy into attention),
+# else its reference.
+NO_KERNEL = {"itc_loss": "torch", "attention": "torch", "indexed_attention": "torch"}
 # Ops whose Triton kernels the tests run on CPU tensors under TRITON_INTERPRET=1 with
 # VLFAST_BACKEND=fused (how they are tested without a GPU): itc_loss's Triton kernel is its
-# schema's CPU kernel too; attention's CPU kernel is C++, so the op calls its Triton launchers.
-INTERPRETED = frozenset({"itc_loss", "attention"})
+# schema's CPU kernel too; attention's and indexed_attention's CPU kernels are others (C++, torch's
+# flash kernel), so those ops call their Triton launchers.
+INTERPRETED = frozenset({"itc_loss", "attention", "indexed_attention"})
 
 # Whether a compiled vlfast._C file is there at all: one that is there and fails to load is a
 # broken build (tests/conftest.py stops the tests on it), not one that was never built.

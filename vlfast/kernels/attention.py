@@ -5,6 +5,13 @@ and keeps the row log-sum-exp. Backward: the tiles are recomputed from it, once 
 (dk, dv) and once per query block (dq), so nothing of size Lq×Lk is stored and no atomics are
 needed. A key the mask drops scores −inf; a query row with no key at all gets output 0 and
 log-sum-exp +inf, which makes every probability, and so every gradient, of that row 0.
+
+HAS_INDEX (vlfast.ops.indexed_attention): keys, values and mask are a cache of I entries, and
+query batch b reads entry INDEX[b], as paged attention reads a block table: no gathered copy. The
+keys' backward runs one program per (key block, entry·head), over the query batches that read the
+entry (ORDER sorted by entry, OFFSETS where each entry's run starts), so dk and dv are summed by
+entry without atomics. An entry outside [0, I) gives its query batch NaN rows (a check would make
+the host wait).
 """
 import triton
 import triton.language as tl
@@ -26,7 +33,7 @@ def _query_tile(Q, batch, head, stride_qb, stride_qh, stride_ql, start, LQ, dims
 @triton.jit
 def _key_tiles(K, V, MASK, batch, head, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
                start, LK, dims, DH, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr):
-    """Key and value rows start .. start+BLOCK_N of one (batch, head), and which keys may be attended."""
+    """Key and value rows start .. start+BLOCK_N of one (K/V batch, head), and which keys may be attended."""
     cols = start + tl.arange(0, BLOCK_N)
     col_ok = cols < LK
     key_ok = col_ok
@@ -38,14 +45,26 @@ def _key_tiles(K, V, MASK, batch, head, stride_kb, stride_kh, stride_kl, stride_
 
 
 @triton.jit
-def attention_forward(Q, K, V, MASK, OUT, LSE,
+def _entry(INDEX, batch, ENTRIES, HAS_INDEX: tl.constexpr):
+    """(the K/V batch that query batch ``batch`` reads, whether it is in range): itself, or INDEX[batch]."""
+    if HAS_INDEX:
+        entry = tl.load(INDEX + batch)
+        ok = (entry >= 0) & (entry < ENTRIES)
+        return tl.where(ok, entry, 0), ok
+    else:
+        return batch, batch >= 0
+
+
+@triton.jit
+def attention_forward(Q, K, V, MASK, INDEX, OUT, LSE,
                       stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
                       stride_vb, stride_vh, stride_vl,
-                      H, LQ, LK, DH, scale,
-                      HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+                      H, LQ, LK, DH, ENTRIES, scale,
+                      HAS_MASK: tl.constexpr, HAS_INDEX: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     batch_head = tl.program_id(1)
     batch, head = batch_head // H, batch_head % H
+    entry, entry_ok = _entry(INDEX, batch, ENTRIES, HAS_INDEX)
     dims = tl.arange(0, BLOCK_D)
     rows, row_ok, q = _query_tile(Q, batch, head, stride_qb, stride_qh, stride_ql, tl.program_id(0) * BLOCK_M, LQ,
                                   dims, DH, BLOCK_M)
@@ -54,7 +73,7 @@ def attention_forward(Q, K, V, MASK, OUT, LSE,
     exp_sum = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for start in range(0, LK, BLOCK_N):
-        _, _, key_ok, k, v = _key_tiles(K, V, MASK, batch, head, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh,
+        _, _, key_ok, k, v = _key_tiles(K, V, MASK, entry, head, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh,
                                         stride_vl, start, LK, dims, DH, BLOCK_N, HAS_MASK)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         s = tl.where(key_ok[None, :], s, float("-inf"))
@@ -69,6 +88,7 @@ def attention_forward(Q, K, V, MASK, OUT, LSE,
     has_key = exp_sum != 0  # a row with a key sums to >= 1; a NaN score makes it NaN, and the row too
     out = tl.where(has_key[:, None], acc / tl.where(has_key, exp_sum, 1.0)[:, None], 0.0)
     lse = tl.where(has_key, row_max + tl.log(tl.where(has_key, exp_sum, 1.0)), float("inf"))
+    out = tl.where(entry_ok, out, float("nan"))
     out_offset = batch_head * LQ * DH
     tl.store(OUT + out_offset + rows[:, None] * DH + dims[None, :], out.to(OUT.dtype.element_ty),
              mask=row_ok[:, None] & (dims[None, :] < DH))
@@ -85,43 +105,60 @@ def _probabilities_and_score_grads(q, k, v, do, lse, delta, key_ok, scale, PRECI
 
 
 @triton.jit
-def attention_backward_kv(Q, K, V, MASK, DO, LSE, DELTA, DK, DV,
+def attention_backward_kv(Q, K, V, MASK, ORDER, OFFSETS, DO, LSE, DELTA, DK, DV,
                           stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
-                          stride_vb, stride_vh, stride_vl,
+                          stride_vb, stride_vh, stride_vl, stride_dkb, stride_dkh, stride_dkl,
+                          stride_dvb, stride_dvh, stride_dvl,
                           H, LQ, LK, DH, scale,
-                          HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    batch_head = tl.program_id(1)
-    batch, head = batch_head // H, batch_head % H
+                          HAS_MASK: tl.constexpr, HAS_INDEX: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """dk, dv of one key block of one (K/V batch or cache entry, head): summed over the query
+    batches that read it (HAS_INDEX: ORDER[OFFSETS[entry]:OFFSETS[entry + 1]]; else its own)."""
+    entry_head = tl.program_id(1)
+    entry, head = entry_head // H, entry_head % H
     dims = tl.arange(0, BLOCK_D)
-    cols, col_ok, key_ok, k, v = _key_tiles(K, V, MASK, batch, head, stride_kb, stride_kh, stride_kl, stride_vb,
+    cols, col_ok, key_ok, k, v = _key_tiles(K, V, MASK, entry, head, stride_kb, stride_kh, stride_kl, stride_vb,
                                             stride_vh, stride_vl, tl.program_id(0) * BLOCK_N, LK, dims, DH, BLOCK_N,
                                             HAS_MASK)
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    for start in range(0, LQ, BLOCK_M):
-        rows, row_ok, q = _query_tile(Q, batch, head, stride_qb, stride_qh, stride_ql, start, LQ, dims, DH, BLOCK_M)
-        do = _load_tile(DO, batch_head * LQ * DH, DH, rows, row_ok, dims, DH)
-        lse = tl.load(LSE + batch_head * LQ + rows, mask=row_ok, other=float("inf"))
-        delta = tl.load(DELTA + batch_head * LQ + rows, mask=row_ok, other=0.0)
-        p, ds = _probabilities_and_score_grads(q, k, v, do, lse, delta, key_ok, scale, PRECISION)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-    grad_offset = batch_head * LK * DH
-    grad_mask = col_ok[:, None] & (dims[None, :] < DH)
-    tl.store(DK + grad_offset + cols[:, None] * DH + dims[None, :], (dk * scale).to(DK.dtype.element_ty), mask=grad_mask)
-    tl.store(DV + grad_offset + cols[:, None] * DH + dims[None, :], dv.to(DV.dtype.element_ty), mask=grad_mask)
+    if HAS_INDEX:
+        first = tl.load(OFFSETS + entry)
+        last = tl.load(OFFSETS + entry + 1)
+    else:
+        first = entry
+        last = entry + 1
+    for slot in range(first, last):
+        if HAS_INDEX:
+            batch = tl.load(ORDER + slot)
+        else:
+            batch = slot
+        batch_head = batch * H + head
+        for start in range(0, LQ, BLOCK_M):
+            rows, row_ok, q = _query_tile(Q, batch, head, stride_qb, stride_qh, stride_ql, start, LQ, dims, DH, BLOCK_M)
+            do = _load_tile(DO, batch_head * LQ * DH, DH, rows, row_ok, dims, DH)
+            lse = tl.load(LSE + batch_head * LQ + rows, mask=row_ok, other=float("inf"))
+            delta = tl.load(DELTA + batch_head * LQ + rows, mask=row_ok, other=0.0)
+            p, ds = _probabilities_and_score_grads(q, k, v, do, lse, delta, key_ok, scale, PRECISION)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    grad_mask = col_ok[:, None] & (dims[None, :] < DH)  # dk, dv in k's and v's layouts (unit last stride)
+    tl.store(DK + entry * stride_dkb + head * stride_dkh + cols[:, None] * stride_dkl + dims[None, :],
+             (dk * scale).to(DK.dtype.element_ty), mask=grad_mask)
+    tl.store(DV + entry * stride_dvb + head * stride_dvh + cols[:, None] * stride_dvl + dims[None, :],
+             dv.to(DV.dtype.element_ty), mask=grad_mask)
 
 
 @triton.jit
-def attention_backward_q(Q, K, V, MASK, DO, LSE, DELTA, DQ,
+def attention_backward_q(Q, K, V, MASK, INDEX, DO, LSE, DELTA, DQ,
                          stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
                          stride_vb, stride_vh, stride_vl,
-                         H, LQ, LK, DH, scale,
-                         HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+                         H, LQ, LK, DH, ENTRIES, scale,
+                         HAS_MASK: tl.constexpr, HAS_INDEX: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     batch_head = tl.program_id(1)
     batch, head = batch_head // H, batch_head % H
+    entry, _entry_ok = _entry(INDEX, batch, ENTRIES, HAS_INDEX)  # its dq rows: NaN already in the output
     dims = tl.arange(0, BLOCK_D)
     rows, row_ok, q = _query_tile(Q, batch, head, stride_qb, stride_qh, stride_ql, tl.program_id(0) * BLOCK_M, LQ,
                                   dims, DH, BLOCK_M)
@@ -130,7 +167,7 @@ def attention_backward_q(Q, K, V, MASK, DO, LSE, DELTA, DQ,
     delta = tl.load(DELTA + batch_head * LQ + rows, mask=row_ok, other=0.0)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for start in range(0, LK, BLOCK_N):
-        _, _, key_ok, k, v = _key_tiles(K, V, MASK, batch, head, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh,
+        _, _, key_ok, k, v = _key_tiles(K, V, MASK, entry, head, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh,
                                         stride_vl, start, LK, dims, DH, BLOCK_N, HAS_MASK)
         _, ds = _probabilities_and_score_grads(q, k, v, do, lse, delta, key_ok, scale, PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)

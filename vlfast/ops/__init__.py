@@ -6,6 +6,7 @@ vlfast.ops.<module> is shadowed by the function imported here."""
 from vlfast._extension import DEVICE_TYPES, KERNELS, find_kernels, implementation
 from vlfast.ops.contrastive import ContrastiveOutput, itc_loss, itc_loss_reference
 from vlfast.ops.ema import ema_decay, ema_update_, ema_update_reference
+from vlfast.ops.indexed_attention import indexed_attention, indexed_attention_reference
 from vlfast.ops.momentum_contrastive import momentum_itc_loss, momentum_itc_loss_reference
 from vlfast.ops.padded_attention import attention, attention_reference
 from vlfast.ops.patch_gather import Masking, random_masking, random_masking_reference, unmask, unmask_reference
@@ -35,5 +36,6 @@ def available() -> dict:
 
 
 __all__ = ["ContrastiveOutput", "Masking", "attention", "attention_reference", "available", "dropout_add_layer_norm",
-           "dropout_add_layer_norm_reference", "ema_decay", "ema_update_", "ema_update_reference", "itc_loss",
-           "itc_loss_reference", "momentum_itc_loss", "momentum_itc_loss_reference", "random_masking", "random_masking_reference", "unmask", "unmask_reference"]
+           "dropout_add_layer_norm_reference", "ema_decay", "ema_update_", "ema_update_reference", "indexed_attention",
+           "indexed_attention_reference", "itc_loss", "itc_loss_reference", "momentum_itc_loss",
+           "momentum_itc_loss_reference", "random_masking", "random_masking_reference", "unmask", "unmask_reference"]

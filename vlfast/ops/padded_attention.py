@@ -158,9 +158,11 @@ def _unit_last_stride(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def triton_forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
-                   scale: float) -> Tuple[Tensor, Tensor]:
-    """(output (B, H, Lq, Dh), aux: the row log-sum-exp (B, H, Lq) fp32, +inf for rows with no key)."""
+def triton_forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], scale: float,
+                   index: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """(output (B, H, Lq, Dh), aux: the row log-sum-exp (B, H, Lq) fp32, +inf for rows with no key).
+    ``index`` (B,) int64: k, v and the mask are (I, ...) cache entries, query batch b reading entry
+    index[b] (vlfast.ops.indexed_attention)."""
     q, k, v = (_unit_last_stride(x) for x in (q, k, v))
     batch, heads, queries, dim = q.shape
     keys = k.shape[2]
@@ -169,50 +171,59 @@ def triton_forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[T
     config = _launch_config(q, k)
     grid = (triton.cdiv(queries, config["BLOCK_M"]), batch * heads)
     attention_kernels.attention_forward[grid](
-        q, k, v, key_padding_mask, out, lse, *_strides(q, k, v), heads, queries, keys, dim, scale,
-        HAS_MASK=key_padding_mask is not None, **config)
+        q, k, v, key_padding_mask, index, out, lse, *_strides(q, k, v), heads, queries, keys, dim, k.shape[0], scale,
+        HAS_MASK=key_padding_mask is not None, HAS_INDEX=index is not None, **config)
     return out, lse
 
 
 def triton_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
-                    out: Tensor, lse: Tensor, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+                    out: Tensor, lse: Tensor, scale: float, index: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv); with ``index``, dk and dv are the cache entries', summed over the batches that read each."""
     q, k, v = (_unit_last_stride(x) for x in (q, k, v))
     grad_out = grad_out.contiguous()
     batch, heads, queries, dim = q.shape
-    keys = k.shape[2]
+    entries, _, keys, _ = k.shape
     delta = (grad_out.float() * out.float()).sum(-1).contiguous()  # rowsum(dO ∘ O), (B, H, Lq)
     dq = torch.empty(batch, heads, queries, dim, dtype=q.dtype, device=q.device)
-    dk = torch.empty(batch, heads, keys, dim, dtype=k.dtype, device=q.device)
-    dv = torch.empty_like(dk)
+    if index is None:
+        dk = torch.empty(entries, heads, keys, dim, dtype=k.dtype, device=q.device)
+        dv = torch.empty_like(dk)
+    else:  # in the cache's layout (its heads are views of (I, L, W) projections): their backward copies nothing
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+    order = offsets = None
+    if index is not None:  # the batches by entry, and where each entry's run starts: no host sync
+        ordered, order = torch.sort(index, stable=True)
+        offsets = torch.searchsorted(ordered, torch.arange(entries + 1, device=q.device))  # #batches below each entry
     config = _launch_config(q, k)
-    common = (*_strides(q, k, v), heads, queries, keys, dim, scale)
-    attention_kernels.attention_backward_kv[(triton.cdiv(keys, config["BLOCK_N"]), batch * heads)](
-        q, k, v, key_padding_mask, grad_out, lse, delta, dk, dv, *common,
-        HAS_MASK=key_padding_mask is not None, **config)
+    has = dict(HAS_MASK=key_padding_mask is not None, HAS_INDEX=index is not None)
+    attention_kernels.attention_backward_kv[(triton.cdiv(keys, config["BLOCK_N"]), entries * heads)](
+        q, k, v, key_padding_mask, order, offsets, grad_out, lse, delta, dk, dv, *_strides(q, k, v, dk, dv), heads,
+        queries, keys, dim, scale, **has, **config)
     attention_kernels.attention_backward_q[(triton.cdiv(queries, config["BLOCK_M"]), batch * heads)](
-        q, k, v, key_padding_mask, grad_out, lse, delta, dq, *common,
-        HAS_MASK=key_padding_mask is not None, **config)
+        q, k, v, key_padding_mask, index, grad_out, lse, delta, dq, *_strides(q, k, v), heads, queries, keys, dim,
+        entries, scale, **has, **config)
     return dq, dk, dv
 
 
 class _InterpretedTriton(torch.autograd.Function):
     """The Triton kernels on CPU tensors, through Triton's interpreter (implementation() gives
     "interpreted": TRITON_INTERPRET=1 and VLFAST_BACKEND=fused), which is how the tests run them
-    without a GPU. The schema's CPU kernel is the C++ one, so this path calls the launchers itself;
-    the GPU runs them through torch.ops.vlfast.attention."""
+    without a GPU. The schemas' CPU kernels are others (C++; indexed_attention's torch), so this
+    path calls the launchers itself; the GPU runs them through torch.ops.vlfast.attention and
+    indexed_attention (``index``: the latter's)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, key_padding_mask, scale):
-        out, lse = triton_forward(q, k, v, key_padding_mask, scale)
-        ctx.save_for_backward(q, k, v, key_padding_mask, out, lse)
+    def forward(ctx, q, k, v, key_padding_mask, scale, index=None):
+        out, lse = triton_forward(q, k, v, key_padding_mask, scale, index)
+        ctx.save_for_backward(q, k, v, key_padding_mask, out, lse, index)
         ctx.scale = scale
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        q, k, v, key_padding_mask, out, lse = ctx.saved_tensors
-        return (*triton_backward(grad_out, q, k, v, key_padding_mask, out, lse, ctx.scale), None, None)
+        q, k, v, key_padding_mask, out, lse, index = ctx.saved_tensors
+        return (*triton_backward(grad_out, q, k, v, key_padding_mask, out, lse, ctx.scale, index), None, None, None)
 
 
 def _padded_keys(keys: int) -> int:
