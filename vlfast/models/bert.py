@@ -10,14 +10,14 @@ through vlfast.ops.dropout_add_layer_norm.
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Optional
+from typing import List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlfast.models.init import init_weights
-from vlfast.ops import attention, dropout_add_layer_norm
+from vlfast.ops import attention, dropout_add_layer_norm, indexed_attention
 
 
 @dataclass
@@ -70,9 +70,39 @@ class BertEmbeddings(nn.Module):
 def _autocast_input(x: Tensor) -> Tensor:
     """``x`` as autocast would cast it for a matrix product (as it is when autocast is off)."""
     device = x.device.type
-    if torch.is_autocast_enabled(device) and x.is_floating_point() and x.dtype != torch.float64:  # autocast skips fp64
+    if (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)  # (none on the meta device)
+            and x.is_floating_point() and x.dtype != torch.float64):  # autocast skips fp64
         return x.to(torch.get_autocast_dtype(device))
     return x
+
+
+@dataclass
+class ContextCache:
+    """The cross-attention keys and values of I contexts (e.g. images), each fusion layer's, computed
+    once (BertModel.context_cache) so that many states attend to them by index (the text stream
+    of retrieval's pairs, of ITM's and MLM's pairs in a step) without recomputing their key and
+    value projections per pair: keys[l], values[l] (I, H, Lk, Dh) for the l-th fusion layer, with
+    the contexts' key padding mask (I, Lk) or None."""
+    keys: List[Tensor]
+    values: List[Tensor]
+    mask: Optional[Tensor]
+
+    def __len__(self) -> int:
+        return self.keys[0].shape[0] if self.keys else 0
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+class CachedContext(NamedTuple):
+    """One layer's cached keys and values, and the entry each row of the states reads."""
+    keys: Tensor
+    values: Tensor
+    index: Tensor
+
+
+def _heads(t: Tensor, heads: int) -> Tensor:  # (B, L, W) -> (B, H, L, W / H)
+    return t.view(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
 
 
 class BertSelfAttention(nn.Module):
@@ -83,18 +113,26 @@ class BertSelfAttention(nn.Module):
         self.key = nn.Linear(key_width, config.width)
         self.value = nn.Linear(key_width, config.width)
 
-    def forward(self, x: Tensor, context: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
-        def heads(t):  # (B, L, W) -> (B, H, L, W / H)
-            return t.view(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2)
-
+    def forward(self, x: Tensor, context: Union[Tensor, CachedContext], key_padding_mask: Optional[Tensor]) -> Tensor:
+        """``context``: the tokens attended to, or a CachedContext (their keys and values, read
+        through its index by vlfast.ops.indexed_attention; key_padding_mask is then the cache's)."""
         # One cast per input under autocast, not one per projection: autocast caches weights' casts
         # only, so query, key and value would each cast the same fp32 states. The forward's numbers
         # are the same; the backward sums the three projections' input gradients in bf16 before the
         # one cast back (as autocast does for a weight used several times), not in fp32 after three.
+        if isinstance(context, CachedContext):
+            x = _autocast_input(x)
+            out = indexed_attention(_heads(self.query(x), self.heads), context.keys, context.values, context.index,
+                                    key_padding_mask=key_padding_mask)
+            return out.transpose(1, 2).reshape(x.shape)
         x, context = (_autocast_input(x),) * 2 if context is x else (_autocast_input(x), _autocast_input(context))
-        out = attention(heads(self.query(x)), heads(self.key(context)), heads(self.value(context)),
-                        key_padding_mask=key_padding_mask)
+        keys, values = self.keys_and_values(context)
+        out = attention(_heads(self.query(x), self.heads), keys, values, key_padding_mask=key_padding_mask)
         return out.transpose(1, 2).reshape(x.shape)
+
+    def keys_and_values(self, context: Tensor) -> Tuple[Tensor, Tensor]:
+        """(keys, values), (B, H, L, Dh) each, of context tokens (B, L, key_width) already cast."""
+        return _heads(self.key(context), self.heads), _heads(self.value(context), self.heads)
 
 
 class BertResidual(nn.Module):
@@ -117,8 +155,10 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config, key_width)
         self.output = BertResidual(config, config.width)
 
-    def forward(self, x, context, key_padding_mask):
-        return self.output(self.self(x, context, key_padding_mask), x)
+    def forward(self, x, context, key_padding_mask, first_only: bool = False):
+        """``first_only``: the output at x's first position alone (its keys and values still all of context)."""
+        states = x[:, :1] if first_only else x
+        return self.output(self.self(states, context, key_padding_mask), states)
 
 
 class BertIntermediate(nn.Module):
@@ -138,8 +178,9 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertResidual(config, config.intermediate)
 
-    def forward(self, x, mask, context=None, context_mask=None):
-        x = self.attention(x, x, mask)
+    def forward(self, x, mask, context=None, context_mask=None, first_only: bool = False):
+        """``first_only``: the layer's output at the first position ([CLS]) alone, (B, 1, W)."""
+        x = self.attention(x, x, mask, first_only)
         if self.crossattention is not None:
             x = self.crossattention(x, context, context_mask)
         return self.output(self.intermediate(x), x)
@@ -165,13 +206,39 @@ class BertModel(nn.Module):
         self.encoder = BertEncoder(config)
         self.apply(init_weights)
 
+    def context_cache(self, context: Tensor, context_mask: Optional[Tensor] = None) -> ContextCache:
+        """Every fusion layer's cross-attention keys and values of ``context`` (I, L, encoder_width),
+        for fusion passes that read them by index (``context_index`` of forward). Differentiable:
+        a training step's backward sums each entry's gradient over the rows that read it."""
+        context = _autocast_input(context)
+        keys, values = [], []
+        for layer in self.encoder.layer[self.config.fusion_layer:]:
+            k, v = layer.crossattention.self.keys_and_values(context)  # (I, H, L, Dh) views of (I, L, W)
+            keys.append(k)
+            values.append(v)
+        return ContextCache(keys, values, None if context_mask is None else context_mask.bool())
+
     def forward(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None, *,
-                mode: str = "text", states: Optional[Tensor] = None, context: Optional[Tensor] = None,
-                context_mask: Optional[Tensor] = None) -> Tensor:
+                mode: str = "text", states: Optional[Tensor] = None,
+                context: Union[Tensor, ContextCache, None] = None, context_mask: Optional[Tensor] = None,
+                context_index: Optional[Tensor] = None, cls_only: bool = False) -> Tensor:
         """attention_mask (of input_ids or states) / context_mask: (B, L) with 1 (True) at real
-        tokens, as Hugging Face's; None: every token is real."""
+        tokens, as Hugging Face's; None: every token is real. ``context`` may be a ContextCache
+        (context_cache), with ``context_index`` (B,) naming each row's entry: the fusion layers then
+        read its keys and values (its own mask; context_mask must be None). ``cls_only``: the last
+        layer computes the first position ([CLS]) alone and the output is (B, 1, W): what ITM
+        reads, without the last layer's work at the other positions."""
         mask = None if attention_mask is None else attention_mask.bool()
         context_mask = None if context_mask is None else context_mask.bool()
+        if isinstance(context, ContextCache):
+            if context_index is None or context_mask is not None:
+                raise ValueError("a ContextCache context takes context_index (one entry per row of states) and "
+                                 "no context_mask (the cache holds its own)")
+            if len(context.keys) != self.config.depth - self.config.fusion_layer:
+                raise ValueError(f"the cache holds {len(context.keys)} fusion layers' keys, this model has "
+                                 f"{self.config.depth - self.config.fusion_layer}")
+        elif context_index is not None:
+            raise ValueError("context_index reads a ContextCache (BertModel.context_cache), not context tokens")
         if mode == "text":
             x, layers = self.embeddings(input_ids), self.encoder.layer[:self.config.fusion_layer]
         elif mode == "fusion":
@@ -181,9 +248,14 @@ class BertModel(nn.Module):
             x, layers = states, self.encoder.layer[self.config.fusion_layer:]
         else:
             raise ValueError(f"mode must be 'text' or 'fusion', got {mode!r}")
-        for layer in layers:
-            x = layer(x, mask, context, context_mask)
-        return x
+        for depth, layer in enumerate(layers):
+            last = cls_only and depth == len(layers) - 1
+            if isinstance(context, ContextCache):
+                x = layer(x, mask, CachedContext(context.keys[depth], context.values[depth], context_index), context.mask,
+                          first_only=last)
+            else:
+                x = layer(x, mask, context, context_mask, first_only=last)
+        return x[:, :1] if cls_only else x  # (no layers: the states' own first position)
 
 
 class BertLMPredictionHead(nn.Module):

@@ -25,7 +25,7 @@ run in train mode; ``target_dropout=True`` does that.
 """
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlfast.data.text import mask_tokens
-from vlfast.models.bert import BertForMaskedLM, BertModel, TextConfig
+from vlfast.models.bert import BertForMaskedLM, BertModel, ContextCache, TextConfig
 from vlfast.models.init import init_weights
 from vlfast.models.vit import VisionConfig, VisionTransformer
 from vlfast.nn import FeatureQueue, MomentumModel
@@ -158,9 +158,19 @@ class Mamo(nn.Module):
         self.target.update(self._encoders())
 
     @staticmethod
-    def fuse_text(bert: BertModel, text: Tensor, text_mask: Tensor, image: Tensor) -> Tensor:
-        """Fused text (B, Lt, W): the text stream cross-attends to the image tokens."""
-        return bert(attention_mask=text_mask, mode="fusion", states=text, context=image)
+    def fuse_text(bert: BertModel, text: Tensor, text_mask: Tensor, image: Union[Tensor, ContextCache],
+                  image_index: Optional[Tensor] = None, cls_only: bool = False) -> Tensor:
+        """Fused text (B, Lt, W): the text stream cross-attends to the image tokens, or to entries
+        ``image_index`` (B,) of a cache of their keys and values (fusion_cache). ``cls_only``: the
+        fused [CLS] alone, (B, 1, W), the last layer computed there only."""
+        return bert(attention_mask=text_mask, mode="fusion", states=text, context=image, context_index=image_index,
+                    cls_only=cls_only)
+
+    def fusion_cache(self, image: Tensor) -> ContextCache:
+        """The text stream's cross-attention keys and values of image tokens (I, 1 + N, W), every
+        fusion layer's, computed once: fuse_text and itm_logits then read them per pair by index
+        (retrieval's re-ranking: an image's projections once, not once per text)."""
+        return self.text_encoder.bert.context_cache(image)
 
     @staticmethod
     def fuse_image(bert: BertModel, image: Tensor, text: Tensor, text_mask: Tensor) -> Tensor:
@@ -188,9 +198,12 @@ class Mamo(nn.Module):
         text = self.text_encoder.bert(input_ids, attention_mask, mode="text")
         return text, F.normalize(self.text_proj(text[:, 0]), dim=-1)
 
-    def itm_logits(self, image: Tensor, text: Tensor, attention_mask: Tensor) -> Tensor:
-        """(B, 2) ITM logits of the pairs (image tokens[b], text states[b]); column 1 is "match"."""
-        return self.itm_head(self.fuse_text(self.text_encoder.bert, text, attention_mask, image)[:, 0])
+    def itm_logits(self, image: Union[Tensor, ContextCache], text: Tensor, attention_mask: Tensor,
+                   image_index: Optional[Tensor] = None) -> Tensor:
+        """(B, 2) ITM logits of the pairs (image tokens[b], text states[b]), or with ``image_index``
+        (B,) of (cache entry image_index[b], text states[b]) for a fusion_cache; column 1 is "match"."""
+        fused = self.fuse_text(self.text_encoder.bert, text, attention_mask, image, image_index, cls_only=True)
+        return self.itm_head(fused[:, 0])
 
     def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor,
                 generator: Optional[torch.Generator] = None, image_ids: Optional[Tensor] = None) -> Dict[str, Tensor]:
@@ -226,8 +239,10 @@ class Mamo(nn.Module):
                 target_fused_image = self.fuse_image(target["bert"], target_image + target["visual_encoder"].pos_embed,
                                                      target_text, attention_mask)
 
-        # The text stream's fusion pairs: ITM's B positives and 2B negatives, then (I, T'); one pass.
-        fusion_images, fusion_texts, fusion_masks = [], [], []
+        # The text stream's fusion pairs: ITM's B positives and 2B negatives, then (I, T'); one pass,
+        # which reads the B images' cross-attention keys and values, computed once, by index.
+        fusion_image_index, fusion_texts, fusion_masks = [], [], []
+        same = torch.arange(batch, device=images.device)  # pair b reads image b
         if objectives & {"itc", "itm"}:
             with torch.no_grad():
                 self.temp.clamp_(0.001, 0.5)
@@ -249,16 +264,17 @@ class Mamo(nn.Module):
                     contrastive = itc_loss(image_feat.detach(), text_feat.detach(), self.temp.detach(),
                                            image_ids=image_ids, smoothing=self.config.smoothing, generator=generator)
                 neg_image, neg_text = contrastive.neg_image_idx, contrastive.neg_text_idx
-                fusion_images += [image, image[neg_image], image]
+                fusion_image_index += [same, neg_image, same]
                 fusion_texts += [text, text, text[neg_text]]
                 fusion_masks += [attention_mask, attention_mask, attention_mask[neg_text]]
         if masked_text:
-            fusion_images.append(image)
+            fusion_image_index.append(same)
             fusion_texts.append(masked_text_states)
             fusion_masks.append(attention_mask)
         if fusion_texts:
             one = lambda tensors: tensors[0] if len(tensors) == 1 else torch.cat(tensors)  # noqa: E731 (no copy of one)
-            fused = self.fuse_text(bert, one(fusion_texts), one(fusion_masks), one(fusion_images))
+            fused = self.fuse_text(bert, one(fusion_texts), one(fusion_masks), self.fusion_cache(image),
+                                   one(fusion_image_index))
         if "itm" in objectives:  # 2-way matching on the fused [CLS]; column 1 is "match"
             labels_itm = (torch.arange(3 * batch, device=image.device) < batch).long()  # made on the GPU: no copy
             losses["itm"] = F.cross_entropy(self.itm_head(fused[:3 * batch, 0]), labels_itm)
