@@ -22,12 +22,15 @@
 #                 graphed: samples/s, MFU, peak memory, paired ratios), its profile and per-op
 #                 ablation (about 8 minutes on an H200, estimated, not yet timed)
 #       momentum  momentum_itc_loss against ALBEF's queue path, and its CUDA tests
+#       retrieval re-ranking against ALBEF's loop, a COCO-5k-sized evaluation end to end (ALBEF's loop
+#                 on a subset, scaled), and the CUDA tests of indexed_attention and retrieval
+#                 (estimated 4 minutes on an H200, not yet timed)
 #       ops       the other per-op files (no tests)
 #   Parts never yet run on a card: docs/benchmarks.md, "The GPU suite".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
-dry_run=0 keep_going=0 parts=step,momentum,ops
+dry_run=0 keep_going=0 parts=step,momentum,retrieval,ops
 while (( $# )); do
     case $1 in
         --dry-run) dry_run=1 ;;
@@ -37,10 +40,11 @@ while (( $# )); do
     esac
     shift
 done
-[[ $parts == all ]] && parts=step,momentum,ops
+[[ $parts == all ]] && parts=step,momentum,retrieval,ops
 for part in ${parts//,/ }; do
-    [[ $part == step || $part == momentum || $part == ops ]] \
-        || { echo "gpu_suite.sh: --part takes step, momentum, ops (comma-separated) or all, got '$parts'" >&2; exit 2; }
+    [[ $part == step || $part == momentum || $part == retrieval || $part == ops ]] \
+        || { echo "gpu_suite.sh: --part takes step, momentum, retrieval, ops (comma-separated) or all, got '$parts'" >&2
+             exit 2; }
 done
 wants() { [[ ",$parts," == *",$1,"* ]]; }
 # The dry run takes each benchmark's CUDA configuration on the CPU (benchmarks/timing.py reads it;
@@ -98,8 +102,12 @@ parallel=() per_test_limit=()
 $python -c "import xdist" 2>/dev/null && parallel=(-n "$(( $(nproc) < 12 ? $(nproc) : 12 ))")
 $python -c "import pytest_timeout" 2>/dev/null && per_test_limit=(--timeout=180)
 cuda_tests=()
-wants step && cuda_tests=(tests)
-wants momentum && ! wants step && cuda_tests=(tests/test_momentum_contrastive.py)
+if wants step; then
+    cuda_tests=(tests)
+else
+    wants momentum && cuda_tests+=(tests/test_momentum_contrastive.py)
+    wants retrieval && cuda_tests+=(tests/test_indexed_attention.py tests/test_fusion_cache.py tests/test_retrieve.py)
+fi
 if (( ${#cuda_tests[@]} )); then
     step "CUDA tests (${cuda_tests[*]})"  # on a CPU every cuda test skips: the step still proves collection and markers work
     $python -m pytest -q -m cuda -p no:cacheprovider -rfE --tb=short "${parallel[@]}" "${per_test_limit[@]}" \
@@ -154,6 +162,10 @@ fi
 if wants momentum; then
     step "momentum ITC benchmark"
     run_bench momentum_contrastive
+fi
+if wants retrieval; then
+    step "retrieval: re-ranking against ALBEF's loop, a COCO-5k-sized evaluation end to end"
+    run_bench retrieval
 fi
 if wants ops; then
     step "per-op benchmarks"

@@ -30,7 +30,9 @@ DEFAULT_PATHS = ("vlfast", "fused")  # what vlfast runs by default: the rows of 
 UNPAIRED_STEPS = ("bench_train_step",)  # its paired rows give the step's ratio
 SHOWN_EXTRA = ("reference/fused", "reference/fused_cuda_graph", "reference/fused_compiled",
                "reference/fused_compiled_cuda_graph", "samples/s", "GB/s", "TFLOP/s", "MFU", "host_us_per_call", "GPU_busy_ms", "graph_replay_ms",
-               "graph_replay", "peak_memory_MiB")
+               "graph_replay", "peak_memory_MiB", "reference/vlfast", "pairs", "albef_pairs", "vlfast pairs/s",
+               "albef_loop pairs/s", "pairs/s", "total_s", "embedding_s", "itc_s", "rerank_s",
+               "albef_rerank_s (scaled)", "rerank speed-up over ALBEF")
 
 
 def rows(path):
@@ -113,10 +115,11 @@ def default_path_rows(all_rows):
                 continue
             implementation = row["params"].get("implementation")
             paired = [(k, v) for k, v in row["extra"].items() if k.startswith("reference/")]
-            if paired:  # the training step: both paths in each round, the ratio to quote
+            if paired:  # both paths in each round (the training step, the re-ranking): the ratio to quote
                 (name, ratio), = paired
                 path = name.split("/")[1]
-                yield row, path, f"{path} step", "reference step", ratio
+                step = " step" if "train_step" in row["function"] else ""
+                yield row, path, f"{path}{step}", f"reference{step}", ratio
             elif implementation in DEFAULT_PATHS and row["function"] not in UNPAIRED_STEPS:
                 other = reference_row(row, all_rows)
                 if other is not None:
@@ -149,6 +152,8 @@ OPS = {
     "bench_attention": ("[`attention`](docs/ops/attention.md)", "eager attention (ALBEF's xbert)"),
     "bench_dropout_add_layer_norm": ("[`dropout_add_layer_norm`](docs/ops/dropout_add_layer_norm.md)",
                                      "Hugging Face's dropout, add and LayerNorm"),
+    "bench_rerank": ("retrieval's re-ranking, with [`indexed_attention`](docs/ops/indexed_attention.md)",
+                     "ALBEF's per-query re-ranking loop (image tokens repeated per pair)"),
     "bench_train_step_paired": ("train.py's whole step", "the same step on every op's reference"),
 }
 

@@ -13,9 +13,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
-from helpers import ROOT, TINY, batch, tiny
+from helpers import DEVICES, ROOT, TINY, batch, tiny
 from vlfast.data.synthetic import SyntheticImageText, render
-from vlfast.retrieval import Embeddings, query_rows, two_stage_scores
+from vlfast.retrieval import Embeddings, pair_share, two_stage_scores, two_stage_scores_reference
 
 TINY_EVAL = [*TINY, "data.images=16", "data.captions_per_image=2", "data.eval_images=6", "optim.max_steps=2",
              "retrieval.batch_size=4"]
@@ -63,6 +63,85 @@ def test_top_k_rescored_and_the_rest_in_similarity_order_below():
         torch.testing.assert_close(scores[~chosen], similarity[~chosen] - 100)  # below any ITM logit
 
 
+def albef_evaluation(model, emb, k, score):
+    """ALBEF's evaluation() (Retrieval.py, BLIP's train_retrieval.py alike), written out: for each
+    image its top-k texts through the fusion encoder on the image's tokens repeated k times, for
+    each text its top-k images gathered, the ITM match logit (plus the similarity for BLIP's
+    "itm+itc") into a matrix of -100."""
+    sims = emb.image_feat @ emb.text_feat.T
+    score_i2t = torch.full(sims.shape, -100.0, device=sims.device)
+    score_t2i = torch.full(sims.T.shape, -100.0, device=sims.device)
+    with torch.no_grad():
+        for i, row in enumerate(sims):
+            topk_sim, topk_idx = row.topk(min(k, len(row)))
+            encoder_output = emb.image[i].repeat(len(topk_idx), 1, 1)
+            logits = model.itm_logits(encoder_output, emb.text[topk_idx], emb.text_mask[topk_idx])
+            score_i2t[i, topk_idx] = logits[:, 1] + (topk_sim if score == "itm+itc" else 0)
+        for t, row in enumerate(sims.T):
+            topk_sim, topk_idx = row.topk(min(k, len(row)))
+            encoder_output = emb.image[topk_idx]
+            logits = model.itm_logits(encoder_output, emb.text[t].repeat(len(topk_idx), 1, 1),
+                                      emb.text_mask[t].repeat(len(topk_idx), 1))
+            score_t2i[t, topk_idx] = logits[:, 1] + (topk_sim if score == "itm+itc" else 0)
+    return score_i2t, score_t2i
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("score", ["itm", "itm+itc"])
+def test_equals_albefs_per_query_loop(score, device):
+    """The same top-k entries and, with k >= 10, the same recall: past the top k ALBEF's -100 and
+    vlfast's similarity - 100 both rank below every ITM score, so R@1/5/10 cannot see them."""
+    from vlfast.retrieval import itm_eval
+
+    model, emb = embeddings(images=8, texts=16)
+    model = model.to(device)
+    emb = Embeddings(*(x.to(device) for x in (emb.image, emb.image_feat, emb.text, emb.text_mask, emb.text_feat)))
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):  # retrieval's own on a GPU
+        want_i2t, want_t2i = albef_evaluation(model, emb, 10, score)
+    got_i2t, got_t2i = two_stage_scores(model, emb, k=10, score=score, pair_batch_size=7)
+    tolerance = dict(rtol=1e-4, atol=1e-5) if device == "cpu" else dict(rtol=2e-2, atol=2e-2)  # bf16 on a GPU
+    for got, want, count in ((got_i2t, want_i2t, 8 * 10), (got_t2i, want_t2i, 16 * 8)):  # k clipped to 8 images
+        scored = want != -100
+        assert scored.sum() == count
+        torch.testing.assert_close(got[scored], want[scored], **tolerance)
+    reference = two_stage_scores_reference(model, emb, k=10, score=score)  # the benchmarks' ALBEF loop
+    torch.testing.assert_close(reference, (want_i2t, want_t2i), **tolerance)
+    if device == "cuda":
+        return  # bf16 rounding may swap close scores: recall is compared in fp32
+    txt2img, img2txt = [t // 2 for t in range(16)], [[2 * i, 2 * i + 1] for i in range(8)]
+    assert itm_eval(got_i2t.cpu().numpy(), got_t2i.cpu().numpy(), txt2img, img2txt) == \
+        itm_eval(want_i2t.cpu().numpy(), want_t2i.cpu().numpy(), txt2img, img2txt)
+
+
+def test_a_small_cache_budget_takes_the_images_in_chunks_with_the_same_scores(monkeypatch):
+    """retrieval.cache_gb bounds the images whose keys and values are held at once: one image's
+    worth makes a chunk per image, with the scores of one chunk for all."""
+    from vlfast import retrieval
+
+    model, emb = embeddings()
+    chunks = []
+    fusion_cache = type(model).fusion_cache
+    monkeypatch.setattr(type(model), "fusion_cache", lambda self, image: chunks.append(len(image)) or fusion_cache(self, image))
+    want = two_stage_scores(model, emb, k=3)
+    assert chunks[1:] == [5]  # (the first call measures one image's entry)
+    per_image = fusion_cache(model, emb.image[:1]).nbytes()
+    chunks.clear()
+    got = two_stage_scores(model, emb, k=3, cache_gb=1.5 * per_image / 2**30)
+    assert chunks[1:] == [1] * 5
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="cache_gb must be > 0"):
+        retrieval.rerank_pairs(model, emb, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), cache_gb=0)
+
+
+def test_scores_under_a_callers_autocast():
+    """A caller's bf16 autocast (the benchmarks', a GPU script's) gave bf16 similarities, which
+    the fp32 ITM scores could not be written into; the similarities stay fp32."""
+    model, emb = embeddings()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for reranked in two_stage_scores(model, emb, k=3), two_stage_scores_reference(model, emb, k=3):
+            assert [s.dtype for s in reranked] == [torch.float32] * 2
+
+
 def test_bad_score_and_k():
     model, emb = embeddings()
     with pytest.raises(ValueError, match="score must be one of"):
@@ -71,11 +150,16 @@ def test_bad_score_and_k():
         two_stage_scores(model, emb, k=0)
 
 
-@pytest.mark.parametrize("queries, world", [(5, 4), (7, 2), (1, 8), (41, 8), (0, 3)])
-def test_query_rows_split_every_query_once(queries, world):
-    shares = [query_rows(queries, rank, world) for rank in range(world)]
-    assert [i for start, end in shares for i in range(start, end)] == list(range(queries))
-    assert all(start <= end for start, end in shares)
+@pytest.mark.parametrize("images, world", [([0, 0, 1, 2, 2, 2, 3], 4), ([0, 1, 1, 1, 1, 2], 2), ([5], 8),
+                                           (list(range(41)), 8), ([], 3), ([0] * 9, 3)])
+def test_pair_share_splits_every_pair_once_at_image_boundaries(images, world):
+    image_idx = torch.tensor(images, dtype=torch.long)
+    shares = [pair_share(image_idx, rank, world) for rank in range(world)]
+    assert [i for start, end in shares for i in range(start, end)] == list(range(len(images)))
+    for start, end in shares:  # no image's pairs on two ranks
+        assert start == end or start == 0 or images[start] != images[start - 1]
+    if len(set(images)) >= world:  # balanced to within one image's pairs
+        assert max(end - start for start, end in shares) <= len(images) // world + max(map(images.count, images))
 
 
 def _two_ranks(rank, init_file, out):
@@ -91,7 +175,7 @@ def test_two_processes_give_the_scores_of_one(tmp_path):
     model, emb = embeddings()
     i2t, t2i = two_stage_scores(model, emb, k=3, score="itm+itc")
     mp.spawn(_two_ranks, args=(str(tmp_path / "init"), str(tmp_path / "scores")), nprocs=2)
-    for rank in range(2):  # 5 image rows split 3 + 2, 7 text rows 4 + 3, summed across ranks
+    for rank in range(2):  # the merged pairs split between the ranks at an image, summed across ranks
         got = torch.load(f"{tmp_path / 'scores'}.{rank}", weights_only=True)
         torch.testing.assert_close(got["i2t"], i2t, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got["t2i"], t2i, rtol=1e-5, atol=1e-6)

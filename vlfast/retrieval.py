@@ -3,10 +3,10 @@ pair by the ITC similarity of unimodal features (computed once), stage 2 re-scor
 top k through the fusion encoder's ITM head, and itm_eval turns the two score matrices into
 recall@1/5/10. Works with any model that has embed_image, embed_text and itm_logits (vlfast's Mamo).
 """
-import math
 import textwrap
+import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Mapping, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -58,14 +58,65 @@ def _autocast(device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+# The images whose cross-attention keys and values are held at once while their pairs are
+# re-ranked: ViT-B/16 + BERT-base at 384 px hold 10.6 MB per image in bf16 (577 tokens, 6 fusion
+# layers, keys and values), so 16 GiB is about 1600 images, and leaves a 40 GB card room for the
+# model and a batch of pairs (COCO's 5000 images would need 53 GB at once).
+CACHE_GB = 16.0
+
+
 @torch.no_grad()
 def itm_scores(model, embeddings: Embeddings, image_idx: Tensor, text_idx: Tensor) -> Tensor:
-    """The ITM "match" logit of each pair (embeddings.image[image_idx[p]], embeddings.text[text_idx[p]])."""
+    """The ITM "match" logit of each pair (embeddings.image[image_idx[p]], embeddings.text[text_idx[p]]),
+    each pair through the fusion encoder on its own copy of the image tokens (ALBEF's way; the
+    benchmarks and tests compare rerank_pairs with it)."""
     mask = embeddings.text_mask[text_idx]
     length = int(mask.sum(1).max())  # the batch's longest text (padding is on the right): the rest is masked anyway
     with _autocast(mask.device):
         logits = model.itm_logits(embeddings.image[image_idx], embeddings.text[text_idx, :length], mask[:, :length])
     return logits[:, 1].float()
+
+
+@torch.no_grad()
+def rerank_pairs(model, embeddings: Embeddings, image_idx: Tensor, text_idx: Tensor, pair_batch_size: int = 256,
+                 cache_gb: float = CACHE_GB, progress: bool = False, desc: str = "re-rank") -> Tensor:
+    """The ITM "match" logit of each pair (image image_idx[p], text text_idx[p]), pairs sorted by
+    image: the images' cross-attention keys and values are computed once (Mamo.fusion_cache), for
+    as many images at a time as fit in ``cache_gb`` GiB, and each pair's text reads its image's
+    entry (vlfast.ops.indexed_attention). The cost grows with images + pairs × text length, not
+    pairs × image tokens. Each batch takes pairs of like text lengths, cut to the longest (text
+    padding is on the right and masked). The progress bar counts pairs."""
+    if cache_gb <= 0:
+        raise ValueError(f"cache_gb must be > 0, got {cache_gb}")
+    values = torch.empty(len(image_idx), device=image_idx.device)
+    if not len(image_idx):
+        return values
+    if bool((image_idx[1:] < image_idx[:-1]).any()):
+        raise ValueError("rerank_pairs takes pairs sorted by image (each image's cache entry is made once)")
+    distinct, entry = torch.unique_consecutive(image_idx, return_inverse=True)
+    device = embeddings.image.device
+    with _autocast(device):
+        per_image = model.fusion_cache(embeddings.image[distinct[:1]]).nbytes()
+    chunk = max(1, int(cache_gb * 2**30) // per_image)
+    with tqdm(total=len(image_idx), desc=desc, unit="pair", disable=not progress, leave=False) as bar:
+        for first in range(0, len(distinct), chunk):
+            start, end = torch.searchsorted(entry, torch.tensor([first, first + chunk], device=entry.device)).tolist()
+            with _autocast(device):
+                cache = model.fusion_cache(embeddings.image[distinct[first:first + chunk]])
+            # The chunk's pairs longest text first: a batch is cut to its longest text, so batches of
+            # like lengths carry little padding (any order reads the cache alike)
+            lengths = embeddings.text_mask[text_idx[start:end]].sum(1)
+            order = start + torch.argsort(lengths, descending=True, stable=True)
+            for begin in range(0, end - start, pair_batch_size):
+                rows = order[begin:begin + pair_batch_size]
+                texts = text_idx[rows]
+                length = int(lengths[rows[0] - start])
+                with _autocast(device):
+                    logits = model.itm_logits(cache, embeddings.text[texts, :length],
+                                              embeddings.text_mask[texts, :length], image_index=entry[rows] - first)
+                values[rows] = logits[:, 1].float()
+                bar.update(len(rows))
+    return values
 
 
 def check_settings(k: int, score: str, names=("k", "score")) -> None:
@@ -76,47 +127,109 @@ def check_settings(k: int, score: str, names=("k", "score")) -> None:
         raise ValueError(f"{names[0]} must be at least 1, got {k}")
 
 
-def query_rows(queries: int, rank: int, world: int) -> Tuple[int, int]:
-    """[start, end) of the queries a rank re-scores: contiguous shares of ceil(queries / world);
-    the last ranks' may be empty (4 ranks, 5 queries: 2, 2, 1, 0)."""
-    share = math.ceil(queries / world)
-    return min(queries, rank * share), min(queries, (rank + 1) * share)
+def similarities(embeddings: Embeddings) -> Tensor:
+    """(I, T) ITC similarities in fp32, under autocast too (the scores are written into them)."""
+    with torch.autocast(embeddings.image_feat.device.type, enabled=False):
+        return embeddings.image_feat.float() @ embeddings.text_feat.float().T
+
+
+def pair_share(image_idx: Tensor, rank: int, world: int) -> Tuple[int, int]:
+    """[start, end) of the pairs (sorted by image) a rank re-ranks: about len / world each, cut
+    where an image's pairs begin, so no image's cache is made on two ranks (a rank may get none)."""
+    cuts = [0]
+    for share in range(1, world):
+        at = len(image_idx) * share // world
+        cuts.append(len(image_idx) if at >= len(image_idx) else
+                    max(cuts[-1], int(torch.searchsorted(image_idx, image_idx[at:at + 1])[0])))
+    cuts.append(len(image_idx))
+    return cuts[rank], cuts[rank + 1]
 
 
 @torch.no_grad()
 def two_stage_scores(model, embeddings: Embeddings, k: int, score: str = "itm", pair_batch_size: int = 256,
-                     progress: bool = False) -> Tuple[Tensor, Tensor]:
+                     progress: bool = False, cache_gb: float = CACHE_GB,
+                     stages: Optional[Dict[str, float]] = None) -> Tuple[Tensor, Tensor]:
     """(scores_i2t (I, T), scores_t2i (T, I)) as ALBEF's evaluation: the ITC similarity for
     score="itc"; else each query's top k (clipped to the set) by similarity get the ITM logit
-    (plus the similarity for "itm+itc", as BLIP) and every other entry its similarity − 100. Under
-    torch.distributed each rank re-scores a contiguous share of the queries and the matrices are
-    summed across ranks, so every rank returns what one process would."""
+    (plus the similarity for "itm+itc", as BLIP) and every other entry its similarity − 100.
+
+    Each pair is scored once, though it may be in an image's top k and in a text's: the two
+    directions' pairs are merged and grouped by image, and rerank_pairs computes each image's
+    keys and values once. Under torch.distributed each rank re-ranks a share of the pairs (whole
+    images, about equal pair counts) and the scores are summed across ranks, so every rank
+    returns what one process would. ``stages``, a dict, gets each stage's seconds ("itc",
+    "rerank") and the number of pairs re-ranked ("pairs", this rank's)."""
     check_settings(k, score)
-    sims = embeddings.image_feat @ embeddings.text_feat.T  # (I, T)
+    clock = _Clock(embeddings.image_feat.device, stages)
+    sims = similarities(embeddings)
     if score == "itc":
+        clock("itc")
         return sims, sims.T.contiguous()
-
-    def rerank(sims: Tensor, pair: Callable[[Tensor, Tensor], Tuple[Tensor, Tensor]], desc: str) -> Tensor:
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-        rows = torch.arange(*query_rows(sims.shape[0], rank, world), device=sims.device)
-        top_sim, top_idx = sims[rows].topk(min(k, sims.shape[1]), dim=1)
-        queries, keys = rows.repeat_interleave(top_idx.shape[1]), top_idx.flatten()
-        values = torch.empty(len(queries), device=sims.device)
-        for start in tqdm(range(0, len(queries), pair_batch_size), desc=desc, disable=not progress or rank != 0):
-            end = start + pair_batch_size
-            values[start:end] = itm_scores(model, embeddings, *pair(queries[start:end], keys[start:end]))
-        values = values.view_as(top_sim) + (top_sim if score == "itm+itc" else 0)
-        scores = torch.zeros_like(sims)  # rows of other ranks stay 0 for the sum
-        # Past the top k: the similarity's order, 100 below (ALBEF puts a flat -100 there, whose
-        # ties sort by index and so decide R@5/R@10 when k < 10).
-        scores[rows] = (sims[rows] - 100.0).scatter(1, top_idx, values)
-        if world > 1:
-            dist.all_reduce(scores)
-        return scores
-
-    scores_i2t = rerank(sims, lambda image, text: (image, text), "re-rank texts")
-    scores_t2i = rerank(sims.T.contiguous(), lambda text, image: (image, text), "re-rank images")
+    images, texts = sims.shape
+    i2t_sim, i2t_idx = sims.topk(min(k, texts), dim=1)
+    t2i_sim, t2i_idx = sims.T.topk(min(k, images), dim=1)
+    # A pair as image·T + text: sorted unique ids are the pairs grouped by image, each once
+    i2t_pairs = torch.arange(images, device=sims.device)[:, None] * texts + i2t_idx
+    t2i_pairs = t2i_idx * texts + torch.arange(texts, device=sims.device)[:, None]
+    pairs = torch.unique(torch.cat([i2t_pairs.flatten(), t2i_pairs.flatten()]))
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    start, end = pair_share(pairs // texts, rank, world)
+    clock("itc")
+    values = torch.zeros(len(pairs), device=sims.device)  # other ranks' pairs stay 0 for the sum
+    values[start:end] = rerank_pairs(model, embeddings, pairs[start:end] // texts, pairs[start:end] % texts,
+                                     pair_batch_size, cache_gb, progress and rank == 0, "re-rank pairs")
+    if world > 1:
+        dist.all_reduce(values)
+    clock("rerank", pairs=end - start)
+    plus_itc = score == "itm+itc"
+    # Past the top k: the similarity's order, 100 below (ALBEF puts a flat -100 there, whose ties
+    # sort by index and so decide R@5/R@10 when k < 10).
+    scores_i2t = (sims - 100.0).scatter(1, i2t_idx, values[torch.searchsorted(pairs, i2t_pairs)] + plus_itc * i2t_sim)
+    scores_t2i = (sims.T.contiguous() - 100.0).scatter(1, t2i_idx, values[torch.searchsorted(pairs, t2i_pairs)] + plus_itc * t2i_sim)
     return scores_i2t, scores_t2i
+
+
+@torch.no_grad()
+def two_stage_scores_reference(model, embeddings: Embeddings, k: int, score: str = "itm",
+                               image_queries: Optional[Sequence[int]] = None,
+                               text_queries: Optional[Sequence[int]] = None) -> Tuple[Tensor, Tensor]:
+    """ALBEF's evaluation() (Retrieval.py; BLIP's train_retrieval.py is alike): for each image its
+    top-k texts through the fusion encoder on its tokens repeated k times, for each text its top-k
+    images gathered, one query per batch, the ITM match logit (plus the similarity for "itm+itc")
+    into matrices of -100. Every pair recomputes its image's keys and values in every fusion layer,
+    and a pair in an image's and a text's top k is scored twice. ``image_queries``,
+    ``text_queries``: re-rank those rows only (default all; the benchmarks time a subset)."""
+    check_settings(k, score)
+    sims = similarities(embeddings)
+    scores_i2t, scores_t2i = torch.full_like(sims, -100.0), torch.full_like(sims.T, -100.0)
+    images, texts = sims.shape
+    for i in range(images) if image_queries is None else image_queries:
+        top_sim, top_idx = sims[i].topk(min(k, texts))
+        scores_i2t[i, top_idx] = itm_scores(model, embeddings, torch.full_like(top_idx, i), top_idx) + \
+            (top_sim if score == "itm+itc" else 0)
+    for t in range(texts) if text_queries is None else text_queries:
+        top_sim, top_idx = sims[:, t].topk(min(k, images))
+        scores_t2i[t, top_idx] = itm_scores(model, embeddings, top_idx, torch.full_like(top_idx, t)) + \
+            (top_sim if score == "itm+itc" else 0)
+    return scores_i2t, scores_t2i
+
+
+class _Clock:
+    """Each stage's wall seconds since the last, into ``stages`` (None: not kept); on a GPU after
+    waiting for it (one wait per stage)."""
+
+    def __init__(self, device, stages: Optional[Dict[str, float]]):
+        self.device, self.stages, self.last = torch.device(device), stages, time.perf_counter()
+
+    def __call__(self, stage: str, **counts) -> None:
+        if self.stages is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.stages[stage] = self.stages.get(stage, 0.0) + now - self.last
+        self.stages.update(counts)
+        self.last = now
 
 
 @dataclass
@@ -128,10 +241,11 @@ class Evaluation:
     img2txt: List[List[int]]
     txt2img: List[int]
     skipped_images: int  # unreadable images whose next entries stood in (Karpathy JSON): the set is not the split
+    stages: Dict[str, float]  # seconds of "embedding", "itc", "rerank"; "pairs" re-ranked (this rank's)
 
 
 def evaluate(model, dataset, tokenize: Callable[[List[str]], Tuple[Tensor, Tensor]], *, k: int, score: str = "itm",
-             batch_size: int = 64, device="cpu", progress: bool = True) -> Evaluation:
+             batch_size: int = 64, device="cpu", progress: bool = True, cache_gb: float = CACHE_GB) -> Evaluation:
     """Retrieval on an evaluation split whose items are {"image", "caption": [captions]}:
     embeddings, two_stage_scores and itm_eval. ``tokenize`` maps captions to (input_ids, mask)."""
     captions, img2txt, txt2img, skipped = [], [], [], []
@@ -146,12 +260,15 @@ def evaluate(model, dataset, tokenize: Callable[[List[str]], Tuple[Tensor, Tenso
                 captions.extend(item["caption"])
             yield torch.stack([item["image"] for item in items])
 
+    stages = {}
+    clock = _Clock(device, stages)
     image, image_feat = embed_images(model, image_batches(), device, progress)
     text, text_mask, text_feat = embed_texts(model, *tokenize(captions), device, batch_size, progress)
+    clock("embedding")
     embeddings = Embeddings(image, image_feat, text, text_mask, text_feat)
-    scores_i2t, scores_t2i = two_stage_scores(model, embeddings, k, score, 4 * batch_size, progress)
+    scores_i2t, scores_t2i = two_stage_scores(model, embeddings, k, score, 4 * batch_size, progress, cache_gb, stages)
     metrics = itm_eval(scores_i2t.cpu().numpy(), scores_t2i.cpu().numpy(), txt2img, img2txt)
-    return Evaluation(metrics, scores_i2t.cpu(), scores_t2i.cpu(), captions, img2txt, txt2img, len(skipped))
+    return Evaluation(metrics, scores_i2t.cpu(), scores_t2i.cpu(), captions, img2txt, txt2img, len(skipped), stages)
 
 
 def top_matches(evaluation: Evaluation, n: int = 10) -> Dict[str, list]:

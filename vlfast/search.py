@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from vlfast.retrieval import Embeddings, embed_images, embed_texts, itm_scores
+from vlfast.retrieval import CACHE_GB, Embeddings, embed_images, embed_texts, rerank_pairs
 from vlfast.trainer.builders import caption_tokenizer, image_transform
 from vlfast.trainer.evaluation import load_trained
 from vlfast.trainer.outputs import load_checkpoint, save_checkpoint
@@ -33,10 +33,11 @@ def check_arguments(text, images, image, captions, top: int, rerank: int) -> Non
 
 def search(checkpoint: Path, *, text: Optional[str] = None, images: Optional[Path] = None,
            image: Optional[Path] = None, captions: Optional[Path] = None, top: int = 5, rerank: int = 0,
-           device: Optional[torch.device] = None) -> List[dict]:
+           device: Optional[torch.device] = None, cache_gb: float = CACHE_GB) -> List[dict]:
     """The ``top`` matches, best first: images under ``images`` for ``text`` ({"path", "itc"}), or
     lines of ``captions`` for ``image`` ({"caption", "itc"}); with ``rerank`` K the K best by ITC
-    are re-scored by the ITM head (retrieval's stage 2) and get an "itm" score.
+    are re-scored by the ITM head (retrieval's stage 2, vlfast.retrieval.rerank_pairs: each
+    image's keys and values once, at most ``cache_gb`` GiB of them at a time) and get an "itm" score.
     Raises FileNotFoundError, ValueError or OSError naming a bad path or file."""
     check_arguments(text, images, image, captions, top, rerank)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -57,15 +58,16 @@ def search(checkpoint: Path, *, text: Optional[str] = None, images: Optional[Pat
         sims = text_feat @ image_feat[0]  # one score per caption
     order = sims.argsort(descending=True).tolist()
     scores = {index: {"itc": round(float(sims[index]), 4)} for index in order}
-    if rerank:  # ITM on the shortlist: image tokens are not cached (they are large), so recomputed here
+    if rerank:  # ITM on the shortlist, as retrieval's stage 2 (image tokens are not kept on disk: they are large)
         shortlist = order[:rerank]
         pairs = torch.arange(len(shortlist), device=device), torch.zeros(len(shortlist), dtype=torch.long, device=device)
         if text is not None:
             image_tokens, _ = embed_images(model, [torch.stack([read_image(paths[i], transform) for i in shortlist])],
                                            device)
-        else:
+        else:  # one image, its keys and values once, read by every caption
             pairs = pairs[1], torch.tensor(shortlist, device=device)
-        itm = itm_scores(model, Embeddings(image_tokens, None, text_tokens, text_mask, None), *pairs)
+        itm = rerank_pairs(model, Embeddings(image_tokens, None, text_tokens, text_mask, None), *pairs,
+                           cache_gb=cache_gb)
         for index, value in zip(shortlist, itm.tolist()):
             scores[index]["itm"] = round(value, 4)
         order = sorted(shortlist, key=lambda index: -scores[index]["itm"]) + order[rerank:]

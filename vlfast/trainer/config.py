@@ -84,6 +84,9 @@ class RetrievalConfig:
     k_test: int = 16  # stage 2 re-ranks each query's top k, clipped to the set (ALBEF: 128 Flickr30k, 256 COCO)
     score: str = "itm"  # itm (ALBEF), itm+itc (BLIP) or itc (stage 1 only)
     batch_size: int = 64  # images or texts per embedding batch; ITM pairs per batch are 4x this
+    # GiB of the re-ranked images' cross-attention keys and values held at once (docs/training.md,
+    # "Retrieval"): 16 fits a 40 GB card at ViT-B/16 + BERT-base, 384 px (10.6 MB per image in bf16)
+    cache_gb: float = 16.0
     finetune_epochs: int = 6
     finetune_lr: float = 1.0e-5
 

@@ -43,7 +43,7 @@ def run_evaluation(model, tokenizer, config: TrainConfig, dataset, split: str, d
     started = time.time()
     result = evaluate(model, dataset, caption_tokenizer(tokenizer, config), k=config.retrieval.k_test,
                       score=config.retrieval.score, batch_size=config.retrieval.batch_size, device=device,
-                      progress=rank == 0)
+                      progress=rank == 0, cache_gb=config.retrieval.cache_gb)
     if rank == 0 and result.skipped_images:
         print(f"warning: {result.skipped_images} unreadable images in the {split} split; the next entries stood in, "
               f"so these numbers are not the split's")
@@ -51,7 +51,16 @@ def run_evaluation(model, tokenizer, config: TrainConfig, dataset, split: str, d
         print(format_table(result.metrics, f"{split}: {len(result.img2txt)} images, {len(result.captions)} texts, "
                                            f"score {config.retrieval.score}, k {config.retrieval.k_test}, "
                                            f"{time.time() - started:.0f} s"))
+        print(format_stages(result.stages))
     return result
+
+
+def format_stages(stages: dict) -> str:
+    """One line: each stage's seconds, and the re-ranked pairs per second."""
+    line = "  ".join(f"{name} {stages[name]:.2f} s" for name in ("embedding", "itc", "rerank") if name in stages)
+    if stages.get("pairs"):
+        line += f"  ({stages['pairs']} pairs, {stages['pairs'] / max(stages['rerank'], 1e-9):.0f} pairs/s)"
+    return f"stages: {line}"
 
 
 def format_table(metrics: dict, title: str) -> str:
