@@ -42,6 +42,8 @@ def test_config_from_yaml_and_overrides(tmp_path):
     assert load_config(Config, None, ["optim.lr=1e-4"]).optim.lr == 1e-4
     assert load_config(Config, None, ["name=x"], base={"batch_size": 4, "objectives": ["itm"]}) == \
         Config(name="x", batch_size=4, objectives=("itm",))
+    # One string for a list of strings (data.shards=pattern): a list of one
+    assert load_config(Config, None, ["objectives=itc"]).objectives == ("itc",)
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -51,7 +53,7 @@ def test_config_from_yaml_and_overrides(tmp_path):
     (["batch_size=true"], "config key batch_size must be int, got True"),
     (["optim.lr=fast"], "config key optim.lr must be float, got 'fast'"),
     (["optim=3"], "config key optim is a section"),
-    (["objectives=itc"], "config key objectives must be a list"),
+    (["objectives=3"], "config key objectives must be a list"),
     (["batch_size"], "override 'batch_size' is not key=value"),
 ])
 def test_bad_config_values_name_the_key(overrides, message):

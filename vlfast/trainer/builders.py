@@ -11,6 +11,7 @@ from transformers import BertTokenizerFast
 
 from vlfast.data import KarpathyDataset, SyntheticImageText, write_vocab
 from vlfast.data.karpathy import test_transform
+from vlfast.data.shards import BatchInfo, make_plan
 from vlfast.data.synthetic import transform as synthetic_transform
 from vlfast.models import Mamo, TextConfig
 from vlfast.models.pretrained import load_text_weights, load_vision_weights
@@ -26,8 +27,16 @@ def make_tokenizer(config: TrainConfig, folder: Path) -> BertTokenizerFast:
 
 
 def make_dataset(config: TrainConfig, split: str):
-    """The synthetic set or the Karpathy JSON of ``split`` (train, val or test)."""
+    """The synthetic set or the Karpathy JSON of ``split`` (train, val or test); for shards' train
+    split the plan of which shards each loader stream reads (make_loader streams it)."""
     size = config.model.vision.image_size
+    if config.data.dataset == "shards" and split == "train":
+        if not config.data.shards:
+            raise ValueError("data.dataset=shards needs data.shards (a brace pattern, paths or pipe: commands)")
+        if config.data.shuffle_buffer < 1:
+            raise ValueError(f"data.shuffle_buffer must be at least 1, got {config.data.shuffle_buffer}")
+        return make_plan(config.data.shards, config.seed * 1000 + config.data.seed, config.data.shard_weights or None,
+                         config.data.resample_shards)
     if config.data.dataset == "synthetic":
         return SyntheticImageText(split, images=config.data.images if split == "train" else config.data.eval_images,
                                   image_size=size, captions_per_image=config.data.captions_per_image,
@@ -36,12 +45,12 @@ def make_dataset(config: TrainConfig, split: str):
         if not config.data.pretrain_files:
             raise ValueError("data.dataset=pretrain needs data.pretrain_files")
         return KarpathyDataset(config.data.pretrain_files, config.data.image_root, "pretrain", image_size=size)
-    if config.data.dataset in ("karpathy", "pretrain"):
+    if config.data.dataset in ("karpathy", "pretrain", "shards"):
         annotations = {"train": config.data.train_file, "val": config.data.val_file, "test": config.data.test_file}[split]
         if not (annotations and config.data.image_root):
             raise ValueError(f"data.dataset={config.data.dataset} needs data.{split}_file and data.image_root")
         return KarpathyDataset(annotations, config.data.image_root, split, image_size=size)
-    raise ValueError(f"data.dataset must be synthetic, karpathy or pretrain, got {config.data.dataset!r}")
+    raise ValueError(f"data.dataset must be synthetic, karpathy, pretrain or shards, got {config.data.dataset!r}")
 
 
 def image_transform(config: TrainConfig):
@@ -78,10 +87,11 @@ def build_training(config: TrainConfig, out: Path):
 
     tokenize = caption_tokenizer(tokenizer, config)
 
-    def collate(items):
+    def collate(items):  # (images, input_ids, attention_mask, image_ids, what was skipped)
         input_ids, attention_mask = tokenize([item["caption"] for item in items])
         return (torch.stack([item["image"] for item in items]), input_ids, attention_mask,
-                torch.tensor([item["image_id"] for item in items]), sum(len(item.get("skipped", ())) for item in items))
+                torch.tensor([item["image_id"] for item in items]),
+                BatchInfo(skipped=sum(len(item.get("skipped", ())) for item in items)))
 
     model = make_model(config, tokenizer)
     if config.init.checkpoint:  # every weight, the target's included; init.text then gives only the tokenizer
@@ -132,5 +142,10 @@ def setup_distributed():
     if not dist.is_initialized():  # retrieve.py --finetune sets it up before calling train()
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # The store's keys under this torchrun attempt's prefix: after a restart (--max-restarts) the
+        # agent's store still held the killed group's addresses, and gloo connected to a dead rank
+        store, rank, size = next(dist.rendezvous("env://"))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=rank, world_size=size,
+                                store=dist.PrefixStore(f"vlfast/attempt_{attempt}", store))
     return dist.get_rank(), world, torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")

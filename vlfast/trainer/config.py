@@ -16,13 +16,21 @@ from vlfast.models import MamoConfig, TextConfig, VisionConfig
 @dataclass
 class DataConfig:
     # "synthetic"; "karpathy": Flickr30k / COCO JSON; "pretrain": ALBEF-format corpus files (the 4M
-    # set) for training, Karpathy val/test JSON for evaluation (vlfast.data.karpathy)
+    # set) for training, Karpathy val/test JSON for evaluation (vlfast.data.karpathy); "shards":
+    # webdataset tar shards (img2dataset's output) for training, Karpathy JSON for evaluation
+    # (vlfast.data.shards)
     dataset: str = "synthetic"
     images: int = 2000  # synthetic: training images
     captions_per_image: int = 2  # synthetic
     eval_images: int = 200  # synthetic: images in each of the val and test splits
     train_file: Optional[str] = None  # karpathy: the train JSON
     pretrain_files: Tuple[str, ...] = ()  # pretrain: the corpus JSON files
+    # shards: one source per entry, a brace pattern (cc12m/{00000..01242}.tar), a path or a pipe:
+    # command (pipe:aws s3 cp s3://bucket/{0000..0999}.tar -: each expanded shard one command)
+    shards: Tuple[str, ...] = ()
+    shard_weights: Tuple[float, ...] = ()  # shards: each source's share of an epoch's visits (empty: each shard once)
+    resample_shards: bool = False  # shards: draw shards with replacement (fewer shards than processes × workers)
+    shuffle_buffer: int = 1000  # shards: samples each loader stream shuffles within a shard
     val_file: Optional[str] = None  # karpathy: val JSON (retrieve.py --finetune evaluates on it)
     test_file: Optional[str] = None  # karpathy: test JSON (retrieve.py)
     image_root: Optional[str] = None  # karpathy: the folder the JSON image paths are relative to
@@ -171,9 +179,11 @@ def _coerce(kind, value, key: str):
         kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
         origin = typing.get_origin(kind)
     if origin in (tuple, list):
+        item = typing.get_args(kind)[0]
+        if isinstance(value, str) and item is str:  # one string for a list of them (data.shards=pattern)
+            value = [value]
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"config key {key} must be a list, got {value!r}")
-        item = typing.get_args(kind)[0]
         return origin(_coerce(item, v, key) for v in value)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

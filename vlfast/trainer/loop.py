@@ -3,6 +3,7 @@ the losses read once per log interval, checkpoints, an optional evaluation hook,
 max_steps, after ``stop_after`` steps or at a time limit.
 """
 import math
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -13,6 +14,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from vlfast.data.karpathy import train_transform
+from vlfast.data.shards import Position, ShardPlan, ShardStream
 from vlfast.models import Mamo
 from vlfast.models.mamo import OBJECTIVES
 from vlfast.trainer.builders import BatchOrder, build_training, setup_distributed
@@ -33,6 +36,10 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
     Returns (checkpoint path, the step it holds)."""
     check_optim(config.optim)
     rank, world, device = setup_distributed()
+    if resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and (out / "last.pt").exists():
+        # torchrun restarted the group (a process died; --max-restarts): on from the last checkpoint
+        resume = out / "last.pt"
+        print(f"rank {rank}: torchrun restart {os.environ['TORCHELASTIC_RESTART_COUNT']}: resuming from {resume}")
     check_whole_step_options(config, device, world)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)  # the same initial weights on every rank
@@ -42,7 +49,8 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
     if rank > 0:  # then each rank its own draws (rank 0 keeps the stream one process has)
         torch.manual_seed(config.seed + rank)
     optimizer = make_optimizer(model, config.optim.lr, config.optim.weight_decay, config.cuda_graph, bf16)
-    start, best = restore(resume, model, optimizer, rank, world, device) if resume is not None else (0, -math.inf)
+    start, best, positions = restore(resume, model, optimizer, rank, world, device) if resume is not None else \
+        (0, -math.inf, {})
     set_optimizer_settings(optimizer, config.cuda_graph, device)
     # Objectives left out leave parameters without gradients, which DDP must be told about.
     # No buffer needs broadcasting: each (the target's update count, the ITC queue, which every rank
@@ -61,16 +69,15 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
     checkpoint, total, optim = out / "last.pt", config.optim.max_steps, config.optim
 
     def save(step):
-        save_run(checkpoint, model, optimizer, step, config, best, rank, world, device)
+        save_run(checkpoint, model, optimizer, step, config, best, rank, world, device, positions)
 
     progress = tqdm(total=total, initial=start, desc="train", disable=rank != 0)
     saved_at = start if resume is not None else None
     losses_read = LossReader(world, lambda: checkpoint if saved_at is not None else None)
     clock = StopClock(stop_after, time_limit, start, world, optim.log_every, device)
-    skipped = 0
-    loader = make_loader(dataset, collate, config, start, rank, world, device)
-    for step, (images, input_ids, attention_mask, image_ids, skipped_now) in enumerate(loader, start=start):
-        skipped += skipped_now
+    skips = Skips()
+    loader = make_loader(dataset, collate, config, start, rank, world, device, positions)
+    for step, (images, input_ids, attention_mask, image_ids, info) in enumerate(loader, start=start):
         stopping = clock.stopping(step)
         if step >= total or stopping:
             losses_read()  # checked before anything is saved
@@ -78,6 +85,9 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
                 save(step)
                 saved_at = step
             break
+        skips.add(info)
+        if info.stream is not None:  # a shard stream's position after this batch: what a resume starts from
+            positions[info.stream] = info.position
         lr = learning_rate(step, base_lr=optim.lr, warmup_steps=optim.warmup_steps, total_steps=total,
                            min_lr=optim.min_lr)
         set_learning_rate(optimizer, lr, config.cuda_graph)
@@ -94,7 +104,7 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
         if step % optim.log_every == 0 or saving or evaluating:  # saving: the last step too
             values = losses_read()  # before anything is saved: no checkpoint follows a non-finite loss unseen
             if rank == 0 and (step % optim.log_every == 0 or step == total - 1):
-                log.write({"step": step, "lr": lr, **values, **({"skipped_images": skipped} if skipped else {})})
+                log.write({"step": step, "lr": lr, **values, **skips.record()})
             progress.set_postfix(values, refresh=False)
         if evaluating:
             best = evaluate_and_keep_best(evaluate, model, step + 1, best, config, out / "best.pt", log, rank)
@@ -102,16 +112,52 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
             save(step + 1)
             saved_at = step + 1
     progress.close()
-    if skipped:
-        print(f"rank {rank}: {skipped} unreadable images skipped (their next entries served instead)")
+    if skips.count:
+        print(f"rank {rank}: {skips.summary()}")
     if rank == 0:
         plot_losses(log.read(), out / "loss.png")
     return checkpoint, saved_at
 
 
-def restore(resume: Path, model: Mamo, optimizer, rank: int, world: int, device: torch.device) -> Tuple[int, float]:
+class Skips:
+    """The samples skipped for bad data: counted, and for shards each one's shard, key and reason,
+    logged with the next record (metrics.jsonl) and summed up at the end."""
+    KEPT_PER_RECORD = 100
+
+    def __init__(self):
+        self.count, self.pending, self.dropped, self.reasons = 0, [], 0, {}
+
+    def add(self, info) -> None:
+        self.count += info.skipped
+        for skip in info.skips:
+            reason = skip["reason"].split(" (")[0].split(":")[0]
+            self.reasons[reason] = self.reasons.get(reason, 0) + 1
+            if len(self.pending) < self.KEPT_PER_RECORD:
+                self.pending.append(skip)
+            else:
+                self.dropped += 1
+
+    def record(self) -> dict:
+        """What a metrics record carries: the count so far (as the Karpathy loader's skips), and the
+        skips since the last record."""
+        if not self.count:
+            return {}
+        record = {"skipped_images" if not self.reasons else "skipped_samples": self.count}
+        if self.pending:
+            record["skips"] = self.pending + ([{"more": self.dropped}] if self.dropped else [])
+            self.pending, self.dropped = [], 0
+        return record
+
+    def summary(self) -> str:
+        if not self.reasons:
+            return f"{self.count} unreadable images skipped (their next entries served instead)"
+        reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(self.reasons.items(), key=lambda r: -r[1]))
+        return f"{self.count} samples skipped for bad data ({reasons}); each one's shard and key: metrics.jsonl"
+
+
+def restore(resume: Path, model: Mamo, optimizer, rank: int, world: int, device: torch.device) -> Tuple[int, float, dict]:
     """Weights, optimizer state and this rank's random state from a run's checkpoint; returns
-    (the step it holds, the best evaluation score so far)."""
+    (the step it holds, the best evaluation score so far, this rank's shard streams' positions)."""
     state = load_checkpoint(resume)
     if "rng" not in state:
         raise ValueError(f"--resume {resume}: no optimizer and random state in it (best.pt holds weights "
@@ -128,8 +174,11 @@ def restore(resume: Path, model: Mamo, optimizer, rank: int, world: int, device:
     torch.set_rng_state(saved[rank % len(saved)]["torch"])  # masks, negatives and dropout on the CPU
     if device.type == "cuda":
         torch.cuda.set_rng_state(saved[rank % len(saved)]["cuda"], device)  # and on the GPU
+    positions = {}
+    if "data_positions" in state:  # shard streams: where each stopped (vlfast.data.shards.Position)
+        positions = {stream: Position(*position) for stream, position in state["data_positions"][rank % len(saved)].items()}
     print(f"resumed from {resume} at step {state['step']}")
-    return state["step"], state.get("best_score", -math.inf)
+    return state["step"], state.get("best_score", -math.inf), positions
 
 
 def set_optimizer_settings(optimizer, cuda_graph: bool, device: torch.device) -> None:
@@ -151,10 +200,21 @@ def set_learning_rate(optimizer, lr: float, cuda_graph: bool) -> None:
             group["lr"] = lr
 
 
-def make_loader(dataset, collate, config: TrainConfig, start: int, rank: int, world: int, device: torch.device):
+def make_loader(dataset, collate, config: TrainConfig, start: int, rank: int, world: int, device: torch.device,
+                positions: Optional[dict] = None):
     """Workers decode and augment the next batches while this process trains. The loader's own
     generator keeps it from drawing on the global RNG (dropout's, restored on resume); random
-    augmentation (Karpathy training) restarts its draws on resume, so there it is not exact."""
+    augmentation (Karpathy training) restarts its draws on resume, so there it is not exact.
+    Shards (a ShardPlan): each worker is one stream of batches (vlfast.data.shards), started at
+    ``positions`` and rotated so the first batch comes from the stream whose turn it was."""
+    workers = config.data.num_workers
+    if isinstance(dataset, ShardPlan):
+        dataset.check(world * max(1, workers))
+        stream = ShardStream(dataset, train_transform(config.model.vision.image_size), collate, config.optim.batch_size,
+                             rank, world, positions, first_worker=start % max(1, workers),
+                             shuffle_buffer=config.data.shuffle_buffer)
+        return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
+                                           generator=torch.Generator().manual_seed(config.seed * 1000 + rank))
     return torch.utils.data.DataLoader(dataset, batch_sampler=BatchOrder(len(dataset), config, start, rank, world),
                                        collate_fn=collate, num_workers=config.data.num_workers,
                                        pin_memory=device.type == "cuda",
@@ -214,15 +274,19 @@ class StopClock:
 
 
 def save_run(path: Path, model: Mamo, optimizer, step: int, config: TrainConfig, best: float, rank: int,
-             world: int, device: torch.device) -> None:
-    """The checkpoint a run resumes from. Called on every rank: each one's random state goes in."""
+             world: int, device: torch.device, positions: Optional[dict] = None) -> None:
+    """The checkpoint a run resumes from. Called on every rank: each one's random state goes in, and
+    its shard streams' positions."""
     rng = [{"torch": torch.get_rng_state(),
             **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}] * world
+    data = [{stream: tuple(position) for stream, position in (positions or {}).items()}] * world
     if world > 1:
         dist.all_gather_object(rng, rng[0])
+        dist.all_gather_object(data, data[0])
     if rank == 0:
         save_checkpoint(path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                               "step": step, "rng": rng, "config": asdict(config), "best_score": best})
+                               "step": step, "rng": rng, "config": asdict(config), "best_score": best,
+                               **({"data_positions": data} if positions else {})})
 
 
 def evaluate_and_keep_best(evaluate: Callable[[Mamo, int], float], model: Mamo, steps_done: int, best: float,
