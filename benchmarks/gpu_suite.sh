@@ -25,7 +25,7 @@
 #       retrieval re-ranking against ALBEF's loop, a COCO-5k-sized evaluation end to end (ALBEF's loop
 #                 on a subset, scaled), and the CUDA tests of indexed_attention and retrieval
 #                 (estimated 4 minutes on an H200, not yet timed)
-#       ops       the other per-op files (no tests)
+#       ops       the other per-op files and the data loader's (no tests)
 #   Parts never yet run on a card: docs/benchmarks.md, "The GPU suite".
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -169,7 +169,7 @@ if wants retrieval; then
 fi
 if wants ops; then
     step "per-op benchmarks"
-    for bench in ema patch_gather contrastive dropout_add_layer_norm attention; do
+    for bench in ema patch_gather contrastive dropout_add_layer_norm attention data; do
         run_bench $bench
     done
 fi

@@ -264,7 +264,7 @@ def test_karpathy_data_and_pretrained_timm_and_hf_weights(tmp_path):
 @pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load(config):
     loaded = load_config(TrainConfig, config)
-    assert loaded.data.dataset in ("synthetic", "karpathy", "pretrain")
+    assert loaded.data.dataset in ("synthetic", "karpathy", "pretrain", "shards")
 
 
 def test_pretrain_corpus_trains_and_evaluates_on_karpathy_files(tmp_path):

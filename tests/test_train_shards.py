@@ -143,3 +143,27 @@ def test_torchrun_restarts_a_killed_rank_and_the_run_resumes_by_itself(synthetic
     assert sorted(got) == list(range(10))
     for step in range(10):
         assert got[step] == want[step], step
+
+
+def test_bad_samples_are_logged_with_shard_and_key_and_summed_up(synthetic_shards, tmp_path):
+    import io
+    import tarfile
+
+    pattern, _ = synthetic_shards
+    bad = tmp_path / "bad.tar"
+    with tarfile.open(bad, "w") as tar:
+        for name, data in (("broken.jpg", b"not a jpeg"), ("broken.txt", b"a caption"), ("mute.png", b"")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    shards = f"data.shards=['{pattern}', '{bad}']"  # two sources
+    out = tmp_path / "run"
+    process = run("--out", str(out), *shard_settings(pattern)[:-2], "data.dataset=shards", shards,
+                  "data.shuffle_buffer=3", "optim.max_steps=8", "data.num_workers=0")
+    stdout = finish(process)
+    logged = [record for record in records(out).values() if "skips" in record]
+    skips = [skip for record in logged for skip in record["skips"]]
+    assert {(skip["shard"], skip["key"]) for skip in skips} == {(str(bad), "broken"), (str(bad), "mute")}
+    assert {skip["reason"].split(" (")[0] for skip in skips} == {"unreadable image", "no caption"}
+    assert logged[-1]["skipped_samples"] == len(skips)
+    assert f"{len(skips)} samples skipped for bad data" in stdout and "metrics.jsonl" in stdout
