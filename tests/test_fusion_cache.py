@@ -107,3 +107,35 @@ def test_itm_logits_compute_the_last_layer_at_cls_only_and_equal_the_full_pass()
         torch.testing.assert_close(model.itm_logits(image[index], text, mask), full, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(model.itm_logits(model.fusion_cache(image), text, mask, image_index=index), full,
                                    rtol=1e-5, atol=1e-6)
+
+
+def test_the_training_forward_from_the_cache_equals_the_gathered_one(monkeypatch):
+    """Mamo.forward's text stream (ITM's 3B pairs, MLM's B) reads the B images' cached keys and
+    values: every loss and every gradient equal the pass with each pair's image tokens gathered
+    (the step before), within fp32 rounding."""
+    from helpers import batch
+    from vlfast.models import Mamo
+
+    cached_fuse_text, cached_cache = Mamo.__dict__["fuse_text"], Mamo.fusion_cache
+
+    def gathered_fuse_text(bert, text, text_mask, image, image_index=None, cls_only=False):
+        if image_index is not None:
+            image, image_index = image[image_index], None
+        return cached_fuse_text.__func__(bert, text, text_mask, image, image_index, cls_only)
+
+    results = []
+    for cached in (True, False):
+        if not cached:
+            monkeypatch.setattr(Mamo, "fuse_text", staticmethod(gathered_fuse_text))
+            monkeypatch.setattr(Mamo, "fusion_cache", lambda self, image: image)
+        model = tiny()
+        torch.manual_seed(1)
+        losses = model(*batch(8))
+        losses["loss"].backward()
+        results.append(({name: value.item() for name, value in losses.items()},
+                        {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}))
+    (losses, grads), (want_losses, want_grads) = results
+    assert losses == pytest.approx(want_losses, rel=1e-6, abs=1e-6)
+    assert grads.keys() == want_grads.keys()
+    for name, grad in grads.items():  # (attention key biases: 0 in exact arithmetic, noise either way)
+        torch.testing.assert_close(grad, want_grads[name], rtol=1e-4, atol=2e-6, msg=name)

@@ -8,7 +8,7 @@ import torch
 from helpers import DEVICES, needs_extension
 from vlfast import _extension
 from vlfast.ops import attention_reference, indexed_attention, indexed_attention_reference
-from vlfast.ops.padded_attention import triton, triton_forward
+from vlfast.ops.padded_attention import triton, triton_backward, triton_forward
 
 pytestmark = pytest.mark.usefixtures("poisoned_memory")  # conftest: NaN in every torch.empty
 
@@ -81,7 +81,10 @@ def test_repeated_unused_and_empty_entries(device, path):
     out = indexed_attention(*inputs, index, key_padding_mask=mask)
     assert (out[index == 3] == 0).all()
     dq, dk, dv = torch.autograd.grad(out.sum(), inputs)
-    assert (dk[2] == 0).all() and (dv[2] == 0).all() and (dk[3] == 0).all() and (dq[index == 3] == 0).all()
+    assert (dk[2] == 0).all() and (dv[2] == 0).all() and (dk[3] == 0).all() and (dv[3] == 0).all()
+    assert (dq[index == 3] == 0).all()
+    int32 = indexed_attention(*inputs, index.int(), key_padding_mask=mask)  # an int32 index reads the same
+    torch.testing.assert_close(int32, out, rtol=0, atol=0)
 
 
 def test_equals_attention_on_repeated_copies():
@@ -103,8 +106,14 @@ def test_every_float_dtype(device, dtype, tol):
 def test_triton_kernel_gives_nan_rows_for_an_index_out_of_range():
     """The GPU's kernel cannot raise without making the host wait: a batch reading no entry gets NaN."""
     (q, k, v), _, _ = problem(3, 2, 4, 5, 16, masked=False, dtype=torch.float32)
-    out, _ = triton_forward(q, k, v, None, 0.25, torch.tensor([0, 2, 1]))
-    assert out[1].isnan().all() and not out[[0, 2]].isnan().any()
+    for bad in (2, -1):
+        index = torch.tensor([0, bad, 1])
+        out, lse = triton_forward(q, k, v, None, 0.25, index)
+        assert out[1].isnan().all() and not out[[0, 2]].isnan().any()
+        grad = torch.ones_like(out)
+        grad[1] = 0  # a loss that leaves the bad rows out
+        dq, dk, dv = triton_backward(grad, q, k, v, None, out, lse, 0.25, index)
+        assert (dq[1] == 0).all() and not any(x.isnan().any() for x in (dq, dk, dv))  # its queries get no gradient
 
 
 @needs_extension

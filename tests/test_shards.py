@@ -109,7 +109,7 @@ def test_two_gloo_ranks_with_two_workers_see_every_key_once(tmp_path):
 def test_fewer_shards_than_streams_is_an_error_unless_resampled(tmp_path):
     write(tmp_path, shards=3, per_shard=2)
     plan = make_plan([str(tmp_path / "s{000..002}.tar")], seed=0)
-    with pytest.raises(ValueError, match=r"3 shards for 4 streams .* data.resample_shards=true"):
+    with pytest.raises(ValueError, match=r"3 shard visits an epoch for 4 streams .* data.resample_shards=true"):
         plan.check(4)
     resampled = make_plan([str(tmp_path / "s{000..002}.tar")], seed=0, resample=True)
     resampled.check(4)
@@ -125,14 +125,41 @@ def test_sources_with_weights_share_the_visits(tmp_path):
     assert visits.count("b") == 3 * visits.count("a")  # 2 and 6 of each epoch's 8 visits
     with pytest.raises(ValueError, match="one weight > 0 per source"):
         ShardPlan(plan.sources, 0, [1.0]).check(1)
+    # Weights without resampling: an epoch's visits (2 + 1 + 1 of sources of 2, 1 and 1 shards)
+    # must cover the streams, or a stream would get no shard
+    uneven = ShardPlan([plan.sources[0][:2], plan.sources[1][:1], plan.sources[0][2:3]], 0, [1, 1, 1])
+    with pytest.raises(ValueError, match="3 shard visits an epoch for 4 streams"):
+        uneven.check(4)
+    uneven.check(3)
+    assert sorted(len(uneven.stream_shards(0, stream, 3)) for stream in range(3)) == [1, 1, 1]
 
 
+def cut_shard(path: Path, good: int = 2) -> None:
+    """A shard of ``good`` samples, one bad one, and a last member cut short (a failed upload)."""
+    with tarfile.open(path, "w") as tar:
+        for index in range(good):
+            add(tar, f"cut{index}.png", image_bytes(100 + index))
+            add(tar, f"cut{index}.txt", b"a caption")
+        add(tar, "nocaption.png", image_bytes(99))
+        add(tar, "last.png", image_bytes(98) * 40)
+    with tarfile.open(path) as tar:
+        last = tar.getmember("last.png")
+        middle = last.offset_data + last.size // 2
+    path.write_bytes(path.read_bytes()[:middle])
+
+
+@pytest.mark.parametrize("bad", [False, True], ids=["good", "with_a_cut_shard"])
 @pytest.mark.parametrize("workers", [0, 2])
-def test_a_resumed_stream_continues_with_the_same_batches(tmp_path, workers):
+def test_a_resumed_stream_continues_with_the_same_batches(tmp_path, workers, bad):
     """Stopped after 5 batches (mid-shard, mid-epoch), resumed from the positions of the batches
-    taken, with the workers rotated: the next batches equal the uninterrupted run's."""
+    taken, with the workers rotated: the next batches equal the uninterrupted run's, their skips
+    too (the replayed part of a shard reports none again)."""
     write(tmp_path, shards=4, per_shard=7)
-    plan = make_plan([str(tmp_path / "s{000..003}.tar")], seed=1)
+    shards = [str(tmp_path / f"s{index:03d}.tar") for index in range(4)]
+    if bad:
+        cut_shard(tmp_path / "cut.tar")
+        shards.append(str(tmp_path / "cut.tar"))
+    plan = make_plan([shards], seed=1)
     whole = read(ShardStream(plan, TRANSFORM, collate, batch_size=3, shuffle_buffer=4), batches=14, workers=workers)
     positions = {}
     for batch in whole[:5]:
@@ -176,6 +203,21 @@ def test_bad_samples_are_skipped_and_named_and_a_cut_shard_keeps_its_good_sample
     assert reasons["latin1"] == "caption is not UTF-8 text"
     assert reasons[None].startswith("tar cut short")
     assert {skip["shard"] for skip in skips} == {str(tmp_path / "bad.tar")}
+
+
+def test_a_stream_of_bad_shards_stops_instead_of_spinning(tmp_path):
+    with tarfile.open(tmp_path / "bad.tar", "w") as tar:
+        add(tar, "a.png", image_bytes(1))  # no caption
+    plan = make_plan([str(tmp_path / "bad.tar")], seed=0)
+    with pytest.raises(RuntimeError, match=r"stream 0's shards of epoch 0 hold no sample \(.*bad\.tar"):
+        read(ShardStream(plan, TRANSFORM, collate, batch_size=1), batches=1)
+
+
+def test_read_errors_that_are_not_bad_data_stop_the_run_naming_the_shard(tmp_path):
+    (tmp_path / "empty.tar").write_bytes(b"")
+    plan = make_plan([str(tmp_path / "empty.tar")], seed=0)
+    with pytest.raises(RuntimeError, match=r"shard .*empty\.tar: reading it failed: ReadError"):
+        read(ShardStream(plan, TRANSFORM, collate, batch_size=1), batches=1)
 
 
 def test_missing_shards_and_failing_commands_are_named(tmp_path):

@@ -167,3 +167,16 @@ def test_bad_samples_are_logged_with_shard_and_key_and_summed_up(synthetic_shard
     assert {skip["reason"].split(" (")[0] for skip in skips} == {"unreadable image", "no caption"}
     assert logged[-1]["skipped_samples"] == len(skips)
     assert f"{len(skips)} samples skipped for bad data" in stdout and "metrics.jsonl" in stdout
+
+
+def test_a_restart_resumes_only_from_a_checkpoint_of_its_own_torchrun(tmp_path, monkeypatch):
+    """A last.pt left in --out by an earlier run is not picked up by a restart of a new run (which
+    crashed before its first checkpoint); this run's own is, also over an explicit --resume."""
+    from vlfast.trainer.loop import written_by_this_torchrun
+
+    torch.save({"torchrun_id": "an-earlier-run", "step": 3}, tmp_path / "last.pt")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "this-run")
+    assert not written_by_this_torchrun(tmp_path / "last.pt")
+    torch.save({"torchrun_id": "this-run", "step": 5}, tmp_path / "last.pt")
+    assert written_by_this_torchrun(tmp_path / "last.pt")
+    assert not written_by_this_torchrun(tmp_path / "missing.pt")

@@ -83,7 +83,7 @@ def rerank_pairs(model, embeddings: Embeddings, image_idx: Tensor, text_idx: Ten
     """The ITM "match" logit of each pair (image image_idx[p], text text_idx[p]), pairs sorted by
     image: the images' cross-attention keys and values are computed once (Mamo.fusion_cache), for
     as many images at a time as fit in ``cache_gb`` GiB, and each pair's text reads its image's
-    entry (vlfast.ops.indexed_attention). The cost grows with images + pairs × text length, not
+    entry (vlfast.ops.indexed_attention). The indices are on the embeddings' device. The cost grows with images + pairs × text length, not
     pairs × image tokens. Each batch takes pairs of like text lengths, cut to the longest (text
     padding is on the right and masked). The progress bar counts pairs."""
     if cache_gb <= 0:
@@ -116,6 +116,7 @@ def rerank_pairs(model, embeddings: Embeddings, image_idx: Tensor, text_idx: Ten
                                               embeddings.text_mask[texts, :length], image_index=entry[rows] - first)
                 values[rows] = logits[:, 1].float()
                 bar.update(len(rows))
+            del cache  # before the next chunk's is made: one chunk's cache at a time, as cache_gb says
     return values
 
 

@@ -10,9 +10,8 @@ processes need, this module does itself, because webdataset's own splitters and 
 not give a position to resume from:
 
 - **The split.** Each epoch's shard order is a permutation drawn from the run's seed and the
-  epoch. The ranks × workers streams take every (ranks × workers)-th shard of it, as many each
-  (the last shards of a permutation that does not divide go to no stream that epoch: a different
-  set each epoch, at most ranks × workers − 1 shards).
+  epoch. The ranks × workers streams take every (ranks × workers)-th shard of it: every shard
+  once an epoch, the streams' counts differing by one at most.
 - **The order.** Each stream reads its shards in turn, each through a shuffle buffer seeded by
   (seed, epoch, stream, shard), and batches in the worker; the DataLoader then takes the workers'
   batches in turn. Every stream runs on into the next epoch, so the steps never run dry.
@@ -33,6 +32,7 @@ import json
 import os
 import random
 import sys
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
@@ -71,11 +71,12 @@ def expand(patterns: Sequence[str]) -> List[str]:
     urls = [url for pattern in patterns for url in braceexpand.braceexpand(pattern)]
     if not urls:
         raise ValueError("data.shards names no shard")
-    missing = [url for url in urls if not url.startswith(("pipe:", "http:", "https:", "s3:", "gs:", "ais:", "hf:"))
+    # webdataset's gopen reads these schemes itself (object storage: a pipe: command, e.g. aws s3 cp ... -)
+    missing = [url for url in urls if not url.startswith(("pipe:", "http:", "https:", "gs:", "ais:", "hf:"))
                and not Path(url.removeprefix("file:")).is_file()]
     if missing:
         raise ValueError(f"data.shards: {len(missing)} of {len(urls)} shards are not files, e.g. {missing[0]} "
-                         f"(from {', '.join(patterns)})")
+                         f"(from {', '.join(patterns)}; for s3: use pipe:aws s3 cp s3://... -)")
     return urls
 
 
@@ -94,12 +95,14 @@ class ShardPlan:
         return sum(len(source) for source in self.sources)
 
     def check(self, streams: int) -> None:
-        """Every stream must get a shard each epoch: ranks × workers ≤ shards, unless resampling."""
+        """Every stream must get a shard each epoch: ranks × workers ≤ an epoch's shard visits,
+        unless resampling."""
         if self.weights is not None and (len(self.weights) != len(self.sources) or min(self.weights) <= 0):
             raise ValueError(f"data.shard_weights needs one weight > 0 per source ({len(self.sources)}), got {self.weights}")
-        if not self.resample and self.shards < streams:
-            raise ValueError(f"{self.shards} shards for {streams} streams (processes × data.num_workers): every "
-                             f"stream needs a shard each epoch; use fewer workers or data.resample_shards=true")
+        visits = len(self.epoch_order(0))
+        if not self.resample and visits < streams:
+            raise ValueError(f"{visits} shard visits an epoch for {streams} streams (processes × data.num_workers): "
+                             f"every stream needs a shard each epoch; use fewer workers or data.resample_shards=true")
 
     def epoch_order(self, epoch: int) -> List[str]:
         """The epoch's shard visits, in a permutation drawn from (seed, epoch)."""
@@ -119,12 +122,13 @@ class ShardPlan:
         return order
 
     def stream_shards(self, epoch: int, stream: int, streams: int) -> List[str]:
-        """The shards stream ``stream`` of ``streams`` reads in ``epoch``: as many for every stream."""
+        """The shards stream ``stream`` of ``streams`` reads in ``epoch``: every streams-th of the
+        epoch's order from its own place, so every shard is read and the streams' counts differ
+        by one at most."""
         order = self.epoch_order(epoch)
         if self.resample and len(order) < streams:  # few shards, many streams: one visit each
             return [random.Random(f"{self.seed}/{epoch}/{stream}").choice(order)]
-        per_stream = len(order) // streams
-        return order[stream:per_stream * streams:streams]
+        return order[stream::streams]
 
 
 def stable_id(key: str) -> int:
@@ -164,23 +168,38 @@ def decode(sample: dict, transform: Callable) -> Tuple[Optional[dict], Optional[
 
 
 def shard_samples(url: str, skips: List[dict]) -> Iterator[dict]:
-    """The samples of one shard, grouped by key (encoded bytes). A member cut short ends the
-    shard: the samples before it are kept, the skip recorded. A shard that cannot be opened raises."""
+    """The samples of one shard, grouped by key (encoded bytes). An archive cut short ends the
+    shard: the samples before the cut are kept and the cut recorded as a skip; a key given twice
+    is recorded and its second file dropped. Anything else (a shard that cannot be opened or is
+    not a tar archive, a read error of the storage, a failing pipe: command) raises, naming it."""
     try:
         stream = gopen(url)
     except Exception as error:  # noqa: BLE001  (missing file, failing command: named)
         raise RuntimeError(f"shard {url} cannot be opened: {error}") from None
+    members = [0]
 
-    def truncated(error) -> bool:
-        skips.append({"shard": url, "key": None, "reason": f"tar cut short ({type(error).__name__}: {error})"[:200]})
-        return False  # stop reading this shard
+    def bad_data(error) -> bool:
+        """Skips what is bad data; raises what is not."""
+        if isinstance(error, ValueError) and "duplicate file name" in str(error):
+            skips.append({"shard": url, "key": None, "reason": f"duplicate file name ({error})"[:200]})
+            return True
+        if isinstance(error, (tarfile.ReadError, EOFError)) and members[0]:
+            skips.append({"shard": url, "key": None, "reason": f"tar cut short ({type(error).__name__}: {error})"[:200]})
+            return False  # stop reading this shard
+        raise RuntimeError(f"shard {url}: reading it failed: {type(error).__name__}: {error}") from None
 
-    files = ({**member, "__url__": url} for member in tar_file_iterator(stream, handler=truncated))
+    def counted(files):
+        for member in files:
+            members[0] += 1
+            yield {**member, "__url__": url}
+
     try:
         try:
-            yield from group_by_keys(files, handler=truncated)
+            yield from group_by_keys(counted(tar_file_iterator(stream, handler=bad_data)), handler=bad_data)
+        except RuntimeError:
+            raise
         except Exception as error:  # noqa: BLE001  (tarfile raises from its own iteration on a cut archive)
-            truncated(error)
+            bad_data(error)
     finally:
         try:
             stream.close()
@@ -227,11 +246,16 @@ class ShardStream(torch.utils.data.IterableDataset):
         epoch, first, skip = position
         while True:
             shards = self.plan.stream_shards(epoch, stream, streams)
+            if not shards:
+                raise RuntimeError(f"stream {stream} of {streams} has no shard in epoch {epoch} (ShardPlan.check)")
+            produced = 0
             for ordinal in range(first, len(shards)):
                 url = shards[ordinal]
                 rng = random.Random(f"{self.plan.seed}/{epoch}/{stream}/{ordinal}/{url}")
+                replayed = len(skips)
                 for emitted, sample in enumerate(shuffled(shard_samples(url, skips), self.shuffle_buffer, rng), 1):
-                    if emitted <= skip:  # replaying the shard a resumed stream stopped in
+                    if emitted <= skip:  # replaying the shard a resumed stream stopped in: its skips were reported
+                        del skips[replayed:]
                         continue
                     with torch.random.fork_rng(devices=[]):  # its augmentation's draws, from its key alone
                         # (the CPU generator alone: torch.manual_seed also queues a seed for every
@@ -242,11 +266,15 @@ class ShardStream(torch.utils.data.IterableDataset):
                         skips.append({"shard": url, "key": sample["__key__"], "reason": why})
                     else:
                         items.append(item)
+                        produced += 1
                     if len(items) == self.batch_size:
                         tensors = self.collate(items)[:4]  # (images, input_ids, attention_mask, image_ids)
                         yield (*tensors, BatchInfo(len(skips), tuple(skips), stream, Position(epoch, ordinal, emitted)))
                         items, skips = [], []
                 skip = 0
+            if not produced and first == 0:  # a whole epoch of this stream's shards gave nothing
+                raise RuntimeError(f"stream {stream}'s shards of epoch {epoch} hold no sample ({', '.join(shards[:3])}"
+                                   f"{', ...' if len(shards) > 3 else ''}; skipped: {skips[:3]})")
             epoch, first = epoch + 1, 0
 
 

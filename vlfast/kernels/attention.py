@@ -115,7 +115,7 @@ def attention_backward_kv(Q, K, V, MASK, ORDER, OFFSETS, DO, LSE, DELTA, DK, DV,
     """dk, dv of one key block of one (K/V batch or cache entry, head): summed over the query
     batches that read it (HAS_INDEX: ORDER[OFFSETS[entry]:OFFSETS[entry + 1]]; else its own)."""
     entry_head = tl.program_id(1)
-    entry, head = entry_head // H, entry_head % H
+    entry, head = (entry_head // H).to(tl.int64), entry_head % H  # int64: a large cache's offsets pass 2^31
     dims = tl.arange(0, BLOCK_D)
     cols, col_ok, key_ok, k, v = _key_tiles(K, V, MASK, entry, head, stride_kb, stride_kh, stride_kl, stride_vb,
                                             stride_vh, stride_vl, tl.program_id(0) * BLOCK_N, LK, dims, DH, BLOCK_N,
@@ -158,7 +158,7 @@ def attention_backward_q(Q, K, V, MASK, INDEX, DO, LSE, DELTA, DQ,
                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     batch_head = tl.program_id(1)
     batch, head = batch_head // H, batch_head % H
-    entry, _entry_ok = _entry(INDEX, batch, ENTRIES, HAS_INDEX)  # its dq rows: NaN already in the output
+    entry, entry_ok = _entry(INDEX, batch, ENTRIES, HAS_INDEX)
     dims = tl.arange(0, BLOCK_D)
     rows, row_ok, q = _query_tile(Q, batch, head, stride_qb, stride_qh, stride_ql, tl.program_id(0) * BLOCK_M, LQ,
                                   dims, DH, BLOCK_M)
@@ -171,5 +171,6 @@ def attention_backward_q(Q, K, V, MASK, INDEX, DO, LSE, DELTA, DQ,
                                         stride_vl, start, LK, dims, DH, BLOCK_N, HAS_MASK)
         _, ds = _probabilities_and_score_grads(q, k, v, do, lse, delta, key_ok, scale, PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    dq = tl.where(entry_ok, dq, 0.0)  # a batch that read no entry: its output is NaN, its gradient nothing
     tl.store(DQ + batch_head * LQ * DH + rows[:, None] * DH + dims[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (dims[None, :] < DH))

@@ -43,7 +43,8 @@ def indexed_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor, *, key_pad
     Returns (P, H, Lq, Dh) in q's dtype, differentiable in q, k and v (an entry's gradient is the
     sum over the query batches that read it). As vlfast.ops.attention: Dh in 16..128, a multiple of
     8; an entry with no key to attend gives 0. An index out of range raises IndexError on the CPU;
-    on the GPU its rows become NaN (checking would make the host wait).
+    on the GPU the Triton kernels give its rows NaN and its queries no gradient (checking would
+    make the host wait; the GPU's gathered path, fp64, stops at a device-side assert).
     """
     mask, index = _check(q, k, v, index, key_padding_mask)
     if scale is not None and not (isinstance(scale, numbers.Real) and not isinstance(scale, bool) and math.isfinite(scale)):
@@ -99,7 +100,8 @@ def _check(q, k, v, index, key_padding_mask) -> Tuple[Optional[Tensor], Tensor]:
         raise ValueError(f"index is on {index.device} but q on {q.device}")
     # On the CPU the index is host memory, read where it lies (numpy: no op a GPU would launch or
     # wait for); on the GPU a read would make the host wait (its rows become NaN instead)
-    if index.device.type == "cpu" and pairs and not torch.compiler.is_compiling():
+    if index.device.type == "cpu" and pairs and not torch.compiler.is_compiling() \
+            and not torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE):  # no values to read there
         values = index.numpy()
         low, high = int(values.min()), int(values.max())
         if low < 0 or high >= entries:
@@ -204,7 +206,11 @@ if _extension.LOAD_ERROR is None and hasattr(torch.ops.vlfast, "indexed_attentio
 
     @torch.library.register_fake("vlfast::indexed_attention_backward")
     def _indexed_attention_backward_fake(grad_out, q, k, v, index, key_padding_mask, out, lse, scale):
-        return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(k), torch.empty_like(v)
+        # dk, dv in k's and v's layouts; the Triton launcher first makes a k, v whose last stride is
+        # not 1 contiguous, and so are theirs then
+        like = lambda x: torch.empty_like(x) if x.device.type == "cpu" or x.stride(-1) == 1 else \
+            torch.empty_like(x, memory_format=torch.contiguous_format)  # noqa: E731
+        return torch.empty_like(q, memory_format=torch.contiguous_format), like(k), like(v)
 
     # Autograd: C++ (csrc/autograd.cpp), which also raises if a second derivative is taken.
     torch.library.register_kernel("vlfast::indexed_attention", "cpu", cpu_forward)

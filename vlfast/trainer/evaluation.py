@@ -89,6 +89,9 @@ def finetune_config(checkpoint: Path, config_file, overrides, world: int) -> Tra
     _, config = checkpoint_config(checkpoint, config_file, overrides)
     if config.retrieval.finetune_epochs < 1:
         raise ValueError(f"retrieval.finetune_epochs must be at least 1, got {config.retrieval.finetune_epochs}")
+    if config.data.dataset == "shards":
+        raise ValueError("retrieval fine-tuning trains on a Karpathy train split with image ids, not on shards: "
+                         "--config configs/coco.yaml (or data.dataset=karpathy data.train_file=...)")
     config.model.objectives, config.image_id_positives = ("itc", "itm"), True
     config.init.checkpoint, config.init.vision = str(checkpoint), None
     steps_per_epoch = BatchOrder(len(make_dataset(config, "train")), config, 0, world=world).per_epoch

@@ -36,8 +36,9 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
     Returns (checkpoint path, the step it holds)."""
     check_optim(config.optim)
     rank, world, device = setup_distributed()
-    if resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and (out / "last.pt").exists():
-        # torchrun restarted the group (a process died; --max-restarts): on from the last checkpoint
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and written_by_this_torchrun(out / "last.pt"):
+        # torchrun restarted the group (a process died; --max-restarts): on from this run's last
+        # checkpoint, also where the first attempt had resumed from another
         resume = out / "last.pt"
         print(f"rank {rank}: torchrun restart {os.environ['TORCHELASTIC_RESTART_COUNT']}: resuming from {resume}")
     check_whole_step_options(config, device, world)
@@ -49,8 +50,8 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
     if rank > 0:  # then each rank its own draws (rank 0 keeps the stream one process has)
         torch.manual_seed(config.seed + rank)
     optimizer = make_optimizer(model, config.optim.lr, config.optim.weight_decay, config.cuda_graph, bf16)
-    start, best, positions = restore(resume, model, optimizer, rank, world, device) if resume is not None else \
-        (0, -math.inf, {})
+    start, best, positions = restore(resume, model, optimizer, rank, world, device, config.data.num_workers) \
+        if resume is not None else (0, -math.inf, {})
     set_optimizer_settings(optimizer, config.cuda_graph, device)
     # Objectives left out leave parameters without gradients, which DDP must be told about.
     # No buffer needs broadcasting: each (the target's update count, the ITC queue, which every rank
@@ -69,7 +70,8 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
     checkpoint, total, optim = out / "last.pt", config.optim.max_steps, config.optim
 
     def save(step):
-        save_run(checkpoint, model, optimizer, step, config, best, rank, world, device, positions)
+        save_run(checkpoint, model, optimizer, step, config, best, rank, world, device, positions,
+                 streams=world * max(1, config.data.num_workers))
 
     progress = tqdm(total=total, initial=start, desc="train", disable=rank != 0)
     saved_at = start if resume is not None else None
@@ -103,8 +105,10 @@ def train(config: TrainConfig, out: Path, resume: Path = None, stop_after: int =
         saving = (step + 1) % optim.checkpoint_every == 0 or step + 1 == total
         if step % optim.log_every == 0 or saving or evaluating:  # saving: the last step too
             values = losses_read()  # before anything is saved: no checkpoint follows a non-finite loss unseen
-            if rank == 0 and (step % optim.log_every == 0 or step == total - 1):
-                log.write({"step": step, "lr": lr, **values, **skips.record()})
+            if step % optim.log_every == 0 or step == total - 1:
+                record = skips.record(world)  # every rank's (a collective: every rank logs at these steps)
+                if rank == 0:
+                    log.write({"step": step, "lr": lr, **values, **record})
             progress.set_postfix(values, refresh=False)
         if evaluating:
             best = evaluate_and_keep_best(evaluate, model, step + 1, best, config, out / "best.pt", log, rank)
@@ -137,27 +141,37 @@ class Skips:
             else:
                 self.dropped += 1
 
-    def record(self) -> dict:
+    def record(self, world: int = 1) -> dict:
         """What a metrics record carries: the count so far (as the Karpathy loader's skips), and the
-        skips since the last record."""
-        if not self.count:
+        skips since the last record, of every rank (gathered: called on every rank)."""
+        mine = (self.count, bool(self.reasons), self.pending, self.dropped)
+        self.pending, self.dropped = [], 0
+        everyone = [mine] * world
+        if world > 1:
+            dist.all_gather_object(everyone, mine)
+        count = sum(rank[0] for rank in everyone)
+        if not count:
             return {}
-        record = {"skipped_images" if not self.reasons else "skipped_samples": self.count}
-        if self.pending:
-            record["skips"] = self.pending + ([{"more": self.dropped}] if self.dropped else [])
-            self.pending, self.dropped = [], 0
+        record = {"skipped_samples" if any(rank[1] for rank in everyone) else "skipped_images": count}
+        skips = [{**skip, **({"rank": index} if world > 1 else {})} for index, rank in enumerate(everyone)
+                 for skip in rank[2]]
+        dropped = sum(rank[3] for rank in everyone)
+        if skips or dropped:
+            record["skips"] = skips + ([{"more": dropped}] if dropped else [])
         return record
 
     def summary(self) -> str:
         if not self.reasons:
             return f"{self.count} unreadable images skipped (their next entries served instead)"
         reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(self.reasons.items(), key=lambda r: -r[1]))
-        return f"{self.count} samples skipped for bad data ({reasons}); each one's shard and key: metrics.jsonl"
+        return f"{self.count} samples skipped for bad data ({reasons}); each one's shard and key: metrics.jsonl (rank 0's log)"
 
 
-def restore(resume: Path, model: Mamo, optimizer, rank: int, world: int, device: torch.device) -> Tuple[int, float, dict]:
+def restore(resume: Path, model: Mamo, optimizer, rank: int, world: int, device: torch.device,
+            workers: int = 0) -> Tuple[int, float, dict]:
     """Weights, optimizer state and this rank's random state from a run's checkpoint; returns
-    (the step it holds, the best evaluation score so far, this rank's shard streams' positions)."""
+    (the step it holds, the best evaluation score so far, this rank's shard streams' positions:
+    none when the run had another number of streams, which would split the shards otherwise)."""
     state = load_checkpoint(resume)
     if "rng" not in state:
         raise ValueError(f"--resume {resume}: no optimizer and random state in it (best.pt holds weights "
@@ -177,6 +191,10 @@ def restore(resume: Path, model: Mamo, optimizer, rank: int, world: int, device:
     positions = {}
     if "data_positions" in state:  # shard streams: where each stopped (vlfast.data.shards.Position)
         positions = {stream: Position(*position) for stream, position in state["data_positions"][rank % len(saved)].items()}
+        if len(saved) != world or state.get("data_streams") != world * max(1, workers):
+            print(f"warning: {resume}'s shard streams were {state.get('data_streams')} (processes × workers), this run "
+                  f"has {world * max(1, workers)}: the shards start again from the beginning of an epoch")
+            positions = {}
     print(f"resumed from {resume} at step {state['step']}")
     return state["step"], state.get("best_score", -math.inf), positions
 
@@ -274,7 +292,7 @@ class StopClock:
 
 
 def save_run(path: Path, model: Mamo, optimizer, step: int, config: TrainConfig, best: float, rank: int,
-             world: int, device: torch.device, positions: Optional[dict] = None) -> None:
+             world: int, device: torch.device, positions: Optional[dict] = None, streams: int = 0) -> None:
     """The checkpoint a run resumes from. Called on every rank: each one's random state goes in, and
     its shard streams' positions."""
     rng = [{"torch": torch.get_rng_state(),
@@ -286,7 +304,17 @@ def save_run(path: Path, model: Mamo, optimizer, step: int, config: TrainConfig,
     if rank == 0:
         save_checkpoint(path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                "step": step, "rng": rng, "config": asdict(config), "best_score": best,
-                               **({"data_positions": data} if positions else {})})
+                               "torchrun_id": os.environ.get("TORCHELASTIC_RUN_ID"),
+                               **({"data_positions": data, "data_streams": streams} if positions else {})})
+
+
+def written_by_this_torchrun(checkpoint: Path) -> bool:
+    """Whether ``checkpoint`` exists and was written by this torchrun (its run id), not by an
+    earlier run in the same folder."""
+    if not checkpoint.exists():
+        return False
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)  # mmap: the weights stay unread
+    return state.get("torchrun_id") is not None and state["torchrun_id"] == os.environ.get("TORCHELASTIC_RUN_ID")
 
 
 def evaluate_and_keep_best(evaluate: Callable[[Mamo, int], float], model: Mamo, steps_done: int, best: float,
