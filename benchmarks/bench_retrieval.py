@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # vlfast from a checkout, when run as a script
 from timing import CUDA_CONFIG_ON_CPU, DEVICES, cuda_config, in_turn, timed  # noqa: E402
 from vlfast.models import Mamo, MamoConfig, TextConfig, VisionConfig  # noqa: E402
-from vlfast.retrieval import (Embeddings, embed_images, embed_texts, two_stage_scores,  # noqa: E402
+from vlfast.retrieval import (Embeddings, embed_images, embed_texts, pair_ids, two_stage_scores,  # noqa: E402
                               two_stage_scores_reference)
 
 TEXT_LENGTH = 30
@@ -115,9 +115,7 @@ def bench_rerank(benchmark, tokens, device):
 def merged_pairs(sims, k: int) -> int:
     """The distinct (image, text) pairs of the images' and the texts' top k."""
     images, texts = sims.shape
-    i2t = torch.arange(images, device=sims.device)[:, None] * texts + sims.topk(min(k, texts), dim=1).indices
-    t2i = sims.T.topk(min(k, images), dim=1).indices * texts + torch.arange(texts, device=sims.device)[:, None]
-    return len(torch.unique(torch.cat([i2t.flatten(), t2i.flatten()])))
+    return len(pair_ids(sims.topk(min(k, texts), dim=1).indices, sims.T.topk(min(k, images), dim=1).indices)[2])
 
 
 @pytest.mark.parametrize("device", DEVICES)

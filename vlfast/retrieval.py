@@ -128,6 +128,15 @@ def check_settings(k: int, score: str, names=("k", "score")) -> None:
         raise ValueError(f"{names[0]} must be at least 1, got {k}")
 
 
+def pair_ids(i2t_idx: Tensor, t2i_idx: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Each image's top texts (I, k) and each text's top images (T, k') as pair ids image·T + text:
+    (the images' rows of ids, the texts' rows, the distinct pairs of both, sorted: grouped by image)."""
+    images, texts = i2t_idx.shape[0], t2i_idx.shape[0]
+    i2t_pairs = torch.arange(images, device=i2t_idx.device)[:, None] * texts + i2t_idx
+    t2i_pairs = t2i_idx * texts + torch.arange(texts, device=t2i_idx.device)[:, None]
+    return i2t_pairs, t2i_pairs, torch.unique(torch.cat([i2t_pairs.flatten(), t2i_pairs.flatten()]))
+
+
 def similarities(embeddings: Embeddings) -> Tensor:
     """(I, T) ITC similarities in fp32, under autocast too (the scores are written into them)."""
     with torch.autocast(embeddings.image_feat.device.type, enabled=False):
@@ -169,10 +178,7 @@ def two_stage_scores(model, embeddings: Embeddings, k: int, score: str = "itm", 
     images, texts = sims.shape
     i2t_sim, i2t_idx = sims.topk(min(k, texts), dim=1)
     t2i_sim, t2i_idx = sims.T.topk(min(k, images), dim=1)
-    # A pair as image·T + text: sorted unique ids are the pairs grouped by image, each once
-    i2t_pairs = torch.arange(images, device=sims.device)[:, None] * texts + i2t_idx
-    t2i_pairs = t2i_idx * texts + torch.arange(texts, device=sims.device)[:, None]
-    pairs = torch.unique(torch.cat([i2t_pairs.flatten(), t2i_pairs.flatten()]))
+    i2t_pairs, t2i_pairs, pairs = pair_ids(i2t_idx, t2i_idx)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     start, end = pair_share(pairs // texts, rank, world)
     clock("itc")

@@ -14,8 +14,6 @@ the entry's keys: no gathered copy there either.
 Schema: torch.ops.vlfast.indexed_attention (csrc/vlfast.cpp), autograd in C++ (csrc/autograd.cpp);
 aux is the row log-sum-exp on both devices.
 """
-import math
-import numbers
 from typing import Optional, Tuple
 
 import torch
@@ -23,8 +21,8 @@ from torch import Tensor
 
 from vlfast import _extension
 from vlfast._extension import implementation
-from vlfast.ops.padded_attention import (HEAD_DIMS, _InterpretedTriton, attention, attention_reference, triton,
-                                         triton_backward, triton_forward)
+from vlfast.ops.padded_attention import (_InterpretedTriton, attention, attention_reference, check_lengths, check_mask,
+                                         check_scale, check_tensors, triton, triton_backward, triton_forward)
 
 
 def indexed_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor, *, key_padding_mask: Optional[Tensor] = None,
@@ -47,9 +45,7 @@ def indexed_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor, *, key_pad
     make the host wait; the GPU's gathered path, fp64, stops at a device-side assert).
     """
     mask, index = _check(q, k, v, index, key_padding_mask)
-    if scale is not None and not (isinstance(scale, numbers.Real) and not isinstance(scale, bool) and math.isfinite(scale)):
-        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = check_scale(scale, q)
     path = implementation("indexed_attention", q.device.type)
     if path == "reference":
         return indexed_attention_reference(q, k, v, index, key_padding_mask=mask, scale=scale)
@@ -72,25 +68,12 @@ def indexed_attention_reference(q: Tensor, k: Tensor, v: Tensor, index: Tensor, 
 
 
 def _check(q, k, v, index, key_padding_mask) -> Tuple[Optional[Tensor], Tensor]:
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
-        if x.ndim != 4:
-            raise ValueError(f"{name} must be 4-d ({'P' if name == 'q' else 'I'}, H, L, Dh), got shape {tuple(x.shape)}")
-        if not x.is_floating_point() or x.dtype != q.dtype:
-            raise TypeError(f"{name} must be a float tensor of q's dtype {q.dtype}, got {x.dtype}")
-        if x.device != q.device:
-            raise ValueError(f"{name} is on {x.device} but q on {q.device}")
-    pairs, heads, queries, dim = q.shape
+    check_tensors(q, k, v, {"q": "4-d (P, H, L, Dh)", "k": "4-d (I, H, L, Dh)", "v": "4-d (I, H, L, Dh)"})
+    pairs, heads, _, dim = q.shape
     entries, _, keys, _ = k.shape
     if k.shape[1] != heads or k.shape[3] != dim or entries == 0:
         raise ValueError(f"k must be (I >= 1, H={heads}, Lk, Dh={dim}), got {tuple(k.shape)}")
-    if v.shape != k.shape:
-        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
-    if dim not in HEAD_DIMS:
-        raise ValueError(f"head dim {dim} is not supported: 16..128, a multiple of 8")
-    if queries == 0 or keys == 0:
-        raise ValueError(f"Lq and Lk must be >= 1, got {queries} and {keys}")
+    check_lengths(q, k, v)
     if not isinstance(index, Tensor) or index.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"index must be an int64 or int32 tensor, got "
                         f"{getattr(index, 'dtype', None) or type(index).__name__}")
@@ -106,17 +89,8 @@ def _check(q, k, v, index, key_padding_mask) -> Tuple[Optional[Tensor], Tensor]:
         low, high = int(values.min()), int(values.max())
         if low < 0 or high >= entries:
             raise IndexError(f"index holds {low if low < 0 else high}, outside the cache's entries [0, {entries})")
-    index = index.to(torch.int64).contiguous()
-    if key_padding_mask is None:
-        return None, index
-    if not isinstance(key_padding_mask, Tensor) or key_padding_mask.shape != (entries, keys):
-        raise ValueError(f"key_padding_mask must be (I={entries}, Lk={keys}), one row per cache entry, got "
-                         f"{tuple(getattr(key_padding_mask, 'shape', ())) or type(key_padding_mask).__name__}")
-    if key_padding_mask.device != q.device:
-        raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q on {q.device}")
-    if key_padding_mask.is_floating_point() or key_padding_mask.is_complex():
-        raise TypeError(f"key_padding_mask must be bool or 0/1 integers, got {key_padding_mask.dtype}")
-    return key_padding_mask.bool().contiguous(), index
+    mask = check_mask(key_padding_mask, (entries, keys), f"(I={entries}, Lk={keys}), one row per cache entry", q.device)
+    return mask, index.to(torch.int64).contiguous()
 
 
 # The CPU kernels: each entry's query batches stacked as one long query against the entry's keys,

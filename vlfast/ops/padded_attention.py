@@ -59,9 +59,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Optional[Ten
     kernel at any length.
     """
     mask = _check(q, k, v, key_padding_mask)
-    if scale is not None and not (isinstance(scale, numbers.Real) and not isinstance(scale, bool) and math.isfinite(scale)):
-        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = check_scale(scale, q)
     path = implementation("attention", q.device.type)
     if path == "reference":
         return attention_reference(q, k, v, key_padding_mask=mask, scale=scale)
@@ -108,31 +106,54 @@ def _without_empty_rows(mask: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 def _check(q, k, v, key_padding_mask) -> Optional[Tensor]:
+    check_tensors(q, k, v, {name: "(B, H, L, Dh)" for name in "qkv"})
+    batch, heads, _, dim = q.shape
+    if k.shape[:2] != (batch, heads) or k.shape[3] != dim:
+        raise ValueError(f"k must be (B={batch}, H={heads}, Lk, Dh={dim}), got {tuple(k.shape)}")
+    check_lengths(q, k, v)
+    return check_mask(key_padding_mask, (batch, k.shape[2]), f"(B={batch}, Lk={k.shape[2]})", q.device)
+
+
+def check_scale(scale, q: Tensor) -> float:
+    """The softmax's scale: a finite number, or Dh ** -0.5 for None."""
+    if scale is not None and not (isinstance(scale, numbers.Real) and not isinstance(scale, bool) and math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    return q.shape[-1] ** -0.5 if scale is None else float(scale)
+
+
+def check_tensors(q: Tensor, k: Tensor, v: Tensor, shapes: dict) -> None:
+    """q, k and v are 4-d float tensors of q's dtype and device (``shapes``: each one's dims, as
+    the error names them). The argument checks attention and indexed_attention share."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
         if x.ndim != 4:
-            raise ValueError(f"{name} must be (B, H, L, Dh), got shape {tuple(x.shape)}")
+            raise ValueError(f"{name} must be {shapes[name]}, got shape {tuple(x.shape)}")
         if not x.is_floating_point() or x.dtype != q.dtype:
             raise TypeError(f"{name} must be a float tensor of q's dtype {q.dtype}, got {x.dtype}")
         if x.device != q.device:
             raise ValueError(f"{name} is on {x.device} but q on {q.device}")
-    batch, heads, queries, dim = q.shape
-    if k.shape[:2] != (batch, heads) or k.shape[3] != dim:
-        raise ValueError(f"k must be (B={batch}, H={heads}, Lk, Dh={dim}), got {tuple(k.shape)}")
+
+
+def check_lengths(q: Tensor, k: Tensor, v: Tensor) -> None:
+    """v has k's shape, the head dim is one the kernels take, and Lq, Lk >= 1."""
     if v.shape != k.shape:
         raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
-    if dim not in HEAD_DIMS:
-        raise ValueError(f"head dim {dim} is not supported: 16..128, a multiple of 8")
-    if queries == 0 or k.shape[2] == 0:
-        raise ValueError(f"Lq and Lk must be >= 1, got {queries} and {k.shape[2]}")
+    if q.shape[3] not in HEAD_DIMS:
+        raise ValueError(f"head dim {q.shape[3]} is not supported: 16..128, a multiple of 8")
+    if q.shape[2] == 0 or k.shape[2] == 0:
+        raise ValueError(f"Lq and Lk must be >= 1, got {q.shape[2]} and {k.shape[2]}")
+
+
+def check_mask(key_padding_mask, shape: tuple, described: str, device) -> Optional[Tensor]:
+    """The key-padding mask as a contiguous bool tensor of ``shape`` (``described`` in the error), or None."""
     if key_padding_mask is None:
         return None
-    if not isinstance(key_padding_mask, Tensor) or key_padding_mask.shape != (batch, k.shape[2]):
-        raise ValueError(f"key_padding_mask must be (B={batch}, Lk={k.shape[2]}), got "
+    if not isinstance(key_padding_mask, Tensor) or key_padding_mask.shape != shape:
+        raise ValueError(f"key_padding_mask must be {described}, got "
                          f"{tuple(getattr(key_padding_mask, 'shape', ())) or type(key_padding_mask).__name__}")
-    if key_padding_mask.device != q.device:
-        raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q on {q.device}")
+    if key_padding_mask.device != device:
+        raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q on {device}")
     if key_padding_mask.is_floating_point() or key_padding_mask.is_complex():
         raise TypeError(f"key_padding_mask must be bool or 0/1 integers, got {key_padding_mask.dtype}")
     return key_padding_mask.bool().contiguous()
